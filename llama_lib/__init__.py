@@ -1,0 +1,20 @@
+"""Python bindings to libllama (llama.cpp v0.5.0) and a continuous-batching engine on top."""
+
+from .loader import (
+    DEFAULT_MODEL,
+    LlamaLibraryError,
+    default_model_path,
+    load_library,
+    system_info,
+)
+from .model import Model, ModelLoadError, Vocab, apply_chat_template, builtin_chat_templates
+from .context import Context, ContextError, ContextParams, DecodeError, Memory
+from .batch import Batch
+from .sampler import Sampler, SamplingParams
+
+__all__ = [
+    "Batch", "Context", "ContextError", "ContextParams", "DEFAULT_MODEL", "DecodeError",
+    "LlamaLibraryError", "Memory", "Model", "ModelLoadError", "Sampler", "SamplingParams",
+    "Vocab", "apply_chat_template", "builtin_chat_templates", "default_model_path",
+    "load_library", "system_info",
+]

@@ -1,0 +1,164 @@
+"""Context (a model instance with its KV cache) and Memory (operations on that cache)."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _bindings as B
+from .loader import lib
+from .model import Model
+
+
+class ContextError(RuntimeError):
+    """libllama could not create a context with the requested parameters."""
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed for a reason other than a full KV cache."""
+
+    def __init__(self, code: int, n_tokens: int):
+        super().__init__(f"llama_decode failed with code {code} on a batch of {n_tokens} tokens")
+        self.code = code
+
+
+# llama_decode return codes (llama.h): 0 ok, 1 no KV slot for the batch, 2 aborted, <0 error.
+DECODE_OK = 0
+DECODE_NO_KV_SLOT = 1
+
+
+@dataclass
+class ContextParams:
+    """The settings of llama_context_params that this project exposes, with llama.cpp's meaning.
+
+    n_ctx = 0 takes the model's training context, as llama.cpp does.
+    """
+
+    n_ctx: int = 0
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_threads: int = 4
+    n_threads_batch: int = 4
+    kv_unified: bool = False
+    swa_full: bool = False
+    flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO
+    no_perf: bool = False
+
+
+class Memory:
+    """The KV cache of a context: per-sequence removal, copy and position queries."""
+
+    def __init__(self, ctx: "Context"):
+        self._ctx = ctx
+        self.ptr = lib().llama_get_memory(ctx.ptr)
+
+    def clear(self, data: bool = True) -> None:
+        lib().llama_memory_clear(self.ptr, data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of a sequence (-1: open end). False if it cannot be done."""
+        return bool(lib().llama_memory_seq_rm(self.ptr, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        lib().llama_memory_seq_cp(self.ptr, src, dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        lib().llama_memory_seq_keep(self.ptr, seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        lib().llama_memory_seq_add(self.ptr, seq_id, p0, p1, delta)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """Smallest position held for the sequence, -1 when it holds none."""
+        return lib().llama_memory_seq_pos_min(self.ptr, seq_id)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Largest position held for the sequence, -1 when it holds none."""
+        return lib().llama_memory_seq_pos_max(self.ptr, seq_id)
+
+    @property
+    def can_shift(self) -> bool:
+        return bool(lib().llama_memory_can_shift(self.ptr))
+
+
+class Context:
+    """A llama_context over a Model. Only one thread may use it at a time."""
+
+    def __init__(self, model: Model, params: ContextParams | None = None, **overrides):
+        self.model = model  # the model must outlive the context
+        p = params or ContextParams()
+        for k, v in overrides.items():
+            if not hasattr(p, k):
+                raise TypeError(f"unknown context parameter {k!r}")
+            setattr(p, k, v)
+        self.params = p
+        L = lib()
+        cp = L.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = p.n_batch
+        cp.n_ubatch = min(p.n_ubatch, p.n_batch) if p.n_batch else p.n_ubatch
+        cp.n_seq_max = p.n_seq_max
+        cp.n_threads = p.n_threads
+        cp.n_threads_batch = p.n_threads_batch
+        cp.kv_unified = p.kv_unified
+        cp.swa_full = p.swa_full
+        cp.flash_attn_type = p.flash_attn
+        cp.no_perf = p.no_perf
+        self._free = L.llama_free
+        self._decode = L.llama_decode
+        self._get_logits_ith = L.llama_get_logits_ith
+        self.ptr = L.llama_init_from_model(model.ptr, cp)
+        if not self.ptr:
+            raise ContextError(
+                f"llama_init_from_model failed (n_ctx={p.n_ctx}, n_batch={p.n_batch}, "
+                f"n_seq_max={p.n_seq_max}; max parallel sequences is "
+                f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
+            )
+        self.n_ctx: int = L.llama_n_ctx(self.ptr)
+        self.n_ctx_seq: int = L.llama_n_ctx_seq(self.ptr)
+        self.n_batch: int = L.llama_n_batch(self.ptr)
+        self.n_ubatch: int = L.llama_n_ubatch(self.ptr)
+        self.n_seq_max: int = L.llama_n_seq_max(self.ptr)
+        self.memory = Memory(self)
+        self.n_vocab = model.vocab.n_tokens
+        # Time spent inside llama_decode, for the "share of wall time" figures.
+        self.t_decode = 0.0
+        self.n_decode_calls = 0
+
+    def decode(self, batch: B.llama_batch) -> int:
+        """Run llama_decode. Returns 0, or 1 when the KV cache has no room for the batch
+        (the caller may retry with a smaller batch); raises DecodeError on real failures."""
+        t0 = time.perf_counter()
+        ret = self._decode(self.ptr, batch)
+        self.t_decode += time.perf_counter() - t0
+        self.n_decode_calls += 1
+        if ret < 0 or ret > 1:
+            raise DecodeError(ret, batch.n_tokens)
+        return ret
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits of output row i of the last decode (-1: the last one), as a numpy view."""
+        ptr = self._get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise IndexError(f"no logits for batch index {i} in the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def perf(self) -> B.llama_perf_context_data:
+        return lib().llama_perf_context(self.ptr)
+
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self._free(ptr)
+
+    __del__ = close
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
