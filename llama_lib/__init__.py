@@ -18,3 +18,13 @@ __all__ = [
     "Vocab", "apply_chat_template", "builtin_chat_templates", "default_model_path",
     "load_library", "system_info",
 ]
+
+from .engine import (  # noqa: E402
+    Chunk, Engine, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong,
+    QueueFull, Request, RequestParams, Timings,
+)
+
+__all__ += [
+    "Chunk", "Engine", "EngineClosed", "EngineConfig", "EngineStats", "FinishReason",
+    "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings",
+]
