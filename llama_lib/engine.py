@@ -108,6 +108,7 @@ class RequestParams:
     use_system_prompt: bool = True # continue the shared system prompt
     add_bos: bool | None = None    # None: BOS only when the prompt starts a sequence
     min_tokens: int = 0            # stop rules are ignored for the first min_tokens tokens
+    slot: int | None = None        # run in this slot (waits for it); None: the first free one
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 
@@ -260,18 +261,20 @@ class _StopMatcher:
         new = self.decoder.decode(piece)
         if not self.stops:
             return new, None
-        before = len(self.pending)
         self.pending += new
-        if check:
-            found_at, found = -1, None
-            search_from = max(0, before - self.max_len + 1)
-            for s in self.stops:
-                k = self.pending.find(s, search_from)
-                if k != -1 and (found_at == -1 or k < found_at):
-                    found_at, found = k, s
-            if found is not None:
+        # `pending` is short (a held-back partial stop plus one token's text): search all of it.
+        found_at, found = -1, None
+        for s in self.stops:
+            k = self.pending.find(s)
+            if k != -1 and (found_at == -1 or k < found_at):
+                found_at, found = k, s
+        if found is not None:
+            if check:
                 out, self.pending = self.pending[:found_at], ""
                 return out, found
+            # Too early to stop: keep the stop string back so that a later check finds it.
+            out, self.pending = self.pending[:found_at], self.pending[found_at:]
+            return out, None
         hold = self._partial_len()
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
@@ -405,6 +408,8 @@ class Engine:
         """
         params = params or RequestParams()
         params.sampling.validate(self.vocab.n_tokens)
+        if params.slot is not None and not 0 <= params.slot < len(self.slots):
+            raise ValueError(f"slot must be in 0..{len(self.slots) - 1}")
         tokens = self.tokenize_prompt(prompt, params)
         if len(tokens) == 0:
             raise ValueError("the prompt is empty")
@@ -590,14 +595,24 @@ class Engine:
         return True
 
     def _admit(self) -> None:
+        """Start waiting requests in free slots, first come first served."""
         with self._lock:
-            for s in self.slots:
-                if not self._waiting:
-                    break
-                if s.req is not None:
-                    continue
+            free = [s for s in self.slots if s.req is None]
+            if not free:
+                return
+            deferred = collections.deque()
+            while self._waiting and free:
                 r = self._waiting.popleft()
-                self._start(s, r)
+                want = r.params.slot
+                if want is None:
+                    self._start(free.pop(0), r)
+                elif self.slots[want].req is None:
+                    self._start(self.slots[want], r)
+                    free.remove(self.slots[want])
+                else:
+                    deferred.append(r)  # its slot is busy: it keeps its place in the queue
+            deferred.extend(self._waiting)
+            self._waiting = deferred
 
     def _start(self, s: _Slot, r: Request) -> None:
         p = r.params
