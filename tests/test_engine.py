@@ -1,0 +1,209 @@
+"""The batching engine on the real model: scheduling, system prompt, stops, cancel, KV limits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import N_THREADS, ROOT
+from llama_lib import Engine, EngineConfig, FinishReason, PromptTooLong, RequestParams, SamplingParams
+
+SYSTEM = ("A conversation between a User and a helpful Assistant.\n\n"
+          "User:\nWhat is the capital of France?\nAssistant:\nThe capital of France is Paris.\n")
+GREEDY = SamplingParams(temperature=0)
+
+
+def question(q: str) -> str:
+    return f"User:\n{q}\nAssistant:\n"
+
+
+def make_engine(model, **kw) -> Engine:
+    cfg = dict(n_parallel=2, n_ctx=2048, n_threads=N_THREADS, n_threads_batch=N_THREADS)
+    cfg.update(kw)
+    return Engine(model, EngineConfig(**cfg))
+
+
+def greedy(n: int, **kw) -> RequestParams:
+    return RequestParams(n_predict=n, sampling=SamplingParams(temperature=0), **kw)
+
+
+def step_until(engine: Engine, cond, limit: int = 500) -> None:
+    for _ in range(limit):
+        if cond():
+            return
+        engine.step()
+    raise AssertionError("condition not reached")
+
+
+def test_continuous_batching_admits_while_others_generate(model):
+    with make_engine(model, cont_batching=True) as e:
+        a = e.submit(question("Tell me a long story about a dragon."), greedy(40, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 3)
+        b = e.submit(question("Name a color."), greedy(5, ignore_eos=True))
+        e.step()
+        assert b.slot_id >= 0 and b.slot_id != a.slot_id
+        assert not a.done, "b must start while a is still generating"
+        e.run_until_idle()
+        assert b.timings.started < a.timings.done
+        assert a.finish_reason == FinishReason.LENGTH and a.n_generated == 40
+        assert b.finish_reason == FinishReason.LENGTH and b.n_generated == 5
+
+
+def test_without_continuous_batching_new_requests_wait(model):
+    with make_engine(model, cont_batching=False) as e:
+        a = e.submit(question("Tell me a story."), greedy(12, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 2)
+        b = e.submit(question("Name a color."), greedy(4, ignore_eos=True))
+        for _ in range(5):
+            e.step()
+            assert b.slot_id == -1, "b must wait while a generates"
+        e.run_until_idle()
+        assert b.done and a.done
+        assert b.timings.started >= a.timings.done
+
+
+def test_shared_system_prompt_decoded_once_same_output(model, vocab):
+    qs = ["Who painted the Mona Lisa?", "What is two plus two?", "Name a big river."]
+    n_sys = len(vocab.tokenize(SYSTEM, add_special=True))
+    outs = {}
+    for shared in (True, False):
+        with make_engine(model, n_parallel=3, system_prompt=SYSTEM, share_system_prompt=shared) as e:
+            handles = [e.submit(question(q), greedy(16)) for q in qs]
+            e.run_until_idle()
+            n_req_tokens = sum(h.n_prompt_tokens for h in handles)
+            if shared:
+                # the system prompt went through llama_decode once, each request only its own part
+                assert e.stats.n_prompt_tokens == n_sys + n_req_tokens
+                assert all(h.n_cached_tokens == n_sys for h in handles)
+            else:
+                assert e.stats.n_prompt_tokens == n_req_tokens
+                assert all(h.n_prompt_tokens > n_sys for h in handles)
+            outs[shared] = [h.text for h in handles]
+    assert outs[True] == outs[False]
+    assert all(outs[True])
+
+
+def _unstopped(model, prompt: str, n: int):
+    with make_engine(model, n_parallel=1) as e:
+        h = e.submit(prompt, greedy(n, ignore_eos=True))
+        e.run_until_idle()
+        return h.text, list(h.tokens)
+
+
+def test_stop_string_across_tokens_is_caught_and_never_streamed(model, vocab):
+    prompt = question("Describe the ocean in a few sentences.")
+    full, tokens = _unstopped(model, prompt, 40)
+    pieces = [vocab.token_to_piece(t).decode("utf-8", "replace") for t in tokens]
+    # a stop string made of the end of one token's text and the start of the next one's
+    stop = None
+    for k in range(3, len(pieces) - 1):
+        end_k = sum(len(p) for p in pieces[: k + 1])
+        cand = pieces[k][-2:] + pieces[k + 1][:2]
+        if len(pieces[k]) >= 2 and len(pieces[k + 1]) >= 2 and full.find(cand) == end_k - 2:
+            stop = cand
+            break
+    assert stop is not None, f"no suitable token boundary in {pieces}"
+    cut = full.find(stop)
+    with make_engine(model, n_parallel=1) as e:
+        h = e.submit(prompt, greedy(40, ignore_eos=True, stop=[stop]))
+        e.start()
+        streamed = [c.text for c in h]
+    assert h.finish_reason == FinishReason.STOP and h.stopping_word == stop
+    assert "".join(streamed) == full[:cut] == h.text
+    assert stop not in "".join(streamed)
+
+
+def test_holdback_releases_text_that_is_not_a_stop(model, vocab):
+    prompt = question("Describe the ocean in a few sentences.")
+    full, tokens = _unstopped(model, prompt, 30)
+    pieces = [vocab.token_to_piece(t).decode("utf-8", "replace") for t in tokens]
+    k = next(i for i in range(2, len(pieces)) if len(pieces[i].strip()) >= 3)
+    fake = pieces[k] + "\x00never"  # starts like token k's text, never completes
+    with make_engine(model, n_parallel=1) as e:
+        h = e.submit(prompt, greedy(30, ignore_eos=True, stop=[fake]))
+        e.start()
+        chunks = list(h)
+    assert h.finish_reason == FinishReason.LENGTH
+    assert "".join(c.text for c in chunks) == full
+    # token k's text was held back (its chunk carried less than its piece) and released later
+    held = [c for c in chunks if c.tokens == [tokens[k]]]
+    assert held and held[0].text != pieces[k]
+
+
+def test_cancel_frees_slot_and_kv(model, vocab):
+    n_sys = len(vocab.tokenize(SYSTEM, add_special=True))
+    with make_engine(model, n_parallel=1, system_prompt=SYSTEM) as e:
+        a = e.submit(question("Tell me a long story."), greedy(200, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 5)
+        slot_seq = e.slots[a.slot_id].seq_id
+        assert e.seq_pos_max(slot_seq) > n_sys
+        b = e.submit(question("Name a color."), greedy(4, ignore_eos=True))
+        a.cancel()
+        e.step()
+        assert a.done and a.finish_reason == FinishReason.CANCELLED
+        assert b.slot_id == a.slot_id, "the freed slot goes to the next request"
+        e.run_until_idle()
+        assert b.finish_reason == FinishReason.LENGTH
+        assert e.seq_pos_max(slot_seq) == n_sys - 1
+        assert e.stats.n_requests_cancelled == 1
+
+
+def test_kv_exhaustion_fails_one_request_not_the_others(model):
+    # A unified cache of 512 cells shared by two slots that each want ~450 positions.
+    with make_engine(model, n_parallel=2, n_ctx=512, kv_unified=True, n_batch=512) as e:
+        long_prompt = question("Write about the history of mathematics. " * 8)
+        a = e.submit(long_prompt, greedy(400, ignore_eos=True))
+        b = e.submit(long_prompt, greedy(400, ignore_eos=True))
+        e.run_until_idle()
+        reasons = sorted([a.finish_reason.value, b.finish_reason.value])
+        assert reasons == ["error", "length"], reasons
+        failed = a if a.finish_reason == FinishReason.ERROR else b
+        assert "KV cache is full" in failed.error
+        assert e.stats.n_cache_misses >= 1
+        # the engine recovers: a new request runs to completion
+        c = e.submit(question("Name a fruit."), greedy(8, ignore_eos=True))
+        e.run_until_idle()
+        assert c.finish_reason == FinishReason.LENGTH and c.n_generated == 8
+
+
+def test_prompt_too_long_is_refused(model):
+    with make_engine(model, n_parallel=1, n_ctx=256) as e:
+        with pytest.raises(PromptTooLong) as ei:
+            e.submit("word " * 600, greedy(4))
+        assert ei.value.n_ctx == e.n_ctx_slot and ei.value.n_prompt_tokens > 256
+
+
+def test_handle_streams_from_another_thread(model):
+    with make_engine(model, n_parallel=2) as e:
+        e.start()
+        h = e.submit(question("Count from one to twenty."), greedy(48, ignore_eos=True))
+        seen = []
+
+        def consume():
+            for chunk in h:
+                seen.append((chunk.text, h.done))
+
+        t = threading.Thread(target=consume)
+        t.start()
+        t.join(timeout=120)
+        assert not t.is_alive()
+        assert h.done and h.n_generated == 48
+        assert "".join(s for s, _ in seen) == h.text
+        assert not seen[0][1], "the first chunk arrived while the request was still running"
+
+
+def test_parallel_example_end_to_end(library):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "parallel.py"), "-np", "2", "-ns", "4", "-n", "16",
+         "-s", "1", "-c", "2048", "-t", str(N_THREADS), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["n_requests"] == 4
+    assert summary["total_gen_tokens"] > 0 and summary["total_prompt_tokens"] > 0
+    assert 0 < summary["decode_share"] <= 1
