@@ -11,6 +11,7 @@ from pathlib import Path
 from . import _bindings as B
 
 log = logging.getLogger("llama_lib")
+log.addHandler(logging.NullHandler())  # a library logs only where the application asks it to
 cpp_log = logging.getLogger("llama_lib.cpp")
 
 # The checkout's fetch folder, filled by scripts/fetch_llama.sh.
