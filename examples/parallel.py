@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             total_gen += n_decoded
             per_request.append({"client": c.id, "seq": c.seq, "prompt_tokens": r.n_prompt_tokens,
                                 "response_tokens": n_decoded, "time_s": elapsed,
-                                "finish_reason": r.finish_reason.value})
+                                "finish_reason": r.finish_reason.value,
+                                "input": c.input, "response": r.text})
             say(f"Client {c.id:3d}, seq {c.seq:3d}/{args.sequences:3d}, prompt {r.n_prompt_tokens:4d} t, "
                 f"response {n_decoded:4d} t, time {elapsed:5.2f} s, "
                 f"speed {(r.n_prompt_tokens + n_decoded) / max(elapsed, 1e-9):5.2f} t/s, "

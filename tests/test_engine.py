@@ -196,14 +196,55 @@ def test_handle_streams_from_another_thread(model):
         assert not seen[0][1], "the first chunk arrived while the request was still running"
 
 
-def test_parallel_example_end_to_end(library):
+def test_replacing_system_prompt_keeps_in_flight_requests_correct(model, vocab):
+    other = "Answer every question with a single word.\n\n"
+    q_old, q_new = question("Tell me about the moon."), question("What is the sun?")
+    # references: each request alone, with its system prompt in its own tokens
+    with make_engine(model, n_parallel=1, system_prompt=SYSTEM, share_system_prompt=False) as e:
+        ref_old = e.submit(q_old, greedy(24, ignore_eos=True))
+        e.run_until_idle()
+    with make_engine(model, n_parallel=1, system_prompt=other, share_system_prompt=False) as e:
+        ref_new = e.submit(q_new, greedy(12, ignore_eos=True))
+        e.run_until_idle()
+    with make_engine(model, n_parallel=2, system_prompt=SYSTEM) as e:
+        a = e.submit(q_old, greedy(24, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 4)
+        e.set_system_prompt(other)  # while a is generating: nothing waits
+        b = e.submit(q_new, greedy(12, ignore_eos=True))
+        e.step()
+        assert not a.done and b.slot_id >= 0
+        e.run_until_idle()
+        assert a.text == ref_old.text, "the in-flight request kept its old prefix"
+        assert b.text == ref_new.text, "the new request continued the new system prompt"
+        assert b.n_cached_tokens == len(vocab.tokenize(other, add_special=True))
+        # a's slot was given the new prefix when it was released
+        assert e.seq_pos_max(e.slots[a.slot_id].seq_id) == b.n_cached_tokens - 1
+
+
+def _run_parallel(*extra: str) -> dict:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "parallel.py"), "-np", "2", "-ns", "4", "-n", "16",
-         "-s", "1", "-c", "2048", "-t", str(N_THREADS), "--json"],
+        [sys.executable, str(ROOT / "examples" / "parallel.py"), "-c", "2048",
+         "-t", str(N_THREADS), "--json", *extra],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_parallel_example_end_to_end(library):
+    summary = _run_parallel("-np", "2", "-ns", "4", "-n", "16", "-s", "1")
     assert summary["n_requests"] == 4
     assert summary["total_gen_tokens"] > 0 and summary["total_prompt_tokens"] > 0
     assert 0 < summary["decode_share"] <= 1
+    # deterministic for a fixed seed, with sampling at temperature 0.8
+    again = _run_parallel("-np", "2", "-ns", "4", "-n", "16", "-s", "1")
+    assert [r["response"] for r in again["requests"]] == [r["response"] for r in summary["requests"]]
+
+
+def test_parallel_example_without_model_says_what_to_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "parallel.py"), "-m", str(tmp_path / "none.gguf")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "none.gguf" in out.stderr and "does not exist" in out.stderr
