@@ -73,7 +73,7 @@ class Batch:
         i = self.n_tokens
         if i >= self.capacity:
             raise OverflowError(f"batch is full ({self.capacity} tokens)")
-        ids = (seq_ids,) if isinstance(seq_ids, int) else tuple(seq_ids)
+        ids = (int(seq_ids),) if isinstance(seq_ids, (int, np.integer)) else tuple(seq_ids)
         if not 0 < len(ids) <= self.n_seq_max:
             raise ValueError(f"a token belongs to 1..{self.n_seq_max} sequences, got {len(ids)}")
         self.token[i] = token

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,8 +42,8 @@ class ContextParams:
     n_batch: int = 2048
     n_ubatch: int = 512
     n_seq_max: int = 1
-    n_threads: int = 4
-    n_threads_batch: int = 4
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
+    n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 4)
     kv_unified: bool = False
     swa_full: bool = False
     flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -132,6 +133,9 @@ class Context:
     def decode(self, batch: B.llama_batch) -> int:
         """Run llama_decode. Returns 0, or 1 when the KV cache has no room for the batch
         (the caller may retry with a smaller batch); raises DecodeError on real failures."""
+        if batch.n_tokens > self.n_batch:  # llama_decode GGML_ASSERTs on this: it would abort()
+            raise ValueError(f"a batch of {batch.n_tokens} tokens exceeds n_batch={self.n_batch}; "
+                             "split it into chunks of at most n_batch tokens")
         t0 = time.perf_counter()
         ret = self._decode(self.ptr, batch)
         self.t_decode += time.perf_counter() - t0

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import enum
 import logging
+import os
 import queue
 import threading
 import time
@@ -75,8 +77,8 @@ class EngineConfig:
     n_ctx: int = 0                 # total KV cells; 0 = the model's training context
     n_batch: int = 2048            # most tokens handed to one llama_decode call
     n_ubatch: int = 512
-    n_threads: int = 4
-    n_threads_batch: int = 4
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
+    n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 4)
     cont_batching: bool = True     # admit new requests while others generate
     kv_unified: bool = False       # one KV buffer shared by all sequences
     swa_full: bool = False
@@ -331,16 +333,24 @@ class EngineStats:
 
     n_prompt_tokens: int = 0       # prompt tokens decoded (system prompt included)
     n_generated_tokens: int = 0    # tokens sampled
-    n_decode_calls: int = 0
     n_cache_misses: int = 0        # llama_decode found no KV room and the chunk was halved
     n_steps: int = 0
     n_requests_done: int = 0
     n_requests_failed: int = 0
     n_requests_cancelled: int = 0
-    t_decode: float = 0.0          # seconds inside llama_decode
     t_sample: float = 0.0          # seconds inside sampling
     t_step: float = 0.0            # seconds inside step() in all
     n_system_prompt_tokens: int = 0
+    _ctx: object = field(default=None, repr=False)
+
+    @property
+    def t_decode(self) -> float:
+        """Seconds inside llama_decode."""
+        return self._ctx.t_decode if self._ctx is not None else 0.0
+
+    @property
+    def n_decode_calls(self) -> int:
+        return self._ctx.n_decode_calls if self._ctx is not None else 0
 
     @property
     def t_overhead(self) -> float:
@@ -366,7 +376,7 @@ class Engine:
         self.slots = [_Slot(i) for i in range(cfg.n_parallel)]
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
-        self.stats = EngineStats()
+        self.stats = EngineStats(_ctx=self.ctx)
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -632,7 +642,10 @@ class Engine:
         s.n_decoded = 0
         if s.sampler is not None:
             s.sampler.close()
-        s.sampler = Sampler(p.sampling, self.vocab.n_tokens)
+        sampling = p.sampling
+        if sampling.repeat_last_n == -1:  # llama.cpp's "the whole context"
+            sampling = dataclasses.replace(sampling, repeat_last_n=self.n_ctx_slot)
+        s.sampler = Sampler(sampling, self.vocab.n_tokens)
         s.matcher = _StopMatcher(p.stop)
 
     def _reset_sequence(self, s: _Slot, with_prefix: bool) -> None:
@@ -662,11 +675,8 @@ class Engine:
                 self.batch.add_sequence(tokens, 0, 0, logits_last=False)
                 for start in range(0, len(tokens), self.n_batch):
                     n = min(self.n_batch, len(tokens) - start)
-                    t0 = time.perf_counter()
                     if self.ctx.decode(self.batch.view(start, n)) != 0:
                         raise RuntimeError("no KV room for the system prompt; raise -c/--ctx-size")
-                    self.stats.t_decode += time.perf_counter() - t0
-                    self.stats.n_decode_calls += 1
                 self.stats.n_prompt_tokens += len(tokens)
         self.system_tokens = tokens
         self.stats.n_system_prompt_tokens = len(tokens)
@@ -696,10 +706,7 @@ class Engine:
         i = 0
         while i < batch.n_tokens:
             n = min(n_batch, batch.n_tokens - i)
-            t0 = time.perf_counter()
             ret = ctx.decode(batch.view(i, n))
-            st.t_decode += time.perf_counter() - t0
-            st.n_decode_calls += 1
             if ret == DECODE_NO_KV_SLOT:
                 st.n_cache_misses += 1
                 if n > 1:

@@ -134,7 +134,10 @@ def load_library(lib_dir: str | os.PathLike | None = None) -> Library:
             B.declare(llama, {"llama_version": B.LLAMA_FUNCTIONS["llama_version"]})
             version = llama.llama_version().decode()
         except AttributeError as e:
-            raise LlamaLibraryError(f"{folder / llama_name} is not libllama: {e}") from e
+            raise LlamaLibraryError(
+                f"{folder / llama_name} is not libllama ({e}). Fix: {FETCH_HINT}, or point "
+                f"LLAMA_LIB_DIR at a folder holding libllama v{B.HEADER_VERSION}."
+            ) from e
         if not _version_ok(version):
             raise LlamaLibraryError(
                 f"{folder / llama_name} is libllama version {version!r}, but these bindings were "

@@ -76,8 +76,8 @@ class Sampler:
             add(L.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             last_n = p.repeat_last_n
-            add(L.llama_sampler_init_penalties(last_n, p.repeat_penalty, p.frequency_penalty,
-                                               p.presence_penalty))
+            add(L.llama_sampler_init_penalties(n_vocab, last_n, p.repeat_penalty,
+                                               p.frequency_penalty, p.presence_penalty))
         if p.temperature <= 0:
             add(L.llama_sampler_init_greedy())
         else:
