@@ -89,6 +89,7 @@ class EngineConfig:
     # Most prompt tokens to put in one step beside the generating slots, so a long prompt is
     # prefilled in pieces instead of stalling everyone else. 0: the whole prompt at once.
     prefill_chunk: int = 0
+    warmup: bool = True            # one throw-away decode at start, as llama.cpp's programs do
 
     def context_params(self) -> ContextParams:
         return ContextParams(
@@ -388,6 +389,8 @@ class Engine:
         self.system_tokens = np.zeros(0, dtype=np.int32)
         self._system_version = 0
         self._all: set[Request] = set()  # unfinished requests, for shutdown
+        if cfg.warmup:
+            self._warmup()
         if self._pending_system is not None:
             self._apply_system_prompt()
         elif cfg.system_prompt:
@@ -656,6 +659,17 @@ class Engine:
             self.memory.seq_cp(0, s.seq_id, -1, -1)
             s.n_prefix = len(self.system_tokens)
             s.prefix_version = self._system_version
+
+    def _warmup(self) -> None:
+        """Decode BOS, EOS once and forget them: the first real request then pays no one-time
+        costs (weight repacking, graph allocation)."""
+        tokens = [t for t in (self.vocab.bos, self.vocab.eos) if t >= 0] or [0]
+        self.batch.clear()
+        self.batch.add_sequence(np.array(tokens, np.int32), 0, 0)
+        self.ctx.decode(self.batch.view())
+        self.memory.clear(True)
+        self.ctx.t_decode, self.ctx.n_decode_calls = 0.0, 0
+        self.batch.clear()
 
     def _apply_system_prompt(self) -> None:
         """Decode the pending system prompt into sequence 0 (idle slots pick it up on admission)."""
