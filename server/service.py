@@ -1,0 +1,386 @@
+"""The server's state between HTTP and the engine: settings, the loaded model, running jobs.
+
+HTTP handler threads call `Service` methods; every method that needs the model either reads
+the tokenizer (thread-safe, read-only) or hands a request to the engine thread with
+`Engine.submit()` and then blocks on the returned handle's queue. Nothing here decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from llama_lib import (
+    Engine, EngineClosed, EngineConfig, FinishReason, Model, PromptTooLong, QueueFull,
+    apply_chat_template,
+)
+
+from . import __version__
+from . import api
+from .api import ApiError, Job
+
+log = logging.getLogger("server")
+
+DONE = object()  # in a stream: write `data: [DONE]`
+
+
+@dataclass
+class Settings:
+    """What the command line decided (see server.__main__)."""
+
+    model_path: str = ""
+    alias: str | None = None
+    ctx_size: int = 0              # llama-server's -c: total over all slots; 0 = training ctx
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int = 4
+    n_threads_batch: int = 4
+    n_gpu_layers: int = -1
+    n_parallel: int = 4
+    cont_batching: bool = True
+    n_predict: int = -1
+    reverse_prompts: list[str] = field(default_factory=list)
+    seed: int = -1
+    temperature: float = 0.8
+    system_prompt: str = ""
+    chat_template: str | None = None
+    slots_endpoint: bool = True
+    metrics_endpoint: bool = False
+    max_queue: int = 256
+
+
+@dataclass
+class Metrics:
+    """Totals over finished requests, as llama-server keeps them for /metrics."""
+
+    n_prompt_tokens: int = 0
+    n_prompt_tokens_cached: int = 0
+    t_prompt_s: float = 0.0
+    n_predicted_tokens: int = 0
+    t_predicted_s: float = 0.0
+    n_tokens_max: int = 0
+    n_requests: int = 0
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = s = settings
+        self.ready = False
+        self.closing = False
+        self.model: Model | None = None
+        self.engine: Engine | None = None
+        self.model_name = s.alias or os.path.basename(s.model_path)
+        self.user_name = s.reverse_prompts[0] if s.reverse_prompts else "User:"
+        self.assistant_name = "Assistant:"
+        self.reverse_prompts = list(s.reverse_prompts)
+        self.template = api.FALLBACK_TEMPLATE  # what format_chat gets: a name, a text, or the fallback
+        self.template_source = "fallback"       # "--chat-template", "model" or "fallback"
+        self.defaults = api.Defaults(n_predict=s.n_predict, temperature=s.temperature, seed=s.seed)
+        self.metrics = Metrics()
+        self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model, decode the system prompt, start the engine thread."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.model = model = Model(s.model_path, n_gpu_layers=s.n_gpu_layers)
+        # -c means what it means to llama-server: the total split over the slots. The engine
+        # holds one more sequence (0, the shared system prompt) of the same size.
+        total = s.ctx_size or model.n_ctx_train
+        per_slot = max(32, total // s.n_parallel)
+        cfg = EngineConfig(
+            n_parallel=s.n_parallel, n_ctx=per_slot * (s.n_parallel + 1), n_batch=s.n_batch,
+            n_ubatch=s.n_ubatch, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
+            cont_batching=s.cont_batching, system_prompt=s.system_prompt, max_queue=s.max_queue,
+        )
+        self.engine = Engine(model, cfg)
+        self.defaults.n_vocab = model.vocab.n_tokens
+        self._pick_template(model)
+        self.engine.start()
+        log.info("model %s loaded in %.2f s: %d slots of %d tokens, chat template: %s",
+                 s.model_path, time.perf_counter() - t0, s.n_parallel, self.engine.n_ctx_slot,
+                 {"model": "the model's", "fallback": "none, using the 'User: / Assistant:' transcript"}.get(
+                     self.template_source, self.template))
+        self.ready = True
+
+    def _pick_template(self, model: Model) -> None:
+        probe = [{"role": "user", "content": "hi"}]
+        if self.settings.chat_template:
+            self.template, self.template_source = self.settings.chat_template, "--chat-template"
+            return
+        text = model.chat_template()
+        if text:
+            try:
+                apply_chat_template(text, probe)
+                self.template, self.template_source = text, "model"
+                return
+            except ValueError:
+                log.warning("the model's chat template is not one llama.cpp recognises; "
+                            "chat uses the plain transcript fallback")
+        self.template = api.FALLBACK_TEMPLATE
+
+    def stop_engine(self) -> None:
+        """Take no more requests and cancel those running: each stream gets its final event."""
+        self.closing = True
+        self.ready = False
+        if self.engine is not None:
+            self.engine.close(cancel=True)
+
+    def free_model(self) -> None:
+        """Free the model, once no handler uses the tokenizer any more."""
+        if self.model is not None:
+            self.model.close()
+
+    def close(self) -> None:
+        self.stop_engine()
+        self.free_model()
+
+    # -- info endpoints ---------------------------------------------------------------------
+
+    @property
+    def n_ctx_slot(self) -> int:
+        return self.engine.n_ctx_slot if self.engine else 0
+
+    def props(self) -> dict:
+        s, m = self.settings, self.model
+        v = m.vocab if m else None
+
+        def piece(tok: int) -> str:
+            return v.token_to_piece(tok, special=True).decode("utf-8", "replace") if v and tok >= 0 else ""
+
+        dummy = api.Job(kind=api.KIND_COMPLETION, prompt="", params=api._base_params({}, self.defaults, ("n_predict",)))
+        settings = api.generation_settings(dummy.params, self.n_ctx_slot, False)
+        with self._lock:
+            names = (self.user_name, self.assistant_name, list(self.reverse_prompts))
+        return {
+            "default_generation_settings": {"params": settings, "n_ctx": self.n_ctx_slot},
+            "total_slots": s.n_parallel,
+            "model_alias": self.model_name,
+            "model_path": s.model_path,
+            "modalities": {"vision": False, "video": False, "audio": False},
+            "endpoint_slots": s.slots_endpoint,
+            "endpoint_props": False,
+            "endpoint_metrics": s.metrics_endpoint,
+            "chat_template": self.template,       # a template text, a built-in name, or "transcript"
+            "chat_template_source": self.template_source,
+            "bos_token": piece(v.bos) if v else "",
+            "eos_token": piece(v.eos) if v else "",
+            "build_info": f"pyllama-server {__version__}",
+            "is_sleeping": False,
+            # server-parallel's fields
+            "user_name": names[0],
+            "assistant_name": names[1],
+            "anti_prompt": names[2],
+            "system_prompt": self.engine.system_prompt if self.engine else "",
+            "n_system_prompt_tokens": int(len(self.engine.system_tokens)) if self.engine else 0,
+        }
+
+    def slots(self) -> list[dict]:
+        out = []
+        for info in self.engine.slots_info():
+            busy = info["is_processing"]
+            out.append({
+                "id": info["id"],
+                "id_task": info["id_task"],
+                "n_ctx": info["n_ctx"],
+                "speculative": False,
+                "is_processing": busy,
+                "n_prompt_tokens": info["n_prompt_tokens"],
+                "n_past": info["n_past"],
+                "n_system_tokens": info["n_system_tokens"],
+                "next_token": [{
+                    "has_next_token": busy,
+                    "has_new_line": False,
+                    "n_remain": -1,
+                    "n_decoded": info["n_decoded"],
+                }],
+            })
+        return out
+
+    def models(self) -> dict:
+        m = self.model
+        meta = {"n_vocab": m.vocab.n_tokens, "n_ctx": self.n_ctx_slot, "n_ctx_train": m.n_ctx_train,
+                "n_embd": m.n_embd, "n_params": m.n_params, "size": m.size} if m else {}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
+                      "owned_by": "llamacpp", "meta": meta}],
+            "models": [{"name": self.model_name, "model": self.model_name, "type": "model",
+                        "capabilities": ["completion"], "details": {"format": "gguf"}}],
+        }
+
+    def metrics_text(self) -> str:
+        e, st = self.engine, self.engine.stats
+        with self._lock:
+            m = Metrics(**self.metrics.__dict__)
+        rows = [
+            ("prompt_tokens_total", "counter", "Number of prompt tokens processed, excluding cached tokens", m.n_prompt_tokens),
+            ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache", m.n_prompt_tokens_cached),
+            ("prompt_seconds_total", "counter", "Total time spent processing prompts", m.t_prompt_s),
+            ("tokens_predicted_total", "counter", "Number of generation tokens processed", m.n_predicted_tokens),
+            ("tokens_predicted_seconds_total", "counter", "Total time spent generating tokens", m.t_predicted_s),
+            ("n_decode_total", "counter", "Total number of llama_decode() calls", st.n_decode_calls),
+            ("n_tokens_max", "counter", "Largest observed sequence length (prompt + generation)", m.n_tokens_max),
+            ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s",
+             m.n_prompt_tokens / m.t_prompt_s if m.t_prompt_s else 0.0),
+            ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
+             m.n_predicted_tokens / m.t_predicted_s if m.t_predicted_s else 0.0),
+            ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
+            ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
+            ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
+             st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
+        ]
+        lines = []
+        for name, typ, help_, val in rows:
+            lines += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {typ}",
+                      f"llamacpp:{name} {val:g}" if isinstance(val, float) else f"llamacpp:{name} {val}"]
+        return "\n".join(lines) + "\n"
+
+    def tokenize(self, body) -> dict:
+        content, add_special, parse_special, with_pieces = api.parse_tokenize(body)
+        v = self.model.vocab
+        toks = [int(t) for t in v.tokenize(content, add_special=add_special, parse_special=parse_special)]
+        if with_pieces:
+            return {"tokens": [{"id": t, "piece": api.piece_json(v.token_to_piece(t, special=True))} for t in toks]}
+        return {"tokens": toks}
+
+    def detokenize(self, body) -> dict:
+        toks = api.parse_detokenize(body, self.model.vocab.n_tokens)
+        return {"content": self.model.vocab.detokenize(toks)}
+
+    # -- generation -------------------------------------------------------------------------
+
+    def parse(self, body, kind: str) -> Job:
+        if kind == api.KIND_OAI_CHAT:
+            return api.parse_chat(body, self.defaults, self.template)
+        return api.parse_completion(body, kind, self.defaults)
+
+    def submit(self, job: Job):
+        """Hand the job to the engine; returns the Request handle. Raises ApiError."""
+        if job.system_update is not None:
+            self._update_system(job.system_update)
+        with self._lock:
+            server_stops = list(self.reverse_prompts) if job.add_server_stops else []
+        stops = list(job.params.stop)
+        for s in server_stops + job.extra_stops:
+            if s and s not in stops:
+                stops.append(s)
+        job.params.stop = stops
+        job.id = api.new_id("chatcmpl-" if job.kind == api.KIND_OAI_CHAT else "cmpl-")
+        try:
+            return self.engine.submit(job.prompt, job.params)
+        except PromptTooLong as e:
+            raise ApiError(400, "exceed_context_size_error",
+                           f"request ({e.n_prompt_tokens} tokens) exceeds the available context size "
+                           f"({e.n_ctx} tokens), try increasing it",
+                           {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}) from None
+        except QueueFull as e:
+            raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
+                           headers={"Retry-After": "1"}) from None
+        except EngineClosed:
+            raise ApiError(503, "unavailable_error", "the server is shutting down") from None
+        except ValueError as e:
+            raise api.bad_request(str(e)) from None
+
+    def _update_system(self, u: api.SystemUpdate) -> None:
+        """server-parallel: replace the shared system prompt and the anti-prompt. Requests in
+        flight keep their prefix (the engine copies it per slot); nothing waits."""
+        with self._lock:
+            self.user_name = u.anti_prompt
+            self.assistant_name = u.assistant_name
+            self.reverse_prompts = [u.anti_prompt] if u.anti_prompt else []
+        if u.system_prompt != self.engine.system_prompt:
+            self.engine.set_system_prompt(u.system_prompt)
+            log.info("system prompt replaced (%d chars), anti-prompt %r", len(u.system_prompt), u.anti_prompt)
+
+    def _record(self, h) -> None:
+        t = h.timings
+        with self._lock:
+            m = self.metrics
+            m.n_requests += 1
+            m.n_prompt_tokens += h.n_prompt_tokens
+            m.n_prompt_tokens_cached += h.n_cached_tokens
+            m.t_prompt_s += t.prompt_s
+            m.n_predicted_tokens += h.n_generated
+            m.t_predicted_s += max(0.0, t.done - t.prompt_done)
+            m.n_tokens_max = max(m.n_tokens_max, h.n_cached_tokens + h.n_prompt_tokens + h.n_generated)
+
+    def _error(self, h) -> ApiError:
+        if h.finish_reason == FinishReason.CANCELLED and self.closing:
+            return ApiError(503, "unavailable_error", "the server is shutting down")
+        return ApiError(500, "server_error", h.error or "the request was cancelled")
+
+    def complete(self, job: Job) -> dict:
+        """Run a job to the end (not streamed) and build its answer."""
+        h = self.submit(job)
+        try:
+            h.wait()
+        finally:
+            h.cancel()
+        self._record(h)
+        if h.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+            raise self._error(h)
+        text = h.text.lstrip() if job.strip_leading else h.text
+        if job.kind == api.KIND_OAI_CHAT:
+            return api.oai_chat(h, job, self.model_name, text)
+        if job.kind == api.KIND_OAI_COMPLETION:
+            return api.oai_completion(h, job, self.model_name, text)
+        return api.completion_result(h, job, self.model_name, self.n_ctx_slot, text)
+
+    def stream(self, job: Job) -> Iterator[object]:
+        """Submit now (so errors are raised before any byte is sent), stream lazily.
+
+        The generator yields dicts (one SSE event each) and DONE; closing it early (the client
+        went away) cancels the request, which frees its slot at the engine's next step.
+        """
+        h = self.submit(job)
+        return self._stream(job, h)
+
+    def _stream(self, job: Job, h) -> Iterator[object]:
+        model = self.model_name
+        try:
+            if job.kind == api.KIND_OAI_CHAT:
+                yield api.oai_chat_chunk(job, model, {"role": "assistant", "content": ""})
+            n = 0
+            strip = job.strip_leading
+            for chunk in h:
+                n += len(chunk.tokens)
+                text = chunk.text
+                if strip:
+                    text = text.lstrip()
+                    strip = not text
+                if job.kind == api.KIND_COMPLETION:
+                    yield api.completion_chunk(h, text, chunk.tokens, n)
+                elif text:
+                    if job.kind == api.KIND_OAI_CHAT:
+                        yield api.oai_chat_chunk(job, model, {"content": text})
+                    else:
+                        yield api.oai_completion_chunk(job, model, text)
+            self._record(h)
+            if job.kind == api.KIND_COMPLETION:
+                final = api.completion_result(h, job, model, self.n_ctx_slot, "")
+                if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
+                    final["error"] = self._error(h).body()["error"]
+                yield final
+                return
+            if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
+                yield self._error(h).body()
+                yield DONE
+                return
+            reason = api.oai_finish_reason(h.finish_reason)
+            if job.kind == api.KIND_OAI_CHAT:
+                last = api.oai_chat_chunk(job, model, {}, reason)
+            else:
+                last = api.oai_completion_chunk(job, model, "", reason)
+            last["usage"] = api.usage(h)
+            last["timings"] = api.timings(h)
+            yield last
+            yield DONE
+        finally:
+            h.cancel()  # no-op when finished; frees the slot when the client went away
