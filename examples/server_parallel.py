@@ -24,16 +24,16 @@ from dataclasses import asdict, dataclass, field
 import requests
 
 PROMPTS = [
-    "What is the meaning of life?",
-    "Tell me an interesting fact about llamas.",
-    "What is the best way to cook a steak?",
-    "Are you familiar with the Special Theory of Relativity and can you explain it to me?",
-    "Recommend some interesting books to read.",
-    "What is the best way to learn a new language?",
-    "How to get a job at Google?",
-    "If you could have any superpower, what would it be?",
-    "I want to learn how to play the piano.",
-    "What is the capital of France?",
+    "How do volcanoes form?",
+    "What should I pack for a week of hiking in the mountains?",
+    "Explain why the sky is blue.",
+    "What are some tips for sleeping better?",
+    "Can you describe how a bicycle gear system works?",
+    "What is a good way to start learning to draw?",
+    "Why do cats purr?",
+    "How can I make my houseplants grow better?",
+    "What would be the best way to learn to play the guitar?",
+    "Which city is the capital of Japan?",
 ]
 
 
