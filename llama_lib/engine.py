@@ -302,7 +302,8 @@ class _Slot:
     """One of the n_parallel places a request runs in; uses KV sequence id + 1."""
 
     __slots__ = ("id", "seq_id", "req", "sampler", "matcher", "n_past", "n_prefix",
-                 "prefix_version", "prompt_pos", "i_batch", "sampled", "n_decoded", "t_last")
+                 "prefix_version", "prompt_pos", "i_batch", "sampled", "n_decoded", "t_last",
+                 "kv_pos_max")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -318,6 +319,8 @@ class _Slot:
         self.sampled = -1        # last sampled token, decoded in the next step
         self.n_decoded = 0
         self.t_last = 0.0
+        self.kv_pos_max = -1     # seq_pos_max of the sequence, read by the engine thread when
+                                 # the slot was last released or reset (for monitoring)
 
     @property
     def busy(self) -> bool:
@@ -514,6 +517,8 @@ class Engine:
                 "n_prompt_tokens": r.n_prompt_tokens if r is not None else 0,
                 "n_decoded": len(r.tokens) if r is not None else 0,
                 "n_system_tokens": s.n_prefix,
+                # the sequence's largest KV position when the slot was last released (-1: empty)
+                "kv_pos_max": s.kv_pos_max,
             })
         return out
 
@@ -659,6 +664,7 @@ class Engine:
             self.memory.seq_cp(0, s.seq_id, -1, -1)
             s.n_prefix = len(self.system_tokens)
             s.prefix_version = self._system_version
+        s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
 
     def _warmup(self) -> None:
         """Decode BOS, EOS once and forget them: the first real request then pays no one-time
@@ -809,6 +815,7 @@ class Engine:
             if len(self.system_tokens) and self.config.share_system_prompt:
                 self._reset_sequence(s, with_prefix=True)
         s.n_past = s.n_prefix
+        s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
         st = self.stats
         if reason == FinishReason.CANCELLED:
             st.n_requests_cancelled += 1

@@ -34,11 +34,39 @@ Choices worth knowing (where llama-server leaves room or we differ):
 - With `--api-key`, every endpoint needs the key (`Authorization: Bearer KEY` or `X-Api-Key`)
   but `/health`, `/v1/health` and the built-in chat page (`/`, `/index.html`; it asks for the
   key and sends it). Files under `--path DIR` need the key.
-- A client that goes away is noticed when the next event of its stream is written (its
-  request is then cancelled and its slot freed at the engine's next step). A non-streamed
-  request runs to its end even if its client has left.
+- A client that goes away is noticed at once, streamed or not, queued, prefilling or
+  generating: one thread watches the sockets of running requests (select, then a peek that
+  reads EOF) and cancels the request, whose slot is freed at the engine's next step. A
+  stream also notices at its next failed write. (A client that half-closes its sending side
+  after the request counts as gone.)
 - When all slots are busy requests wait in the engine's queue (`--max-queue`, default 256,
-  our addition); beyond it: 503 `unavailable_error` with `Retry-After: 1`.
+  our addition); beyond it: 503 `unavailable_error` with `Retry-After: 1`. Every request
+  accepted gets its answer or, in a stream, a final event (with `error` when it failed).
+- At most `--threads-http N` connections are handled at once (one thread each; default
+  --parallel + --max-queue + 8, at most 1024). A connection beyond that waits a quarter
+  second for a thread, then gets 503 `unavailable_error` with `Retry-After: 1`.
+- `-to/--timeout N`: a request's line, headers and body must arrive within N s of its first
+  byte (else 408 JSON while the body is read; the connection is closed while the head is);
+  an idle kept-alive connection is closed after 5 s (cpp-httplib's keep-alive time-out).
+- Bodies: Content-Length or `Transfer-Encoding: chunked`, at most 8 MiB (413 beyond); a
+  body that never reaches its Content-Length is 408 when the time-out ends the wait.
+- `n_predict`/`max_tokens`: -1 (the default) generates until EOS or the slot is full, as
+  llama-server; below -1 or above 2^31-1 is 400; any value in between is accepted and in
+  effect capped by the slot's context (finish reason "length"). An empty prompt ("" or [])
+  and token ids outside the vocabulary are 400 (llama-server would generate from BOS alone).
+- `-kvu/--kv-unified`: one KV buffer of `-c` cells any slot may fill (the system prompt's
+  cells are shared). When it runs out mid-generation the request owning the token that found
+  no room ends with an error (stream: a final event with `error`; otherwise 500
+  `server_error` "the KV cache is full ..."); the others go on.
+- CORS is off unless `--cors-origin ORIGIN` (repeatable, or `*`) is given: then responses to
+  that origin carry Access-Control-Allow-Origin and OPTIONS preflights are answered (204,
+  without the API key); without it OPTIONS is 405 and no CORS header is sent.
+- The API key is accepted from `Authorization: Bearer KEY` or `X-Api-Key: KEY`, each
+  compared with hmac.compare_digest. Binding to anything but loopback without `--api-key`
+  logs a warning. The Server header says "pyllama-server", nothing more.
+- /slots carries `kv_pos_max` (our addition): the slot's largest KV position as read by the
+  engine thread when the slot was last released (n_system_tokens - 1 when it holds only the
+  system prompt).
 """
 
 __all__ = ["__version__"]

@@ -55,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     a("--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)")
     a("--path", metavar="DIR", help="serve static files from DIR instead of the built-in chat page")
-    a("-to", "--timeout", type=float, default=600, metavar="N", help="read/write timeout in seconds (default: 600)")
+    a("-to", "--timeout", type=float, default=600, metavar="N",
+      help="read/write timeout in seconds: a request's head and body must arrive within N s of its "
+           "first byte (else 408 / closed), each write must go through within N s (default: 600)")
+    a("--threads-http", type=int, default=-1, metavar="N",
+      help="most connections handled at once, one thread each; more wait briefly, then get 503 "
+           "(default: -1 = --parallel + --max-queue + 8, at most 1024)")
+    a("--cors-origin", action="append", default=[], metavar="ORIGIN",
+      help="allow browser pages from ORIGIN (e.g. https://example.org, or *) to call the API: "
+           "Access-Control-Allow-Origin and preflight answers; repeatable (default: no CORS)")
+    a("-kvu", "--kv-unified", action="store_true",
+      help="one KV buffer of -c cells shared by all slots (any slot may fill it; a request that finds "
+           "it full mid-generation ends with an error)")
     a("--seed", type=int, default=-1, help="default sampling seed (default: -1 = random)")
     a("--temp", type=float, default=0.8, metavar="N", help="default temperature (default: 0.8)")
     a("--api-key", metavar="KEY", help="require this key (Authorization: Bearer KEY, or X-Api-Key) on every endpoint but /health")
@@ -75,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),
-                     ("n_predict", -1), ("port", 0), ("max_queue", 0)):
+                     ("n_predict", -1), ("port", 0), ("max_queue", 0), ("threads_http", -1)):
         if getattr(args, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}")
     if args.port > 65535:
@@ -86,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads_http == 0:
+        p.error("--threads-http must be >= 1 (or -1)")
+    if args.threads_http < 0:
+        args.threads_http = min(1024, args.parallel + args.max_queue + 8)
     if args.path and not os.path.isdir(args.path):
         p.error(f"--path {args.path}: not a directory")
     args._parser = p
@@ -134,11 +149,13 @@ def main(argv=None) -> int:
         n_predict=args.n_predict, reverse_prompts=list(args.reverse_prompt), seed=args.seed,
         temperature=args.temp, system_prompt=system_prompt, chat_template=args.chat_template,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, max_queue=args.max_queue,
+        kv_unified=args.kv_unified,
     )
     service = Service(settings)
     try:
         httpd = make_server(service, args.host, args.port, api_key=args.api_key,
-                            static_root=args.path, timeout=args.timeout)
+                            static_root=args.path, timeout=args.timeout,
+                            threads_http=args.threads_http, cors_origins=args.cors_origin)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1
@@ -172,6 +189,7 @@ def main(argv=None) -> int:
     service.stop_engine()
     if not httpd.wait_idle(timeout=10.0):
         log.warning("some requests did not finish writing within 10 s")
+    httpd.watcher.close()
     service.free_model()
     log.info("stopped in %.2f s", time.perf_counter() - t0)
     return 0

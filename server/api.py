@@ -78,18 +78,23 @@ def _get(body: dict, *names: str) -> Any:
 
 def get_int(body: dict, name: str, default: int, lo: int | None = None, hi: int | None = None,
             aliases: Sequence[str] = ()) -> int:
-    v = _get(body, name, *aliases)
-    if v is _MISSING:
-        return default
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad_request(f"'{name}' must be an integer")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"between {lo} and {hi}" if lo is not None and hi is not None else (
-            f">= {lo}" if lo is not None else f"<= {hi}")
-        raise bad_request(f"'{name}' must be {rng}")
-    return v
+    """The first of name / aliases present (not null); every one present must be valid."""
+    out = _MISSING
+    for n in (name, *aliases):
+        v = body.get(n, None)
+        if v is None:
+            continue
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad_request(f"'{n}' must be an integer")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"between {lo} and {hi}" if lo is not None and hi is not None else (
+                f">= {lo}" if lo is not None else f"<= {hi}")
+            raise bad_request(f"'{n}' must be {rng}")
+        if out is _MISSING:
+            out = v
+    return default if out is _MISSING else out
 
 
 def get_float(body: dict, name: str, default: float, lo: float | None = None,
@@ -163,8 +168,8 @@ def get_logit_bias(body: dict) -> dict[int, float]:
             raise bad_request("'logit_bias' keys must be token ids (integers)")
         if bias is False:
             bias = -math.inf
-        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
-            raise bad_request("'logit_bias' values must be numbers (or false to ban a token)")
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise bad_request("'logit_bias' values must be finite numbers (or false to ban a token)")
         out[tok] = float(bias)
     return out
 
@@ -235,19 +240,25 @@ def _check_logit_bias(sp: SamplingParams, n_vocab: int) -> None:
             raise bad_request(f"'logit_bias' token {tok} is outside the vocabulary (0..{n_vocab - 1})")
 
 
-def _prompt(body: dict, name: str = "prompt") -> str | list[int]:
-    """A string, a list of token ids, or a one-element list of either (one prompt only)."""
+def _prompt(body: dict, n_vocab: int, name: str = "prompt") -> str | list[int]:
+    """A string, a list of token ids, or a one-element list of either (one prompt only).
+    Never empty: llama-server would generate from BOS alone; we refuse (400)."""
     v = body.get(name, None)
     if v is None:
         raise bad_request(f"'{name}' is required")
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
         v = v[0]
     if isinstance(v, str):
+        if not v:
+            raise bad_request(f"'{name}' is empty")
         return v
     if isinstance(v, list):
         if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
             if not v:
                 raise bad_request(f"'{name}' is empty")
+            for t in v:
+                if not 0 <= t < n_vocab:
+                    raise bad_request(f"'{name}' token id {t} is outside the vocabulary (0..{n_vocab - 1})")
             return list(v)
         if all(isinstance(t, (str, list)) for t in v):
             raise bad_request("several prompts in one request are not supported; send one request each")
@@ -255,13 +266,19 @@ def _prompt(body: dict, name: str = "prompt") -> str | list[int]:
 
 
 def _n(body: dict) -> None:
-    if get_int(body, "n", 1, lo=1) != 1:
+    if get_int(body, "n", 1, lo=1, hi=N_PREDICT_MAX) != 1:
         raise bad_request("only n = 1 is supported")
+
+
+# n_predict / max_tokens: -1 means "until EOS or the slot is full" (llama-server's meaning),
+# below -1 is refused, above an int32 is refused (llama-server reads an int32); anything in
+# between is accepted and in effect capped by the slot's context (finish reason "length").
+N_PREDICT_MAX = 2**31 - 1
 
 
 def _base_params(body: dict, d: Defaults, n_predict_names: Sequence[str]) -> RequestParams:
     first, *aliases = n_predict_names
-    n_predict = get_int(body, first, d.n_predict, lo=-1, aliases=aliases)
+    n_predict = get_int(body, first, d.n_predict, lo=-1, hi=N_PREDICT_MAX, aliases=aliases)
     sp = _sampling(body, d)
     _check_logit_bias(sp, d.n_vocab)
     return RequestParams(
@@ -269,7 +286,7 @@ def _base_params(body: dict, d: Defaults, n_predict_names: Sequence[str]) -> Req
         sampling=sp,
         stop=get_stop(body),
         ignore_eos=get_bool(body, "ignore_eos", False),
-        min_tokens=get_int(body, "min_tokens", 0, lo=0),
+        min_tokens=get_int(body, "min_tokens", 0, lo=0, hi=N_PREDICT_MAX),
     )
 
 
@@ -289,7 +306,7 @@ def parse_completion(body: Any, kind: str, d: Defaults) -> Job:
         params = _base_params(body, d, ("max_tokens", "n_predict"))
     else:
         params = _base_params(body, d, ("n_predict", "max_tokens"))
-    prompt = _prompt(body)
+    prompt = _prompt(body, d.n_vocab)
     update = None
     if kind == KIND_COMPLETION:
         sp_fields = [get_str(body, k) for k in ("system_prompt", "anti_prompt", "assistant_name")]

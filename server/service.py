@@ -7,6 +7,7 @@ the tokenizer (thread-safe, read-only) or hands a request to the engine thread w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -26,6 +27,15 @@ from .api import ApiError, Job
 log = logging.getLogger("server")
 
 DONE = object()  # in a stream: write `data: [DONE]`
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request ran; the request was cancelled."""
+
+
+def _no_watch(_handle):
+    """The default `watch`: nobody to watch (in-process callers)."""
+    return contextlib.nullcontext([])
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Settings:
     slots_endpoint: bool = True
     metrics_endpoint: bool = False
     max_queue: int = 256
+    kv_unified: bool = False       # -kvu: one KV buffer that any slot may fill
 
 
 @dataclass
@@ -94,10 +105,14 @@ class Service:
         # holds one more sequence (0, the shared system prompt) of the same size.
         total = s.ctx_size or model.n_ctx_train
         per_slot = max(32, total // s.n_parallel)
+        # -kvu: one buffer of N cells any slot may fill (the system prompt's cells are shared,
+        # not copied), as llama-server's --kv-unified; the cache can then run out mid-generation.
+        n_ctx = max(64, total) if s.kv_unified else per_slot * (s.n_parallel + 1)
         cfg = EngineConfig(
-            n_parallel=s.n_parallel, n_ctx=per_slot * (s.n_parallel + 1), n_batch=s.n_batch,
+            n_parallel=s.n_parallel, n_ctx=n_ctx, n_batch=s.n_batch,
             n_ubatch=s.n_ubatch, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
             cont_batching=s.cont_batching, system_prompt=s.system_prompt, max_queue=s.max_queue,
+            kv_unified=s.kv_unified,
         )
         self.engine = Engine(model, cfg)
         self.defaults.n_vocab = model.vocab.n_tokens
@@ -194,6 +209,9 @@ class Service:
                 "n_prompt_tokens": info["n_prompt_tokens"],
                 "n_past": info["n_past"],
                 "n_system_tokens": info["n_system_tokens"],
+                # our addition: the slot's largest KV position when it was last released
+                # (n_system_tokens - 1 when it holds only the system prompt; -1 when empty)
+                "kv_pos_max": info["kv_pos_max"],
                 "next_token": [{
                     "has_next_token": busy,
                     "has_new_line": False,
@@ -316,14 +334,20 @@ class Service:
             return ApiError(503, "unavailable_error", "the server is shutting down")
         return ApiError(500, "server_error", h.error or "the request was cancelled")
 
-    def complete(self, job: Job) -> dict:
-        """Run a job to the end (not streamed) and build its answer."""
+    def complete(self, job: Job, watch=_no_watch) -> dict:
+        """Run a job to the end (not streamed) and build its answer.
+
+        `watch(handle)` is a context manager held while the job runs; the HTTP side uses it to
+        cancel the handle when the client goes away (its value is then a non-empty list)."""
         h = self.submit(job)
         try:
-            h.wait()
+            with watch(h) as gone:
+                h.wait()
         finally:
             h.cancel()
         self._record(h)
+        if gone and h.finish_reason == FinishReason.CANCELLED:
+            raise ClientGone()
         if h.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             raise self._error(h)
         text = h.text.lstrip() if job.strip_leading else h.text
@@ -333,54 +357,58 @@ class Service:
             return api.oai_completion(h, job, self.model_name, text)
         return api.completion_result(h, job, self.model_name, self.n_ctx_slot, text)
 
-    def stream(self, job: Job) -> Iterator[object]:
+    def stream(self, job: Job, watch=_no_watch) -> Iterator[object]:
         """Submit now (so errors are raised before any byte is sent), stream lazily.
 
         The generator yields dicts (one SSE event each) and DONE; closing it early (the client
         went away) cancels the request, which frees its slot at the engine's next step.
         """
         h = self.submit(job)
-        return self._stream(job, h)
+        return self._stream(job, h, watch)
 
-    def _stream(self, job: Job, h) -> Iterator[object]:
+    def _stream(self, job: Job, h, watch=_no_watch) -> Iterator[object]:
         model = self.model_name
         try:
-            if job.kind == api.KIND_OAI_CHAT:
-                yield api.oai_chat_chunk(job, model, {"role": "assistant", "content": ""})
-            n = 0
-            strip = job.strip_leading
-            for chunk in h:
-                n += len(chunk.tokens)
-                text = chunk.text
-                if strip:
-                    text = text.lstrip()
-                    strip = not text
-                if job.kind == api.KIND_COMPLETION:
-                    yield api.completion_chunk(h, text, chunk.tokens, n)
-                elif text:
-                    if job.kind == api.KIND_OAI_CHAT:
-                        yield api.oai_chat_chunk(job, model, {"content": text})
-                    else:
-                        yield api.oai_completion_chunk(job, model, text)
-            self._record(h)
-            if job.kind == api.KIND_COMPLETION:
-                final = api.completion_result(h, job, model, self.n_ctx_slot, "")
-                if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
-                    final["error"] = self._error(h).body()["error"]
-                yield final
-                return
-            if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
-                yield self._error(h).body()
-                yield DONE
-                return
-            reason = api.oai_finish_reason(h.finish_reason)
-            if job.kind == api.KIND_OAI_CHAT:
-                last = api.oai_chat_chunk(job, model, {}, reason)
-            else:
-                last = api.oai_completion_chunk(job, model, "", reason)
-            last["usage"] = api.usage(h)
-            last["timings"] = api.timings(h)
-            yield last
-            yield DONE
+            with watch(h):
+                yield from self._events(job, h, model)
         finally:
             h.cancel()  # no-op when finished; frees the slot when the client went away
+
+    def _events(self, job: Job, h, model: str) -> Iterator[object]:
+        if job.kind == api.KIND_OAI_CHAT:
+            yield api.oai_chat_chunk(job, model, {"role": "assistant", "content": ""})
+        n = 0
+        strip = job.strip_leading
+        for chunk in h:
+            n += len(chunk.tokens)
+            text = chunk.text
+            if strip:
+                text = text.lstrip()
+                strip = not text
+            if job.kind == api.KIND_COMPLETION:
+                yield api.completion_chunk(h, text, chunk.tokens, n)
+            elif text:
+                if job.kind == api.KIND_OAI_CHAT:
+                    yield api.oai_chat_chunk(job, model, {"content": text})
+                else:
+                    yield api.oai_completion_chunk(job, model, text)
+        self._record(h)
+        if job.kind == api.KIND_COMPLETION:
+            final = api.completion_result(h, job, model, self.n_ctx_slot, "")
+            if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
+                final["error"] = self._error(h).body()["error"]
+            yield final
+            return
+        if h.finish_reason == FinishReason.ERROR or (h.finish_reason == FinishReason.CANCELLED and self.closing):
+            yield self._error(h).body()
+            yield DONE
+            return
+        reason = api.oai_finish_reason(h.finish_reason)
+        if job.kind == api.KIND_OAI_CHAT:
+            last = api.oai_chat_chunk(job, model, {}, reason)
+        else:
+            last = api.oai_completion_chunk(job, model, "", reason)
+        last["usage"] = api.usage(h)
+        last["timings"] = api.timings(h)
+        yield last
+        yield DONE

@@ -121,3 +121,152 @@ def raw_request(port: int, data: bytes, timeout: float = 30.0) -> tuple[int, byt
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head else 0
     return status, body
+
+
+# -- robustness helpers (tests/test_robustness.py, bench/soak_*.py) ----------------------------
+
+def proc_threads(pid: int) -> int:
+    """Threads of a process (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def proc_rss_kb(pid: int) -> int:
+    """Resident memory of a process in KiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def http_json(port: int, method: str, path: str, body=None, headers: dict | None = None,
+              timeout: float = 60.0) -> tuple[int, dict, object]:
+    """One request on a fresh connection (closed after): (status, headers, parsed JSON or text)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        h = {"Connection": "close", **(headers or {})}
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        raw = r.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw.decode("utf-8", "replace")
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
+    finally:
+        conn.close()
+
+
+def wait_slots_idle(port: int, timeout: float = 60.0, headers: dict | None = None) -> list[dict]:
+    """Poll /slots until no slot is processing; returns the last /slots answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, _, slots = http_json(port, "GET", "/slots", headers=headers)
+        if not any(s["is_processing"] for s in slots) or time.monotonic() > deadline:
+            return slots
+        time.sleep(0.1)
+
+
+def wait_threads(pid: int, at_most: int, timeout: float = 15.0) -> int:
+    """Poll the thread count until it is <= at_most (idle connections close after the
+    keep-alive time-out); returns the last count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = proc_threads(pid)
+        if n <= at_most or time.monotonic() > deadline:
+            return n
+        time.sleep(0.1)
+
+
+VANISH_MODES = ("before_first", "mid_stream", "last_token", "nonstream")
+
+
+def vanishing_client(port: int, body: dict, mode: str | None, rng, timeout: float = 300.0,
+                     headers: dict | None = None) -> dict:
+    """One client on a raw socket. mode None: read the whole answer and check it ends with a
+    final event / result. Else close the connection at a random moment:
+    'before_first' (after sending, before any event), 'mid_stream' (after a few events),
+    'last_token' (once n_predict - 1 tokens came), 'nonstream' (a non-streamed request, gone
+    while it runs). Returns {"ok": bool, "mode": ..., "status": int, "why": str}."""
+    stream = mode in (None, "before_first", "mid_stream", "last_token") and body.get("stream", True)
+    body = {**body, "stream": bool(stream)}
+    data = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (f"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    out = {"ok": False, "mode": mode, "status": 0, "why": ""}
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(head + data)
+        if mode == "before_first":
+            time.sleep(rng.uniform(0.0, 0.3))
+            out["ok"] = True
+            return out
+        if mode == "nonstream":
+            time.sleep(rng.uniform(0.05, 1.0))
+            out["ok"] = True
+            return out
+        f = s.makefile("rb")
+        status_line = f.readline()
+        try:
+            out["status"] = int(status_line.split()[1])
+        except (IndexError, ValueError):
+            out["why"] = f"bad status line {status_line[:80]!r}"
+            return out
+        hdrs = {}
+        while True:
+            line = f.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        if out["status"] != 200:
+            n = int(hdrs.get("content-length", "0"))
+            payload = f.read(n)
+            out["why"] = f"status {out['status']}: {payload[:200]!r}"
+            # a refusal with a JSON error is an answer, not a silent drop
+            out["ok"] = out["status"] == 503 and b'"error"' in payload and "retry-after" in hdrs
+            out["refused"] = True
+            return out
+        if not stream:
+            n = int(hdrs.get("content-length", "0"))
+            res = json.loads(f.read(n))
+            out["ok"] = res.get("stop") is True
+            out["why"] = "" if out["ok"] else f"no final result: {str(res)[:200]}"
+            return out
+        n_events, n_tokens = 0, 0
+        cut_at = rng.randint(1, 4) if mode == "mid_stream" else None
+        want = body.get("n_predict", 16)
+        while True:  # chunked SSE: size line, data, CRLF
+            size_line = f.readline()
+            if not size_line:
+                out["why"] = f"connection closed after {n_events} events without a final event"
+                return out
+            size = int(size_line.strip() or b"0", 16)
+            if size == 0:
+                out["why"] = f"stream ended after {n_events} events without a final event"
+                return out
+            chunk = f.read(size)
+            f.read(2)
+            ev = json.loads(chunk[len(b"data: "):])
+            n_events += 1
+            if ev.get("stop"):
+                out["ok"] = True
+                out["final"] = ev
+                return out
+            n_tokens = ev.get("tokens_predicted", n_tokens)
+            if mode == "mid_stream" and n_events >= cut_at:
+                out["ok"] = True
+                return out
+            if mode == "last_token" and n_tokens >= want - 1:
+                out["ok"] = True
+                return out
+    except (OSError, ValueError) as e:
+        out["why"] = f"{type(e).__name__}: {e}"
+        return out
+    finally:
+        s.close()
