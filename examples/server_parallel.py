@@ -24,16 +24,16 @@ from dataclasses import asdict, dataclass, field
 import requests
 
 PROMPTS = [
-    "How do volcanoes form?",
-    "What should I pack for a week of hiking in the mountains?",
-    "Explain why the sky is blue.",
-    "What are some tips for sleeping better?",
-    "Can you describe how a bicycle gear system works?",
-    "What is a good way to start learning to draw?",
-    "Why do cats purr?",
-    "How can I make my houseplants grow better?",
-    "What would be the best way to learn to play the guitar?",
-    "Which city is the capital of Japan?",
+    "Write a short poem about the sea.",
+    "What are three good habits for staying healthy?",
+    "Explain how a rainbow forms.",
+    "Give me a simple recipe for pancakes.",
+    "Why do leaves change colour in autumn?",
+    "What is the difference between weather and climate?",
+    "How does a refrigerator keep food cold?",
+    "Suggest a name for a friendly robot.",
+    "What makes a good first sentence for a story?",
+    "How far away is the Moon?",
 ]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _bindings as B
+from ._resource import OwnedPointer
 from .loader import lib
 from .model import Model
 
@@ -86,7 +87,7 @@ class Memory:
         return bool(lib().llama_memory_can_shift(self.ptr))
 
 
-class Context:
+class Context(OwnedPointer):
     """A llama_context over a Model. Only one thread may use it at a time."""
 
     def __init__(self, model: Model, params: ContextParams | None = None, **overrides):
@@ -153,16 +154,3 @@ class Context:
 
     def perf(self) -> B.llama_perf_context_data:
         return lib().llama_perf_context(self.ptr)
-
-    def close(self) -> None:
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._free(ptr)
-
-    __del__ = close
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

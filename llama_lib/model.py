@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _bindings as B
+from ._resource import OwnedPointer
 from .loader import FETCH_HINT, default_model_path, lib
 
 
@@ -104,7 +105,7 @@ class Vocab:
         return [self.token_to_piece(int(t)) for t in tokens]
 
 
-class Model:
+class Model(OwnedPointer):
     """A GGUF model loaded into memory. Free it with `close()` or a `with` block."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_gpu_layers: int = -1,
@@ -148,20 +149,6 @@ class Model:
     def chat_template(self, name: str | None = None) -> str | None:
         raw = lib().llama_model_chat_template(self.ptr, name.encode() if name else None)
         return raw.decode("utf-8", "replace") if raw else None
-
-    def close(self) -> None:
-        """Free the model (idempotent). Contexts made from it must be closed first."""
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._free(ptr)
-
-    __del__ = close
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def apply_chat_template(template: str, messages: Sequence[dict], add_assistant: bool = True) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import _bindings as B
+from ._resource import OwnedPointer
 from .loader import lib
 
 
@@ -49,7 +50,7 @@ class SamplingParams:
                     raise ValueError(f"logit_bias token {tok} is outside the vocabulary")
 
 
-class Sampler:
+class Sampler(OwnedPointer):
     """A sampler chain; `sample(ctx, i)` picks a token from output row i of the last decode."""
 
     def __init__(self, params: SamplingParams, n_vocab: int):
@@ -106,18 +107,3 @@ class Sampler:
     @property
     def seed(self) -> int:
         return lib().llama_sampler_get_seed(self.ptr)
-
-    def close(self) -> None:
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._free(ptr)
-
-    __del__ = close
-
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
