@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(default: 0 = the model's training context)")
     a("-b", "--batch-size", type=int, default=2048, metavar="N", help="logical batch size (default: 2048)")
     a("-ub", "--ubatch-size", type=int, default=512, metavar="N", help="physical batch size (default: 512)")
+    a("--prefill-chunk", type=int, default=None, metavar="N",
+      help="most prompt tokens decoded per step beside the generating slots, so a long prompt "
+           "does not stall the streams (default: --ubatch-size; 0: a whole prompt at once)")
     a("-t", "--threads", type=int, default=None, metavar="N", help="threads for generation (default: all cores)")
     a("-tb", "--threads-batch", type=int, default=None, metavar="N", help="threads for prompt processing (default: --threads)")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, metavar="N",
@@ -85,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.prefill_chunk is None:
+        args.prefill_chunk = args.ubatch_size
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),
-                     ("n_predict", -1), ("port", 0), ("max_queue", 0), ("threads_http", -1)):
+                     ("n_predict", -1), ("port", 0), ("max_queue", 0), ("threads_http", -1),
+                     ("prefill_chunk", 0)):
         if getattr(args, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}")
     if args.port > 65535:
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
         temperature=args.temp, system_prompt=system_prompt, chat_template=args.chat_template,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, max_queue=args.max_queue,
         kv_unified=args.kv_unified,
+        prefill_chunk=args.prefill_chunk,
     )
     service = Service(settings)
     try:

@@ -248,3 +248,19 @@ def test_parallel_example_without_model_says_what_to_run(tmp_path):
     )
     assert out.returncode == 1
     assert "none.gguf" in out.stderr and "does not exist" in out.stderr
+
+
+def test_long_prompt_prefilled_in_chunks_while_others_stream(model):
+    with make_engine(model, n_parallel=2, prefill_chunk=64) as e:
+        a = e.submit(question("Tell me a story."), greedy(80, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 2)
+        b = e.submit(question("word " * 250), greedy(2, ignore_eos=True))
+        steps = 0
+        while b.n_generated == 0:
+            before = a.n_generated
+            e.step()
+            steps += 1
+            assert a.n_generated == before + 1, "a streams a token in every step of b's prefill"
+        assert steps == -(-b.n_prompt_tokens // 64)  # ceil: 64 prompt tokens per step
+        e.run_until_idle()
+        assert a.n_generated == 80 and b.n_generated == 2
