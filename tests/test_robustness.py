@@ -264,12 +264,14 @@ def test_slow_client_is_cut_off_by_timeout(srv):
     body = json.dumps({"prompt": PROMPT, "n_predict": 2}).encode()
     results = {}
 
-    def slow_body():
+    def trickle(key: str, head: bytes, slow: bytes) -> None:
+        """Send `head` at once, then `slow` one byte a second; record the answer and when."""
         t0 = time.monotonic()
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
-            s.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+            if head:
+                s.sendall(head)
             try:
-                for b in body:
+                for b in slow:
                     s.sendall(bytes([b]))
                     time.sleep(1.0)
                     s.setblocking(False)
@@ -279,35 +281,16 @@ def test_slow_client_is_cut_off_by_timeout(srv):
                         got = None
                     s.setblocking(True)
                     if got is not None:
-                        results["body"] = (got, time.monotonic() - t0)
+                        results[key] = (got, time.monotonic() - t0)
                         return
             except OSError as e:
-                results["body"] = (repr(e).encode(), time.monotonic() - t0)
+                results[key] = (repr(e).encode(), time.monotonic() - t0)
                 return
-        results["body"] = (b"", time.monotonic() - t0)
+        results[key] = (b"", time.monotonic() - t0)
 
-    def slow_head():
-        t0 = time.monotonic()
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
-            try:
-                for b in b"POST /completion HTTP/1.1\r\nHost: x\r\n":
-                    s.sendall(bytes([b]))
-                    time.sleep(1.0)
-                    s.setblocking(False)
-                    try:
-                        got = s.recv(65536)
-                    except BlockingIOError:
-                        got = None
-                    s.setblocking(True)
-                    if got is not None:
-                        results["head"] = (got, time.monotonic() - t0)
-                        return
-            except OSError as e:
-                results["head"] = (repr(e).encode(), time.monotonic() - t0)
-                return
-        results["head"] = (b"", time.monotonic() - t0)
-
-    threads = [threading.Thread(target=f) for f in (slow_body, slow_head)]
+    head = b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    threads = [threading.Thread(target=trickle, args=("body", head, body)),
+               threading.Thread(target=trickle, args=("head", b"", b"POST /completion HTTP/1.1\r\nHost: x\r\n"))]
     for t in threads:
         t.start()
     for t in threads:
