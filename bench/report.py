@@ -149,7 +149,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
       "source, and llama-cpp-python's OpenAI-compatible server. Same model, same thread count, same "
       "context per slot, one run, servers measured alternately.")
     w("")
-    w("Regenerate everything (measurements, this page and the plots; about 15–18 minutes on 2 cores):")
+    w("Regenerate everything (measurements, this page and the plots; about 11 minutes on an idle 2-core machine):")
     w("")
     w("```sh")
     w("bash bench/setup_llama_cpp_python.sh   # once: llama-cpp-python into .llama/venv-lcp (10-20 min build)")
@@ -188,8 +188,9 @@ def render(recs, docs: Path, source: list[str]) -> str:
     w(f"| model | `{meta.get('model', '?')}` ({meta.get('model_bytes', 0) / 1e6:.0f} MB) |")
     w(f"| llama-server | {meta.get('llama_server') or '?'} (`.llama/cpp-build`, GGML_NATIVE, OpenMP) |")
     w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} |")
-    w(f"| our libllama | `{Path(meta.get('our_lib_dir', '?')).name if meta.get('our_lib_dir') else '?'}`"
-      f" folder: `{meta.get('our_lib_dir', '?')}` |")
+    lib_dir = str(meta.get("our_lib_dir", "?")).replace(str(ROOT) + "/", "")
+    w(f"| our libllama | `{lib_dir}`" + (" (the prebuilt v0.5.0 libraries, ggml's own thread pool, no OpenMP)"
+                                        if lib_dir == ".llama/lib" else "") + " |")
     w("")
     w("Workload per point: each client streams requests one after another; a request is "
       f"`User: <question>\\nAssistant:` (about 10 prompt tokens) and generates exactly "

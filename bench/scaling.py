@@ -3,14 +3,15 @@
 llama-cpp-python's server, on the same model, threads and context per slot.
 
     python bench/scaling.py --all     # everything below, then docs/benchmarks.md + docs/*.png
-                                      # (about 15-18 min on 2 cores)
+                                      # (about 11 min on an idle 2-core machine; more when
+                                      # it has to wait for other processes)
 
-One-time set-up (both cached under the gitignored .llama/):
-    python bench/parallel_vs_cpp.py --rounds 0 --big-np 0   # builds .llama/cpp-build (llama-server)
-    bash bench/setup_llama_cpp_python.sh                    # .llama/venv-lcp (10-20 min build)
-    pip install matplotlib requests                         # bench-only extras
-(scaling.py builds llama-server itself if it is missing; llama-cpp-python is skipped, with a
-note in the report, when its virtualenv is missing.)
+One-time set-up (cached under the gitignored .llama/):
+    bash bench/setup_llama_cpp_python.sh      # llama-cpp-python into .llama/venv-lcp (10-20 min build)
+    pip install matplotlib requests           # bench-only extras
+llama-server is built into .llama/cpp-build on first use (bench/parallel_vs_cpp.py's build, about
+15 min on 2 cores); llama-cpp-python is skipped, with a note in the report, when its virtualenv
+is missing.
 
 Parts (--all = --sweep --overhead --long-prompt --report; pick any):
 
@@ -734,7 +735,7 @@ def main(argv=None) -> int:
                 "machine": machine_info(), "load_avg_start": os.getloadavg(),
                 "model": rel(a.model), "model_bytes": a.model.stat().st_size,
                 "servers": servers, "notes": notes, "llama_cpp_python": lcp_ver,
-                "llama_server": cpp_version(), "our_lib_dir": str(a.our_lib_dir or DOT / "lib"),
+                "llama_server": cpp_version(), "our_lib_dir": rel(a.our_lib_dir or DOT / "lib"),
                 "eog_ids": vocab["eog_ids"], "argv": sys.argv[1:],
                 "settings": {"concurrency": a.concurrency, "max_np": a.max_np, "rounds": a.rounds,
                              "lcp_rounds": a.lcp_rounds, "requests_per_client": a.requests_per_client,
