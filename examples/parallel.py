@@ -120,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-ub", "--ubatch-size", type=int, default=512, help="physical batch size (default: 512)")
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 4, help="threads for generation")
     ap.add_argument("-tb", "--threads-batch", type=int, default=None, help="threads for prompt processing (default: -t)")
+    ap.add_argument("--prio", type=int, default=0, metavar="N",
+                    help="thread priority: low(-1), normal(0), medium(1), high(2), realtime(3) (default: 0)")
+    ap.add_argument("--poll", type=int, default=50, metavar="<0...100>",
+                    help="use polling level to wait for work (0 - no polling, default: 50)")
     ap.add_argument("-s", "--seed", type=int, default=-1,
                     help="RNG seed; negative: a different seed for each client, counting down from it (default: -1)")
     ap.add_argument("--temp", type=float, default=0.8, help="temperature (default: 0.8)")
@@ -144,6 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name} must be at least 1")
     if args.junk < 0:
         ap.error("--junk must be >= 0")
+    if not -1 <= args.prio <= 3:
+        ap.error("--prio must be in -1..3")
+    if not 0 <= args.poll <= 100:
+        ap.error("--poll must be in 0..100")
     if args.threads_batch is None:
         args.threads_batch = args.threads
     return args
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         n_parallel=args.parallel, n_ctx=args.ctx_size, n_batch=args.batch_size,
         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
         cont_batching=args.cont_batching, kv_unified=args.kv_unified,
-        share_system_prompt=args.pps,
+        share_system_prompt=args.pps, poll=args.poll, prio=args.prio,
     )
     engine = Engine(model, config)
     # Timing starts before the shared system prompt is decoded, as in the C++ example.

@@ -41,6 +41,8 @@ llama_model_p = c_void_p
 llama_context_p = c_void_p
 llama_vocab_p = c_void_p
 llama_sampler_p = c_void_p
+ggml_threadpool_t = c_void_p
+ggml_backend_reg_t = c_void_p
 c_enum = c_int
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -69,6 +71,14 @@ LLAMA_LAZY_MODE_AUTO = 1
 LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED = -1
 LLAMA_POOLING_TYPE_UNSPECIFIED = -1
 LLAMA_ATTENTION_TYPE_UNSPECIFIED = -1
+# ggml.h
+GGML_MAX_N_THREADS = 512
+# enum ggml_sched_priority
+GGML_SCHED_PRIO_LOW = -1
+GGML_SCHED_PRIO_NORMAL = 0
+GGML_SCHED_PRIO_MEDIUM = 1
+GGML_SCHED_PRIO_HIGH = 2
+GGML_SCHED_PRIO_REALTIME = 3
 # enum ggml_type (the two the KV cache defaults to)
 GGML_TYPE_F16 = 1
 
@@ -229,6 +239,18 @@ class llama_perf_sampler_data(Structure):
     _fields_ = [("t_sample_ms", c_double), ("n_sample", c_int32)]
 
 
+# ggml.h
+class ggml_threadpool_params(Structure):
+    _fields_ = [
+        ("cpumask", c_bool * GGML_MAX_N_THREADS),
+        ("n_threads", c_int),
+        ("prio", c_enum),
+        ("poll", c_uint32),
+        ("strict_cpu", c_bool),
+        ("paused", c_bool),
+    ]
+
+
 # Every structure above, by its C name; the ABI test walks this table.
 STRUCTS: dict[str, type[Structure]] = {
     "llama_token_data": llama_token_data,
@@ -244,6 +266,7 @@ STRUCTS: dict[str, type[Structure]] = {
     "llama_chat_message": llama_chat_message,
     "struct llama_perf_context_data": llama_perf_context_data,
     "struct llama_perf_sampler_data": llama_perf_sampler_data,
+    "struct ggml_threadpool_params": ggml_threadpool_params,
 }
 
 # --- functions -------------------------------------------------------------------------------
@@ -293,6 +316,8 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_set_n_threads": (None, [llama_context_p, c_int32, c_int32]),
     "llama_n_threads": (c_int32, [llama_context_p]),
     "llama_n_threads_batch": (c_int32, [llama_context_p]),
+    "llama_attach_threadpool": (None, [llama_context_p, ggml_threadpool_t, ggml_threadpool_t]),
+    "llama_detach_threadpool": (None, [llama_context_p]),
     "llama_set_abort_callback": (None, [llama_context_p, ggml_abort_callback, c_void_p]),
     "llama_synchronize": (None, [llama_context_p]),
     "llama_get_logits": (POINTER(c_float), [llama_context_p]),
@@ -382,7 +407,33 @@ GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "ggml_backend_load_all_from_path": (None, [c_char_p]),
     "ggml_backend_reg_count": (c_size_t, []),
     "ggml_backend_dev_count": (c_size_t, []),
+    "ggml_backend_reg_by_name": (ggml_backend_reg_t, [c_char_p]),
+    "ggml_backend_reg_get_proc_address": (c_void_p, [ggml_backend_reg_t, c_char_p]),
 }
+
+# From libggml-base (ggml.h): thread pool parameters.
+GGML_BASE_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
+    "ggml_threadpool_params_default": (ggml_threadpool_params, [c_int]),
+    "ggml_threadpool_params_init": (None, [POINTER(ggml_threadpool_params), c_int]),
+    "ggml_threadpool_params_match": (
+        c_bool,
+        [POINTER(ggml_threadpool_params), POINTER(ggml_threadpool_params)],
+    ),
+}
+
+# From the CPU backend (ggml-cpu.h). It is a plugin loaded at run time, so these are reached
+# through ggml_backend_reg_get_proc_address (which hands out only these two of the pool
+# functions) and called through these prototypes.
+GGML_CPU_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
+    "ggml_threadpool_new": (ggml_threadpool_t, [POINTER(ggml_threadpool_params)]),
+    "ggml_threadpool_free": (None, [ggml_threadpool_t]),
+}
+
+
+def prototype(table: dict[str, tuple[object, list[object]]], name: str):
+    """The ctypes function type of `name` in `table`, to call a function found by address."""
+    restype, argtypes = table[name]
+    return CFUNCTYPE(restype, *argtypes)
 
 
 def declare(lib: ctypes.CDLL, table: dict[str, tuple[object, list[object]]]) -> None:

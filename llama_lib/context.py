@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import ctypes
-import time
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _bindings as B
 from ._resource import OwnedPointer
-from .loader import lib
+from .loader import lib, library
 from .model import Model
+
+log = logging.getLogger("llama_lib")
 
 
 class ContextError(RuntimeError):
@@ -49,6 +52,12 @@ class ContextParams:
     swa_full: bool = False
     flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO
     no_perf: bool = False
+    # A persistent ggml thread pool per context, as llama.cpp's own programs attach (common_init).
+    # Without one, a libllama built without OpenMP (the prebuilt one) starts and joins its worker
+    # threads inside every llama_decode, which costs latency and stalls under load.
+    threadpool: bool = True
+    poll: int = 50  # how long idle pool threads busy-wait for work, 0-100 (llama.cpp --poll)
+    prio: int = B.GGML_SCHED_PRIO_NORMAL  # pool thread priority, -1..3 (llama.cpp --prio)
 
 
 class Memory:
@@ -90,6 +99,8 @@ class Memory:
 class Context(OwnedPointer):
     """A llama_context over a Model. Only one thread may use it at a time."""
 
+    _threadpools: tuple[int, ...] = ()
+
     def __init__(self, model: Model, params: ContextParams | None = None, **overrides):
         self.model = model  # the model must outlive the context
         p = params or ContextParams()
@@ -120,6 +131,12 @@ class Context(OwnedPointer):
                 f"n_seq_max={p.n_seq_max}; max parallel sequences is "
                 f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
             )
+        if p.threadpool:
+            try:
+                self._attach_threadpools(p)
+            except Exception:
+                self.close()
+                raise
         self.n_ctx: int = L.llama_n_ctx(self.ptr)
         self.n_ctx_seq: int = L.llama_n_ctx_seq(self.ptr)
         self.n_batch: int = L.llama_n_batch(self.ptr)
@@ -130,6 +147,48 @@ class Context(OwnedPointer):
         # Time spent inside llama_decode, for the "share of wall time" figures.
         self.t_decode = 0.0
         self.n_decode_calls = 0
+
+    def _attach_threadpools(self, p: ContextParams) -> None:
+        """Create the generation and batch thread pools and attach them (freed in close())."""
+        if not 0 <= p.poll <= 100:
+            raise ValueError(f"poll must be in 0..100, got {p.poll}")
+        if not B.GGML_SCHED_PRIO_LOW <= p.prio <= B.GGML_SCHED_PRIO_REALTIME:
+            raise ValueError(f"prio must be in -1..3, got {p.prio}")
+        libr = library()
+        new = libr.cpu_function("ggml_threadpool_new")
+        self._free_threadpool = libr.cpu_function("ggml_threadpool_free")
+        if new is None or self._free_threadpool is None:
+            log.warning("the CPU backend exports no thread pool functions; ggml will start "
+                        "threads inside every decode")
+            return
+        g = libr.ggml
+
+        def pool_params(n_threads: int) -> B.ggml_threadpool_params:
+            tpp = g.ggml_threadpool_params_default(n_threads)
+            tpp.poll = p.poll
+            tpp.prio = p.prio
+            return tpp
+
+        tpp, tpp_batch = pool_params(p.n_threads), pool_params(p.n_threads_batch)
+        batch_pool = None
+        if not g.ggml_threadpool_params_match(ctypes.byref(tpp), ctypes.byref(tpp_batch)):
+            batch_pool = new(ctypes.byref(tpp_batch))
+            if not batch_pool:
+                raise ContextError(f"ggml_threadpool_new failed for {p.n_threads_batch} threads")
+            self._threadpools += (batch_pool,)
+            tpp.paused = True  # one pool runs at a time; ggml resumes the one it switches to
+        pool = new(ctypes.byref(tpp))
+        if not pool:
+            raise ContextError(f"ggml_threadpool_new failed for {p.n_threads} threads")
+        self._threadpools += (pool,)
+        lib().llama_attach_threadpool(self.ptr, pool, batch_pool)
+
+    def close(self) -> None:
+        """Free the context, then its thread pools, which it uses until llama_free (idempotent)."""
+        super().close()
+        pools, self._threadpools = self._threadpools, ()
+        for pool in pools:
+            self._free_threadpool(pool)
 
     def decode(self, batch: B.llama_batch) -> int:
         """Run llama_decode. Returns 0, or 1 when the KV cache has no room for the batch

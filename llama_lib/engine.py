@@ -90,6 +90,9 @@ class EngineConfig:
     # prefilled in pieces instead of stalling everyone else. 0: the whole prompt at once.
     prefill_chunk: int = 0
     warmup: bool = True            # one throw-away decode at start, as llama.cpp's programs do
+    threadpool: bool = True        # a persistent ggml thread pool (see ContextParams)
+    poll: int = 50                 # busy-wait level of idle pool threads, 0-100 (llama.cpp --poll)
+    prio: int = 0                  # pool thread priority, -1..3 (llama.cpp --prio)
 
     def context_params(self) -> ContextParams:
         return ContextParams(
@@ -97,6 +100,7 @@ class EngineConfig:
             n_seq_max=self.n_parallel + 1, n_threads=self.n_threads,
             n_threads_batch=self.n_threads_batch, kv_unified=self.kv_unified,
             swa_full=self.swa_full, flash_attn=self.flash_attn,
+            threadpool=self.threadpool, poll=self.poll, prio=self.prio,
         )
 
 

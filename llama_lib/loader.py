@@ -41,6 +41,21 @@ class Library:
         self.llama = llama
         self.ggml = ggml
         self.version = llama.llama_version().decode()
+        self._cpu_functions: dict[str, object] = {}
+
+    def cpu_function(self, name: str):
+        """A function of ggml's CPU backend (ggml-cpu.h), or None when it does not export it.
+
+        The CPU backend is a plugin loaded at run time, so its functions have no symbol in the
+        libraries loaded here; they are looked up through the backend registry instead."""
+        if name not in self._cpu_functions:
+            fn = None
+            reg = self.ggml.ggml_backend_reg_by_name(b"CPU")
+            addr = self.ggml.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+            if addr:
+                fn = B.prototype(B.GGML_CPU_FUNCTIONS, name)(addr)
+            self._cpu_functions[name] = fn
+        return self._cpu_functions[name]
 
     def __repr__(self) -> str:
         return f"Library(version={self.version!r}, dir={str(self.lib_dir)!r}, layout={self.layout!r})"
@@ -147,6 +162,7 @@ def load_library(lib_dir: str | os.PathLike | None = None) -> Library:
         try:
             B.declare(llama, B.LLAMA_FUNCTIONS)
             B.declare(ggml, B.GGML_FUNCTIONS)
+            B.declare(ggml, B.GGML_BASE_FUNCTIONS)  # found through libggml's dependency
         except AttributeError as e:
             raise LlamaLibraryError(f"{folder / llama_name} lacks a v{version} function: {e}") from e
 
@@ -161,6 +177,11 @@ def load_library(lib_dir: str | os.PathLike | None = None) -> Library:
         _loaded = Library(folder, layout, llama, ggml)
         log.debug("loaded %r", _loaded)
         return _loaded
+
+
+def library() -> Library:
+    """The loaded Library, loading it from the default place on first use."""
+    return _loaded or load_library()
 
 
 def lib() -> ctypes.CDLL:

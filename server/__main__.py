@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
            "does not stall the streams (default: --ubatch-size; 0: a whole prompt at once)")
     a("-t", "--threads", type=int, default=None, metavar="N", help="threads for generation (default: all cores)")
     a("-tb", "--threads-batch", type=int, default=None, metavar="N", help="threads for prompt processing (default: --threads)")
+    a("--prio", type=int, default=0, metavar="N",
+      help="thread priority: low(-1), normal(0), medium(1), high(2), realtime(3) (default: 0)")
+    a("--poll", type=int, default=50, metavar="<0...100>",
+      help="use polling level to wait for work (0 - no polling, default: 50)")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, metavar="N",
       help="layers to offload to a GPU (default: -1 = all there are room for; no effect on CPU builds)")
     a("-np", "--parallel", type=int, default=4, metavar="N", help="number of slots, requests decoded together (default: 4)")
@@ -103,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not -1 <= args.prio <= 3:
+        p.error("--prio must be in -1..3")
+    if not 0 <= args.poll <= 100:
+        p.error("--poll must be in 0..100")
     if args.threads_http == 0:
         p.error("--threads-http must be >= 1 (or -1)")
     if args.threads_http < 0:
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
         temperature=args.temp, system_prompt=system_prompt, chat_template=args.chat_template,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, max_queue=args.max_queue,
         kv_unified=args.kv_unified,
-        prefill_chunk=args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio,
     )
     service = Service(settings)
     try:

@@ -63,6 +63,8 @@ class Settings:
     max_queue: int = 256
     kv_unified: bool = False       # -kvu: one KV buffer that any slot may fill
     prefill_chunk: int = 512       # prompt tokens per step beside the streams (0: all at once)
+    poll: int = 50                 # --poll: busy-wait level of idle ggml pool threads
+    prio: int = 0                  # --prio: ggml pool thread priority
 
 
 @dataclass
@@ -113,7 +115,7 @@ class Service:
             n_parallel=s.n_parallel, n_ctx=n_ctx, n_batch=s.n_batch,
             n_ubatch=s.n_ubatch, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
             cont_batching=s.cont_batching, system_prompt=s.system_prompt, max_queue=s.max_queue,
-            kv_unified=s.kv_unified, prefill_chunk=s.prefill_chunk,
+            kv_unified=s.kv_unified, prefill_chunk=s.prefill_chunk, poll=s.poll, prio=s.prio,
         )
         self.engine = Engine(model, cfg)
         self.defaults.n_vocab = model.vocab.n_tokens

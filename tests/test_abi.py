@@ -1,6 +1,6 @@
 """The ctypes declarations in llama_lib/_bindings.py agree with the fetched llama.h.
 
-A C probe is generated from the tables in _bindings (STRUCTS, LLAMA_FUNCTIONS, GGML_FUNCTIONS),
+A C probe is generated from the tables in _bindings (STRUCTS and every function table),
 compiled with the machine's `cc` against `.llama/include` and run. It prints, for every structure,
 sizeof/alignof and every field's offsetof/sizeof/type class; for every function, the size and class
 of its return type and of each parameter type (the types are cut out of the header's prototype).
@@ -26,17 +26,21 @@ from llama_lib.loader import FETCH_DIR
 INCLUDE_DIR = FETCH_DIR / "include"
 LLAMA_H = INCLUDE_DIR / "llama.h"
 GGML_BACKEND_H = INCLUDE_DIR / "ggml-backend.h"
+GGML_H = INCLUDE_DIR / "ggml.h"
+GGML_CPU_H = INCLUDE_DIR / "ggml-cpu.h"
 
 # (table, header, export macro) for every function table in _bindings.
 FUNCTION_TABLES = [
     (B.LLAMA_FUNCTIONS, LLAMA_H, "LLAMA_API"),
     (B.GGML_FUNCTIONS, GGML_BACKEND_H, "GGML_API"),
+    (B.GGML_BASE_FUNCTIONS, GGML_H, "GGML_API"),
+    (B.GGML_CPU_FUNCTIONS, GGML_CPU_H, "GGML_BACKEND_API"),
 ]
 ALL_FUNCTIONS = [(name, header, macro) for table, header, macro in FUNCTION_TABLES for name in table]
 
 
 def _fn_spec(name: str):
-    return B.LLAMA_FUNCTIONS.get(name) or B.GGML_FUNCTIONS[name]
+    return next(table[name] for table, _, _ in FUNCTION_TABLES if name in table)
 
 
 # GCC's __builtin_classify_type codes (typeclass.h). In C, bool and enums classify as integers.
@@ -107,12 +111,16 @@ def param_type(decl: str) -> str:
 
 
 def header_struct_fields(cname: str) -> list[tuple[str, str, bool]]:
-    """(field name, C type text, in an anonymous union) of `struct NAME { ... }` in llama.h,
-    in declaration order. Crude, but enough for llama.h's plain declarations."""
+    """(field name, C type text, in an anonymous union) of `struct NAME { ... }` in llama.h
+    (or ggml.h, which it includes), in declaration order. Crude, but enough for their plain
+    declarations."""
     tag = cname.split()[-1]
-    text = _header_text(LLAMA_H)
-    m = re.search(rf"\bstruct\s+{tag}\s*\{{", text)
-    assert m, f"struct {tag} {{ not found in llama.h"
+    for header in (LLAMA_H, GGML_H):
+        text = _header_text(header)
+        m = re.search(rf"\bstruct\s+{tag}\s*\{{", text)
+        if m:
+            break
+    assert m, f"struct {tag} {{ not found in llama.h or ggml.h"
     i, depth = m.end(), 1
     start = i
     while depth:
@@ -190,6 +198,7 @@ _PROBE_HEAD = r"""
 #include <stdbool.h>
 #include "llama.h"
 #include "ggml-backend.h"
+#include "ggml-cpu.h"
 
 #define ISBOOL(x) _Generic((x), _Bool: 1, default: 0)
 #define ISSIGNED(x) _Generic((x), signed char: 1, short: 1, int: 1, long: 1, long long: 1, default: 0)

@@ -637,3 +637,60 @@ def test_context_managers_close(model):
     with llama_lib.Model(vocab_only=True) as m:
         assert m.ptr and m.vocab.n_tokens == 262144
     assert m.ptr is None
+
+
+# --- the persistent ggml thread pool -----------------------------------------------------------
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_context_attaches_a_persistent_thread_pool(model, vocab):
+    """Each context owns a ggml thread pool whose workers live as long as it does: decoding
+    starts no threads of its own, and close() joins the workers (the pool is freed once)."""
+    before = _thread_count()
+    c = Context(model, n_ctx=512, n_threads=3, n_threads_batch=3)
+    try:
+        assert len(c._threadpools) == 1
+        assert _thread_count() == before + 2  # two workers beside the calling thread
+        b = Batch(64)
+        b.add_sequence(vocab.tokenize(PROMPT_A), 0, 0)
+        assert c.decode(b.c_batch) == 0
+        assert _thread_count() == before + 2  # the same workers did the work
+        b.close()
+        counting = _Counting(c._free_threadpool)
+        c._free_threadpool = counting
+    finally:
+        c.close()
+        c.close()
+    assert counting.calls == 1
+    assert _thread_count() == before
+
+
+def test_separate_batch_thread_pool(model):
+    """-t and -tb differ: one pool each, as llama.cpp's common_init attaches them."""
+    before = _thread_count()
+    with Context(model, n_ctx=512, n_threads=1, n_threads_batch=3) as c:
+        assert len(c._threadpools) == 2
+        assert _thread_count() == before + 2  # the batch pool's two workers; none for -t 1
+    assert _thread_count() == before
+
+
+def test_thread_pool_gives_the_same_logits(model, vocab):
+    """The pool changes who computes, not what: logits match a context without one."""
+    rows = []
+    for threadpool in (True, False):
+        with Context(model, n_ctx=512, n_threads=N_THREADS, n_threads_batch=N_THREADS,
+                     threadpool=threadpool) as c, Batch(64) as b:
+            assert bool(c._threadpools) == threadpool
+            b.add_sequence(vocab.tokenize(PROMPT_A), 0, 0)
+            assert c.decode(b.c_batch) == 0
+            rows.append(c.logits(-1).copy())
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"poll": 101}, {"poll": -1}, {"prio": 4}, {"prio": -2}])
+def test_thread_pool_settings_are_checked(model, bad):
+    with pytest.raises(ValueError, match="poll|prio"):
+        Context(model, n_ctx=512, **bad)
