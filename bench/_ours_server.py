@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Diagnostics: `python -m server` with a record of every engine step, and/or a persistent
-ggml thread pool (bench only).
+"""Diagnostics: `python -m server` with a record of every engine step, and/or without the
+persistent ggml thread pool (bench only).
 
     python bench/_ours_server.py --trace-steps steps.jsonl -- <python -m server flags>
-    python bench/_ours_server.py --threadpool -- <python -m server flags>
+    python bench/_ours_server.py --no-threadpool -- <python -m server flags>
 
 Runs the server's own main() in this process with llama_lib.Engine.step wrapped: for every step
 that decoded something it keeps (start, end, seconds inside llama_decode, tokens in the batch),
@@ -50,50 +50,21 @@ def trace_steps(path: str) -> None:
     atexit.register(dump)
 
 
-def attach_threadpools() -> None:
-    """Give every llama_context a persistent ggml thread pool (llama_attach_threadpool), as
-    llama.cpp's tools/main does. Without one, a libllama built without OpenMP (the prebuilt one
-    in .llama/lib) creates and joins its worker threads inside every llama_decode call."""
-    import ctypes
-    from ctypes import CFUNCTYPE, POINTER, Structure, c_bool, c_char_p, c_int, c_uint32, c_void_p
+def no_threadpool() -> None:
+    """Run without the persistent ggml thread pool that llama_lib attaches to every context
+    (ContextParams.threadpool), as the server did before it had one: the A/B of that change.
+    Without it, a libllama built without OpenMP (the prebuilt one in .llama/lib) creates and
+    joins its worker threads inside every llama_decode call."""
+    from llama_lib.engine import EngineConfig
 
-    from llama_lib import context as C
-    from llama_lib import loader
+    context_params = EngineConfig.context_params
 
-    L = loader.load_library()
+    def without_pool(self):
+        p = context_params(self)
+        p.threadpool = False
+        return p
 
-    class ThreadpoolParams(Structure):  # ggml.h: struct ggml_threadpool_params
-        _fields_ = [("cpumask", c_bool * 512), ("n_threads", c_int), ("prio", c_int),
-                    ("poll", c_uint32), ("strict_cpu", c_bool), ("paused", c_bool)]
-
-    g = L.ggml
-    g.ggml_threadpool_params_default.restype = ThreadpoolParams
-    g.ggml_threadpool_params_default.argtypes = [c_int]
-    g.ggml_backend_reg_by_name.restype = c_void_p
-    g.ggml_backend_reg_by_name.argtypes = [c_char_p]
-    g.ggml_backend_reg_get_proc_address.restype = c_void_p
-    g.ggml_backend_reg_get_proc_address.argtypes = [c_void_p, c_char_p]
-    reg = g.ggml_backend_reg_by_name(b"CPU")
-    addr = g.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_new") if reg else None
-    if not addr:
-        raise SystemExit("this libllama's CPU backend does not export ggml_threadpool_new")
-    new = CFUNCTYPE(c_void_p, POINTER(ThreadpoolParams))(addr)
-    attach = L.llama.llama_attach_threadpool
-    attach.restype = None
-    attach.argtypes = [c_void_p, c_void_p, c_void_p]
-    init = C.Context.__init__
-
-    def patched(self, *args, **kw):
-        init(self, *args, **kw)
-        pools = []
-        for n in dict.fromkeys((self.params.n_threads, self.params.n_threads_batch)):
-            p = g.ggml_threadpool_params_default(n)
-            pools.append(new(ctypes.byref(p)))
-        tp, tpb = pools[0], pools[-1]
-        attach(ctypes.cast(self.ptr, c_void_p), tp, tpb)
-        self._bench_threadpools = pools  # never freed: the server keeps its context to the end
-
-    C.Context.__init__ = patched
+    EngineConfig.context_params = without_pool
 
 
 def main() -> int:
@@ -101,13 +72,13 @@ def main() -> int:
     own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace-steps", metavar="FILE")
-    ap.add_argument("--threadpool", action="store_true",
-                    help="attach a persistent ggml thread pool to every context")
+    ap.add_argument("--no-threadpool", action="store_true",
+                    help="no persistent ggml thread pool: threads are made inside every decode")
     a = ap.parse_args(own)
     if a.trace_steps:
         trace_steps(a.trace_steps)
-    if a.threadpool:
-        attach_threadpools()
+    if a.no_threadpool:
+        no_threadpool()
     from server.__main__ import main as server_main
     return server_main(rest)
 

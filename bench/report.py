@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["ours", "cpp", "lcp"]
 NAMES = {"ours": "ours (`python -m server`)", "cpp": "llama-server (C++)", "lcp": "llama-cpp-python"}
-SHORT = {"ours": "ours", "cpp": "llama-server", "lcp": "llama-cpp-python"}
+SHORT = {"ours": "ours", "cpp": "llama-server", "lcp": "llama-cpp-python",
+         "ours-nopool": "ours, no thread pool (before)"}
 COLORS = {"ours": "tab:blue", "cpp": "tab:orange", "lcp": "tab:green"}
 TARGET_TPS, TARGET_FTT, TARGET_LCP = 0.95, 1.2, 1.7
 
@@ -135,6 +136,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
     points = [r for r in recs if r["kind"] == "point"]
     over = [r for r in recs if r["kind"] == "overhead" and "error" not in r]
     longp = [r for r in recs if r["kind"] == "long_prompt"]
+    ab = aggregate([r for r in recs if r["kind"] == "threadpool_ab"])
     agg = aggregate(points)
     servers = [s for s in ORDER if any(k[0] == s for k in agg)]
     concs = sorted({c for _, c in agg})
@@ -189,7 +191,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
     w(f"| llama-server | {meta.get('llama_server') or '?'} (`.llama/cpp-build`, GGML_NATIVE, OpenMP) |")
     w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} |")
     lib_dir = str(meta.get("our_lib_dir", "?")).replace(str(ROOT) + "/", "")
-    w(f"| our libllama | `{lib_dir}`" + (" (the prebuilt v0.5.0 libraries, ggml's own thread pool, no OpenMP)"
+    w(f"| our libllama | `{lib_dir}`" + (" (the prebuilt v0.5.0 libraries, no OpenMP; a persistent ggml thread pool attached per context)"
                                         if lib_dir == ".llama/lib" else "") + " |")
     w("")
     w("Workload per point: each client streams requests one after another; a request is "
@@ -286,6 +288,9 @@ def render(recs, docs: Path, source: list[str]) -> str:
         w("</details>")
         w("")
 
+    if ab:
+        render_threadpool_ab(w, ab)
+
     if over:
         w("## The Python engine's own cost per decode step")
         w("")
@@ -334,6 +339,35 @@ def render(recs, docs: Path, source: list[str]) -> str:
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     w("")
     return "\n".join(L)
+
+
+def render_threadpool_ab(w, ab) -> None:
+    """The before and after of attaching a persistent ggml thread pool to every context."""
+    concs = sorted({c for _, c in ab})
+    w("## Before and after: a persistent ggml thread pool")
+    w("")
+    w("The prebuilt libllama is built without OpenMP. Unless a thread pool is attached to the "
+      "context, ggml then creates and joins its worker threads inside every `llama_decode` call, "
+      "and on a 2-core machine a single stream shows phases of ~50 ms stalls. llama.cpp's own "
+      "programs attach a pool (`common_init`); `llama_lib.Context` now does the same "
+      "(`llama_attach_threadpool`, `--poll`/`--prio` as in llama.cpp). Below, the server with it "
+      "(ours), as it was before (`bench/_ours_server.py --no-threadpool`) and llama-server, measured "
+      "alternately with the sweep's workload.")
+    w("")
+    w("| clients | server | tokens/s median | min–max | vs llama-server (paired) | first token p50 | "
+      "inter-token p50 | p95 | rounds | others (cores) |")
+    w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in concs:
+        for s in ("ours", "ours-nopool", "cpp"):
+            x = ab.get((s, c))
+            if not x:
+                continue
+            pr = paired_ratio(ab, s, "cpp", c) if s != "cpp" else None
+            w(f"| {c} | {SHORT[s]} | {x['tps']:.1f} | {min(x['tps_all']):.1f}–{max(x['tps_all']):.1f} | "
+              f"{f(pr, '.2f') + 'x' if pr else '–'} | {1000 * x['ftt_p50']:.0f} ms | "
+              f"{1000 * x['itl_p50']:.1f} ms | {1000 * x['itl_p95']:.1f} ms | {x['rounds']} | "
+              f"{x['others']:.2f} |")
+    w("")
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ llama-server is built into .llama/cpp-build on first use (bench/parallel_vs_cpp.
 15 min on 2 cores); llama-cpp-python is skipped, with a note in the report, when its virtualenv
 is missing.
 
-Parts (--all = --sweep --overhead --long-prompt --report; pick any):
+Parts (--all = --sweep --threadpool-ab --overhead --long-prompt --report; pick any):
 
 --sweep        1, 2, 4, 8, 16 concurrent streaming clients (-np = the concurrency up to 8, so 16
                clients share 8 slots), each request 64 generated tokens with EOS suppressed,
@@ -28,6 +28,10 @@ Parts (--all = --sweep --overhead --long-prompt --report; pick any):
                generated tokens/s (all tokens / wall time of the point), first-token p50/p95,
                inter-token p50, peak resident memory (VmRSS of the server process, sampled every
                0.1 s), errors, and how many cores other processes kept busy meanwhile.
+--threadpool-ab  ours, ours without the persistent ggml thread pool that llama_lib attaches to
+               every context (bench/_ours_server.py --no-threadpool: the server as it was before),
+               and llama-server, alternating, at --ab-concurrency (1, 4) for --ab-rounds (5)
+               rounds: the before and after of that change.
 --overhead     llama_lib.Engine in a child process at n_parallel 1, 4, 8, 16 (2 x N requests of 64
                tokens): per decode step, the time outside llama_decode and sampling beside the
                step time (engine.stats).
@@ -85,7 +89,8 @@ RESULTS = BENCH / "results"
 PROBE = BENCH / "_engine_probe.py"
 
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
-                 "lcp": "llama-cpp-python"}
+                 "lcp": "llama-cpp-python",
+                 "ours-nopool": "ours without the thread pool"}
 
 
 def say(msg: str = "") -> None:
@@ -260,7 +265,7 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
     t = str(a.threads)
     env = dict(os.environ)
     config = {"np": np_, "ctx_per_slot": ctx_per_slot, "threads": a.threads}
-    if kind == "ours":
+    if kind in ("ours", "ours-nopool"):
         flags = ["-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t, "-tb", t,
                  "--port", str(port)]
         if batch:
@@ -269,6 +274,9 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
             flags += ["--prefill-chunk", str(prefill_chunk)]
             config["prefill_chunk"] = prefill_chunk
         cmd = [sys.executable, "-m", "server", *flags]
+        if kind == "ours-nopool":  # the A/B of the persistent ggml thread pool
+            cmd = [sys.executable, str(BENCH / "_ours_server.py"), "--no-threadpool", "--", *flags]
+            config["threadpool"] = False
         if a.our_lib_dir:
             env["LLAMA_LIB_DIR"] = str(a.our_lib_dir)
     elif kind == "cpp":
@@ -412,16 +420,23 @@ def settle(a) -> float | None:
     return wait_idle(a.wait_idle, a.idle_threshold, say)
 
 
-def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path) -> None:
+def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path,
+          concurrency: list[int] | None = None, rounds: int | None = None,
+          record: str = "point") -> None:
+    """Every server at every concurrency for `rounds` rounds, the order rotating per round;
+    one `record` line per measurement."""
+    concurrency = concurrency or a.concurrency
+    rounds = rounds or a.rounds
     groups: dict[int, list[int]] = {}
-    for c in a.concurrency:
+    for c in concurrency:
         groups.setdefault(min(c, a.max_np), []).append(c)
-    say(f"== sweep: concurrency {a.concurrency}, {a.rounds} round(s), servers {', '.join(servers)}")
+    say(f"== {'sweep' if record == 'point' else record}: concurrency {concurrency}, {rounds} round(s), "
+        f"servers {', '.join(servers)}")
     for gi, (np_, cs) in enumerate(groups.items()):
         running: list[Server] = []
         try:
             for kind in servers:
-                s = make_server(kind, a, np_, a.ctx_per_slot, log_dir, f"sweep-{kind}-np{np_}")
+                s = make_server(kind, a, np_, a.ctx_per_slot, log_dir, f"{record}-{kind}-np{np_}")
                 s.start()
                 warm_up(s, a, eog)
                 running.append(s)
@@ -429,7 +444,7 @@ def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path) -> Non
                     f"{s.rss_idle_kb / 1024:.0f} MiB (port {s.port})")
             for c in cs:
                 n_req = max(a.min_requests, a.requests_per_client * c)
-                for rnd in range(a.rounds):
+                for rnd in range(rounds):
                     k = (rnd + gi) % len(running)
                     for s in running[k:] + running[:k]:
                         if s.kind == "lcp" and rnd >= a.lcp_rounds:
@@ -447,7 +462,7 @@ def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path) -> Non
                         # the least disturbed attempt counts
                         m = min(attempts, key=lambda x: x["others_cores"])
                         tries = len(attempts) - 1
-                        rec = {"kind": "point", "server": s.kind, "label": s.label, "concurrency": c,
+                        rec = {"kind": record, "server": s.kind, "label": s.label, "concurrency": c,
                                "np": np_, "round": rnd + 1, "n_predict": a.n_predict, **s.config, **m,
                                "discarded_attempts": tries}
                         out.write(rec)
@@ -642,8 +657,13 @@ def cpp_version() -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--all", action="store_true", help="--sweep --overhead --long-prompt --report")
+    ap.add_argument("--all", action="store_true",
+                    help="--sweep --threadpool-ab --overhead --long-prompt --report")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--threadpool-ab", action="store_true",
+                    help="ours with and without the persistent ggml thread pool, beside llama-server")
+    ap.add_argument("--ab-concurrency", type=ints, default=[1, 4])
+    ap.add_argument("--ab-rounds", type=int, default=5)
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--long-prompt", action="store_true")
     ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and plots from --out")
@@ -689,9 +709,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.all:
-        a.sweep = a.overhead = a.long_prompt = a.report = True
-    if not (a.sweep or a.overhead or a.long_prompt or a.report):
-        ap.error("nothing to do: give --all or some of --sweep --overhead --long-prompt --report")
+        a.sweep = a.threadpool_ab = a.overhead = a.long_prompt = a.report = True
+    if not (a.sweep or a.threadpool_ab or a.overhead or a.long_prompt or a.report):
+        ap.error("nothing to do: give --all or some of --sweep --threadpool-ab --overhead "
+                 "--long-prompt --report")
     if a.lcp_rounds is None:
         a.lcp_rounds = a.rounds
     if a.model is None:
@@ -699,14 +720,14 @@ def main(argv=None) -> int:
     a.model = a.model.resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     if a.out is None:
-        if not (a.sweep or a.overhead or a.long_prompt):
+        if not (a.sweep or a.threadpool_ab or a.overhead or a.long_prompt):
             files = sorted(RESULTS.glob("scaling-*.jsonl"))
             if not files:
                 ap.error("--report alone needs --out FILE (no bench/results/scaling-*.jsonl found)")
             a.out = files[-1]
         else:
             a.out = RESULTS / f"scaling-{stamp}.jsonl"
-    measuring = a.sweep or a.overhead or a.long_prompt
+    measuring = a.sweep or a.threadpool_ab or a.overhead or a.long_prompt
     t_start = time.perf_counter()
 
     if measuring:
@@ -717,7 +738,7 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"--servers: unknown {bad}")
         notes = []
-        if "cpp" in servers or a.long_prompt:
+        if "cpp" in servers or a.long_prompt or a.threadpool_ab:
             if not CPP_SERVER.exists():
                 from parallel_vs_cpp import ensure_built
                 ensure_built(os.cpu_count() or 2, say)
@@ -741,6 +762,8 @@ def main(argv=None) -> int:
                              "lcp_rounds": a.lcp_rounds, "requests_per_client": a.requests_per_client,
                              "min_requests": a.min_requests, "n_predict": a.n_predict, "threads": a.threads,
                              "ctx_per_slot": a.ctx_per_slot, "overhead_np": a.overhead_np,
+                             "ab_concurrency": a.ab_concurrency if a.threadpool_ab else None,
+                             "ab_rounds": a.ab_rounds if a.threadpool_ab else None,
                              "long_tokens": vocab.get("long_prompt_tokens"), "long_streams": a.long_streams,
                              "long_ctx": a.long_ctx, "long_settle": a.long_settle,
                              "long_after": a.long_after,
@@ -753,6 +776,9 @@ def main(argv=None) -> int:
         say(f"results: {rel(a.out)}; server logs: {rel(log_dir)}")
         if a.sweep:
             sweep(a, out, servers, vocab["eog_ids"], log_dir)
+        if a.threadpool_ab:
+            sweep(a, out, ["ours", "ours-nopool", "cpp"], vocab["eog_ids"], log_dir,
+                  concurrency=a.ab_concurrency, rounds=a.ab_rounds, record="threadpool_ab")
         if a.overhead:
             overhead(a, out)
         if a.long_prompt:
