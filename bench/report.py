@@ -151,7 +151,10 @@ def render(recs, docs: Path, source: list[str]) -> str:
       "source, and llama-cpp-python's OpenAI-compatible server. Same model, same thread count, same "
       "context per slot, one run, servers measured alternately.")
     w("")
-    w("Regenerate everything (measurements, this page and the plots; about 11 minutes on an idle 2-core machine):")
+    runtime = end.get("runtime_s")
+    w("Regenerate everything (measurements, this page and the plots; "
+      + (f"this run took {runtime / 60:.0f} minutes" if runtime else "under 20 minutes")
+      + " on an idle 2-core machine):")
     w("")
     w("```sh")
     w("bash bench/setup_llama_cpp_python.sh   # once: llama-cpp-python into .llama/venv-lcp (10-20 min build)")
@@ -160,7 +163,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
     w("```")
     w("")
     w("`python bench/report.py bench/results/scaling-<time>.jsonl` rewrites this page from a results "
-      "file without measuring again. Absolute speeds drift on a shared machine; the ratios between "
+      "file without measuring again (the results behind this page are committed beside it). Absolute speeds drift on a shared machine; the ratios between "
       "servers measured side by side are what to compare. Run it on an otherwise idle machine: "
       "with `-t` equal to the number of cores, ggml's threads busy-wait for each other, and any "
       "other busy process slows every one of these servers down by large and erratic factors. The "
@@ -347,12 +350,16 @@ def render_threadpool_ab(w, ab) -> None:
     w("## Before and after: a persistent ggml thread pool")
     w("")
     w("The prebuilt libllama is built without OpenMP. Unless a thread pool is attached to the "
-      "context, ggml then creates and joins its worker threads inside every `llama_decode` call, "
-      "and on a 2-core machine a single stream shows phases of ~50 ms stalls. llama.cpp's own "
-      "programs attach a pool (`common_init`); `llama_lib.Context` now does the same "
-      "(`llama_attach_threadpool`, `--poll`/`--prio` as in llama.cpp). Below, the server with it "
-      "(ours), as it was before (`bench/_ours_server.py --no-threadpool`) and llama-server, measured "
-      "alternately with the sweep's workload.")
+      "context, ggml then creates and joins its worker threads inside every `llama_decode` call. "
+      "On an AMD EPYC machine of this kind that cost the single-stream server its throughput: "
+      "phases of ~50 ms stalls in about half of the rounds, 0.72x llama-server at 1 client "
+      "(run of 2026-11-24; a 14-round A/B there gave a median of 87.3 t/s without a pool and "
+      "91.7 t/s with one, stalled rounds 6 → 0). llama.cpp's own programs attach a pool "
+      "(`common_init`); `llama_lib.Context` now does the same (`llama_attach_threadpool`, "
+      "`--poll`/`--prio` as in llama.cpp). Below, from this run, the server with it (ours), as it "
+      "was before (`bench/_ours_server.py --no-threadpool`) and llama-server, measured alternately "
+      "with the sweep's workload. Where creating threads is cheap the two are level; the pool "
+      "never costs throughput.")
     w("")
     w("| clients | server | tokens/s median | min–max | vs llama-server (paired) | first token p50 | "
       "inter-token p50 | p95 | rounds | others (cores) |")

@@ -3,7 +3,7 @@
 llama-cpp-python's server, on the same model, threads and context per slot.
 
     python bench/scaling.py --all     # everything below, then docs/benchmarks.md + docs/*.png
-                                      # (about 11 min on an idle 2-core machine; more when
+                                      # (about 17 min on an idle 2-core machine; more when
                                       # it has to wait for other processes)
 
 One-time set-up (cached under the gitignored .llama/):
@@ -30,7 +30,7 @@ Parts (--all = --sweep --threadpool-ab --overhead --long-prompt --report; pick a
                0.1 s), errors, and how many cores other processes kept busy meanwhile.
 --threadpool-ab  ours, ours without the persistent ggml thread pool that llama_lib attaches to
                every context (bench/_ours_server.py --no-threadpool: the server as it was before),
-               and llama-server, alternating, at --ab-concurrency (1, 4) for --ab-rounds (5)
+               and llama-server, alternating, at --ab-concurrency (1, 4) for --ab-rounds (4)
                rounds: the before and after of that change.
 --overhead     llama_lib.Engine in a child process at n_parallel 1, 4, 8, 16 (2 x N requests of 64
                tokens): per decode step, the time outside llama_decode and sampling beside the
@@ -663,7 +663,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threadpool-ab", action="store_true",
                     help="ours with and without the persistent ggml thread pool, beside llama-server")
     ap.add_argument("--ab-concurrency", type=ints, default=[1, 4])
-    ap.add_argument("--ab-rounds", type=int, default=5)
+    ap.add_argument("--ab-rounds", type=int, default=4)
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--long-prompt", action="store_true")
     ap.add_argument("--report", action="store_true", help="write docs/benchmarks.md and plots from --out")
@@ -672,8 +672,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--max-np", type=int, default=8, help="-np is min(concurrency, this) (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements per server and point (default 3)")
-    ap.add_argument("--lcp-rounds", type=int, default=None,
-                    help="rounds for llama-cpp-python (default: --rounds); it is the slowest")
+    ap.add_argument("--lcp-rounds", type=int, default=2,
+                    help="rounds for llama-cpp-python (default: 2); one request at a time makes it "
+                         "the slowest by far, and keeps --all under 20 minutes")
     ap.add_argument("--requests-per-client", type=int, default=2,
                     help="requests per point = max(--min-requests, this x concurrency) (default 2)")
     ap.add_argument("--min-requests", type=int, default=8)
@@ -713,8 +714,7 @@ def main(argv=None) -> int:
     if not (a.sweep or a.threadpool_ab or a.overhead or a.long_prompt or a.report):
         ap.error("nothing to do: give --all or some of --sweep --threadpool-ab --overhead "
                  "--long-prompt --report")
-    if a.lcp_rounds is None:
-        a.lcp_rounds = a.rounds
+    a.lcp_rounds = min(a.lcp_rounds, a.rounds)
     if a.model is None:
         a.model = Path(os.environ["LLAMA_MODEL"]) if os.environ.get("LLAMA_MODEL") else DEFAULT_MODEL
     a.model = a.model.resolve()
