@@ -393,6 +393,7 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
         llama_sampler_p,
         [c_int32, c_int32, POINTER(llama_logit_bias)],
     ),
+    "llama_sampler_init_grammar": (llama_sampler_p, [llama_vocab_p, c_char_p, c_char_p]),
     "llama_sampler_get_seed": (c_uint32, [llama_sampler_p]),
     "llama_sampler_sample": (llama_token, [llama_sampler_p, llama_context_p, c_int32]),
     # performance counters

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from . import _bindings as B
 from ._resource import OwnedPointer
 from .loader import lib
+
+log = logging.getLogger(__name__)
+
+# With a grammar, the masked re-pick first looks at this many top tokens (see Sampler._pick_top).
+_TOP_N = 1024
 
 
 @dataclass
@@ -27,9 +37,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF text, start symbol "root"; None or "" = unconstrained
 
-    def validate(self, n_vocab: int | None = None) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+    def validate(self, n_vocab: int | None = None, vocab=None) -> None:
+        """Raise ValueError naming the first field that is out of range. With `vocab` (a Vocab
+        or a llama_vocab pointer) the grammar is parsed too, so a bad one is refused up front."""
         if not (self.temperature == self.temperature) or self.temperature > 100:  # NaN or silly
             raise ValueError("temperature must be a number between 0 and 100")
         if self.top_k < 0:
@@ -48,20 +60,73 @@ class SamplingParams:
             for tok in self.logit_bias:
                 if not 0 <= tok < n_vocab:
                     raise ValueError(f"logit_bias token {tok} is outside the vocabulary")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError("grammar must be a string")
+        if self.grammar and vocab is not None:
+            lib().llama_sampler_free(init_grammar(vocab, self.grammar))
+
+
+def init_grammar(vocab, text: str) -> int:
+    """A llama.cpp grammar sampler for GBNF `text` (root "root"); the caller owns it.
+
+    llama_sampler_init_grammar returns NULL when it cannot parse the text (undefined symbol,
+    no "root", left recursion, syntax); that becomes a ValueError, never a crash."""
+    ptr = getattr(vocab, "ptr", vocab)
+    smpl = lib().llama_sampler_init_grammar(ptr, text.encode("utf-8"), b"root")
+    if not smpl:
+        raise ValueError("Failed to initialize samplers: failed to parse grammar")
+    return smpl
 
 
 class Sampler(OwnedPointer):
-    """A sampler chain; `sample(ctx, i)` picks a token from output row i of the last decode."""
+    """A sampler chain; `sample(ctx, i)` picks a token from output row i of the last decode.
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
+    With a grammar (params.grammar, needs `vocab`), sampling follows llama.cpp's common
+    sampler (common/sampling.cpp, grammar_first = false, as llama-server): the chain picks a
+    token from the raw logits; if the grammar allows it, done (one cheap check); otherwise
+    the grammar masks the vocabulary and the chain picks again. Masking all 262k tokens costs
+    ~35 ms on this machine (as much as a decode step), so it is done only when the model
+    strays, and then first over the top 1024 tokens when that gives the same pick
+    (`_pick_top`).
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
         L = lib()
         self.params = params
         self._free = L.llama_sampler_free
         self._sample = L.llama_sampler_sample
+        self.grammar = None
+        if params.grammar:
+            if vocab is None:
+                raise ValueError("a grammar needs the vocabulary")
+            self.grammar = init_grammar(vocab, params.grammar)
+            self._eog = [t for t in (getattr(vocab, "eos", -1), getattr(vocab, "eot", -1)) if t >= 0]
+            self._n_vocab = n_vocab
+            self._cur = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._cur_p = B.llama_token_data_array()
+            self._one = B.llama_token_data()
+            self._one_p = B.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+            # The shortcut below is exact only if the chain keeps the order of the raw logits
+            # up to its cut-off: no bias or penalty, and greedy or a top_k within the subset.
+            p = params
+            self._top_need = 0
+            if (not p.logit_bias and p.repeat_penalty == 1.0 and not p.frequency_penalty
+                    and not p.presence_penalty and n_vocab > 4 * _TOP_N):
+                if p.temperature <= 0:
+                    self._top_need = 1
+                elif 0 < p.top_k <= _TOP_N:
+                    self._top_need = p.top_k
+            if self._top_need:
+                self._sub = np.zeros(_TOP_N, dtype=self._cur.dtype)
+                self._sub_p = B.llama_token_data_array()
         chain_params = L.llama_sampler_chain_default_params()
         chain_params.no_perf = False
         self.ptr = L.llama_sampler_chain_init(chain_params)
         if not self.ptr:
+            if self.grammar:
+                L.llama_sampler_free(self.grammar)
+                self.grammar = None
             raise MemoryError("llama_sampler_chain_init failed")
 
         def add(smpl: int | None) -> None:
@@ -95,14 +160,93 @@ class Sampler(OwnedPointer):
             add(L.llama_sampler_init_dist(seed))
 
     def sample(self, ctx, i: int) -> int:
-        """Sample from output row i of ctx's last decode and accept the token into the chain."""
-        return self._sample(self.ptr, ctx.ptr, i)
+        """Sample from output row i of ctx's last decode and accept the token into the chain
+        (and the grammar)."""
+        if self.grammar is None:
+            return self._sample(self.ptr, ctx.ptr, i)
+        L = lib()
+        tok = self._pick(ctx, i, with_grammar=False)
+        if not self._allowed(tok):
+            tok = self._pick_top(ctx, i) if self._top_need else -1
+            if tok < 0:
+                tok = self._pick(ctx, i, with_grammar=True)
+            if not self._allowed(tok):
+                # Nothing the grammar allows survived the chain (e.g. the grammar is complete
+                # and end-of-generation is banned): end the text rather than break the grammar.
+                log.debug("grammar: no allowed token; ending with end-of-generation")
+                return self._eog[0] if self._eog else tok
+        L.llama_sampler_accept(self.grammar, tok)
+        L.llama_sampler_accept(self.ptr, tok)
+        return tok
+
+    def _pick(self, ctx, i: int, with_grammar: bool) -> int:
+        """Run the chain (after the grammar's mask, if asked) over row i's logits; no accept."""
+        L = lib()
+        logits = L.llama_get_logits_ith(ctx.ptr, i)
+        if not logits:
+            raise RuntimeError(f"no logits for output row {i}")
+        cur = self._cur
+        cur["id"] = self._ids  # samplers sort in place: restore the identity order
+        cur["logit"] = np.ctypeslib.as_array(logits, (self._n_vocab,))
+        cur["p"] = 0.0
+        cp = self._cur_p
+        cp.data = cur.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
+        cp.size, cp.selected, cp.sorted = self._n_vocab, -1, False
+        ref = ctypes.byref(cp)
+        if with_grammar:
+            L.llama_sampler_apply(self.grammar, ref)
+        L.llama_sampler_apply(self.ptr, ref)
+        if cp.selected < 0 or cp.selected >= cp.size:
+            raise RuntimeError("the sampler chain selected no token")
+        return int(cp.data[cp.selected].id)
+
+    def _pick_top(self, ctx, i: int) -> int:
+        """The masked pick over the _TOP_N highest logits only (-1 if too few pass the grammar).
+
+        Masking all 262k tokens costs tens of ms. When at least `_top_need` of the top _TOP_N
+        tokens pass the grammar, greedy / top_k over them is the same pick as over the masked
+        whole vocabulary (every token left out has a lower logit)."""
+        L = lib()
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx.ptr, i), (self._n_vocab,))
+        top = np.argpartition(logits, -_TOP_N)[-_TOP_N:]
+        sub = self._sub
+        sub["id"] = top
+        sub["logit"] = logits[top]
+        sub["p"] = 0.0
+        cp = self._sub_p
+        cp.data = sub.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
+        cp.size, cp.selected, cp.sorted = _TOP_N, -1, False
+        ref = ctypes.byref(cp)
+        L.llama_sampler_apply(self.grammar, ref)
+        if np.count_nonzero(sub["logit"] != -np.inf) < self._top_need:
+            return -1
+        L.llama_sampler_apply(self.ptr, ref)
+        if cp.selected < 0 or cp.selected >= cp.size:
+            return -1
+        return int(cp.data[cp.selected].id)
+
+    def _allowed(self, tok: int) -> bool:
+        one = self._one
+        one.id, one.logit, one.p = tok, 1.0, 0.0
+        self._one_p.selected, self._one_p.size = -1, 1
+        lib().llama_sampler_apply(self.grammar, ctypes.byref(self._one_p))
+        return one.logit != -math.inf
 
     def accept(self, token: int) -> None:
         lib().llama_sampler_accept(self.ptr, token)
+        if self.grammar is not None:
+            lib().llama_sampler_accept(self.grammar, token)
 
     def reset(self) -> None:
         lib().llama_sampler_reset(self.ptr)
+        if self.grammar is not None:
+            lib().llama_sampler_reset(self.grammar)
+
+    def close(self) -> None:
+        grammar, self.grammar = getattr(self, "grammar", None), None
+        if grammar and self._free is not None:
+            self._free(grammar)
+        super().close()
 
     @property
     def seed(self) -> int:

@@ -1,0 +1,305 @@
+"""Structured output: JSON Schema -> GBNF (llama_lib.json_schema), the grammar sampler
+(llama_lib.sampler) and the server's `grammar` / `json_schema` / `response_format` fields.
+
+The grammars are checked by libllama itself: llama_sampler_init_grammar must parse them, and a
+grammar sampler fed the tokens of a JSON text must accept exactly the texts the schema allows.
+Generation runs on the real model with short n_predict.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+
+import pytest
+
+from conftest import N_THREADS
+from llama_lib import Engine, EngineConfig, RequestParams, SamplingParams
+from llama_lib import _bindings as B
+from llama_lib.json_schema import ANY_JSON_GRAMMAR, schema_to_grammar
+from llama_lib.loader import lib
+from llama_lib.sampler import Sampler, init_grammar
+
+try:  # only to double-check the test cases themselves; the tests do not need it
+    import jsonschema
+except ImportError:  # pragma: no cover
+    jsonschema = None
+
+
+def grammar_accepts(vocab, gbnf: str, text: str) -> bool:
+    """Does the grammar accept exactly `text`? Feed its tokens one by one to a grammar sampler,
+    as generation would, then ask whether end-of-generation is allowed."""
+    L = lib()
+    smpl = init_grammar(vocab, gbnf)
+    try:
+        one = B.llama_token_data()
+        arr = B.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
+
+        def allowed(tok: int) -> bool:
+            one.id, one.logit, one.p = tok, 1.0, 0.0
+            L.llama_sampler_apply(smpl, ctypes.byref(arr))
+            return one.logit != -math.inf
+
+        for tok in vocab.tokenize(text, add_special=False):
+            if not allowed(int(tok)):
+                return False
+            L.llama_sampler_accept(smpl, int(tok))
+        return allowed(vocab.eos)
+    finally:
+        L.llama_sampler_free(smpl)
+
+
+# (schema, texts it allows, texts it does not)
+CASES = [
+    ({"type": "string"}, ['"hi"', '"a \\"q\\" \\u00e9"', '""'], ["hi", '"a', "1"]),
+    ({"type": "integer"}, ["0", "-12", "42"], ["01", "1.5", '"1"', "-"]),
+    ({"type": "number"}, ["0", "-1.25", "3e10", "2.5E-3"], ["1.", ".5", "+1", "NaN"]),
+    ({"type": "boolean"}, ["true", "false"], ["True", "1"]),
+    ({"type": "null"}, ["null"], ["None", "nul"]),
+    ({"type": ["string", "null"]}, ['"x"', "null"], ["1"]),
+    ({"enum": ["red", 2, None, {"a": [1]}]}, ['"red"', "2", "null", '{"a":[1]}'], ['"blue"', "3"]),
+    ({"const": "foooooo"}, ['"foooooo"'], ['"foo"', "foooooo"]),
+    ({}, ["{}", '{"a": 1, "b": [true, null]}'], ["[]", "1"]),
+    ({"items": [{"type": "integer"}]}, ["[ -3000 ]", "[1]"], ["[]", "[1, 2]", '["a"]']),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3},
+     ["[1, 2]", "[1,2,3]"], ["[1]", "[1, 2, 3, 4]", "[]"]),
+    ({"type": "array", "maxItems": 0}, ["[]"], ["[1]"]),
+    ({"type": "array", "prefixItems": [{"type": "string"}, {"type": "boolean"}]},
+     ['["a", true]'], ['[true, "a"]', '["a"]']),
+    ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+      "required": ["age"]},
+     ['{"age": 3}', '{"name": "x", "age": 3}'], ['{"name": "x"}', "{}", '{"age": 3, "x": 1}']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+                                       "c": {"type": "integer"}}},
+     ["{}", '{"b": 1}', '{"a": 1, "c": 2}', '{"a":1,"b":2,"c":3}'], ['{"c": 1, "a": 2}', '{"a": 1,}']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "string"}},
+     ['{"a": 1, "z": "s"}', '{"z": "s"}', "{}"], ['{"z": 1}']),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+     ['{"a": 1}', "{}"], ['{"b": 1}']),
+    ({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}, ["5", '"ab"'], ['"abc"', "true"]),
+    ({"oneOf": [{"$ref": "#/$defs/pos"}, {"type": "null"}],
+      "$defs": {"pos": {"type": "integer", "minimum": 1}}}, ["1", "99", "null"], ["0", "-1"]),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
+     ['{"a": "x", "b": 1}'], ['{"a": "x"}', '{"b": 1}']),
+    ({"$ref": "#/definitions/node",
+      "definitions": {"node": {"type": "object", "required": ["v", "next"],
+                               "properties": {"v": {"type": "integer"},
+                                              "next": {"anyOf": [{"type": "null"}, {"$ref": "#/definitions/node"}]}}}}},
+     ['{"v": 1, "next": {"v": 2, "next": null}}'], ['{"v": 1, "next": {"v": 2}}']),
+    ({"type": "string", "minLength": 2, "maxLength": 3}, ['"ab"', '"abc"', '"\\n\\t"'], ['"a"', '"abcd"']),
+    ({"type": "string", "pattern": "^[A-Z][a-z]+ \\d{2}$"}, ['"Paris 75"'], ['"paris 75"', '"Paris 7"']),
+    ({"type": "string", "pattern": "^(ab|c\"d)+\\.?$"}, ['"ab"', '"abc\\"d."'], ['"a"', '"."']),
+    ({"type": "string", "pattern": "x[0-9]"}, ['"x1"', '"aax9bb"'], ['"x"', '"y1"']),
+    ({"type": "string", "format": "date"}, ['"2024-02-29"'], ['"2024-13-01"', '"24-1-1"']),
+    ({"type": "string", "format": "date-time"}, ['"2024-02-29T12:30:00Z"', '"2024-02-29T23:59:59.5+02:00"'],
+     ['"2024-02-29 12:30:00"']),
+    ({"type": "string", "format": "uuid"}, ['"123e4567-e89b-12d3-a456-426614174000"'], ['"123e4567"']),
+    ({"type": "integer", "minimum": 0, "maximum": 150}, ["0", "7", "99", "150"], ["151", "-1", "1000"]),
+    ({"type": "integer", "minimum": -5, "maximum": 3}, ["-5", "0", "3"], ["-6", "4"]),
+    ({"type": "integer", "exclusiveMinimum": 15}, ["16", "20", "100", "123456"], ["15", "9", "-20"]),
+    ({"type": "integer", "maximum": -3}, ["-3", "-10", "-1000"], ["-2", "0", "5"]),
+]
+
+
+@pytest.mark.parametrize("schema,good,bad", CASES, ids=[json.dumps(c[0])[:60] for c in CASES])
+def test_schema_grammar_accepts_exactly_the_valid_texts(vocab, schema, good, bad):
+    gbnf = schema_to_grammar(schema)
+    for text in good:
+        json.loads(text)
+        if jsonschema is not None:  # the case itself is right ("items": [...] is draft 7)
+            cls = jsonschema.Draft7Validator if isinstance(schema.get("items"), list) else jsonschema.Draft202012Validator
+            cls(schema).validate(json.loads(text))
+        assert grammar_accepts(vocab, gbnf, text), f"{text!r} refused by\n{gbnf}"
+    for text in bad:
+        assert not grammar_accepts(vocab, gbnf, text), f"{text!r} accepted by\n{gbnf}"
+
+
+@pytest.mark.parametrize("schema,keyword", [
+    (123, "object"),
+    ({"type": 123}, "type"),
+    ({"type": "hiccup"}, "hiccup"),
+    ({"not": {"type": "string"}}, "not"),
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"type": "number", "minimum": 0}, "minimum"),
+    ({"type": "integer", "multipleOf": 2}, "multipleOf"),
+    ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
+    ({"if": {"type": "string"}, "then": {"minLength": 1}}, "if"),
+    ({"$ref": "https://example.com/s.json"}, "$ref"),
+    ({"$ref": "#/$defs/missing"}, "$ref"),
+    ({"type": "string", "pattern": "^(?=a)b$"}, "pattern"),
+    ({"type": "string", "pattern": "^a\\1$"}, "pattern"),
+    ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum"),
+    ({"enum": []}, "enum"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "allOf"),
+])
+def test_unsupported_or_invalid_schema_raises_naming_it(schema, keyword):
+    with pytest.raises(ValueError, match=re.escape(keyword)):
+        schema_to_grammar(schema)
+
+
+def test_any_json_grammar(vocab):
+    for text in ['{"a": [1, 2.5, "x", null, true]}', "[]", '"s"', "-3"]:
+        assert grammar_accepts(vocab, ANY_JSON_GRAMMAR, text)
+    assert not grammar_accepts(vocab, ANY_JSON_GRAMMAR, "{'a': 1}")
+
+
+@pytest.mark.parametrize("gbnf", ["root ::= this is (not valid GBNF", "root ::= undefined-rule",
+                                  'other ::= "x"', 'root ::= root "a" | "b"'])
+def test_invalid_grammar_is_a_value_error_not_a_crash(vocab, gbnf):
+    with pytest.raises(ValueError, match="parse grammar"):
+        Sampler(SamplingParams(grammar=gbnf), vocab.n_tokens, vocab)
+    with pytest.raises(ValueError, match="parse grammar"):
+        SamplingParams(grammar=gbnf).validate(vocab.n_tokens, vocab)
+
+
+# -- generation on the real model -------------------------------------------------------------
+
+PROMPT = "User: Describe a person as JSON.\nAssistant:"
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "active"],
+    "additionalProperties": False,
+}
+
+
+def check_person(text: str) -> None:
+    """PERSON's constraints, checked by hand."""
+    v = json.loads(text)
+    assert isinstance(v, dict) and set(v) == {"name", "age", "role", "active"}, v
+    assert isinstance(v["name"], str) and len(v["name"]) <= 12
+    assert isinstance(v["age"], int) and not isinstance(v["age"], bool) and 18 <= v["age"] <= 99
+    assert v["role"] in ("admin", "user", "guest") and isinstance(v["active"], bool)
+    if jsonschema is not None:
+        jsonschema.validate(v, PERSON)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = Engine(model, EngineConfig(n_parallel=2, n_ctx=2048, n_threads=N_THREADS, n_threads_batch=N_THREADS)).start()
+    yield e
+    e.close()
+
+
+def run(engine, prompt: str, n: int, **sampling) -> str:
+    h = engine.submit(prompt, RequestParams(n_predict=n, sampling=SamplingParams(**sampling)))
+    return h.result(timeout=300)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=7),
+                                      dict(temperature=1.5, seed=11, top_k=0, top_p=1.0, min_p=0.0)])
+def test_schema_constrained_generation_validates(engine, sampling):
+    text = run(engine, PROMPT, 64, grammar=schema_to_grammar(PERSON), **sampling)
+    check_person(text)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=5)])
+def test_top_n_shortcut_picks_as_the_full_mask(engine, vocab, sampling):
+    """The masked re-pick over the top tokens only must give what masking all 262k gives."""
+    g = schema_to_grammar(PERSON)
+    unbiased = {0: 0.0}  # a logit_bias (even a no-op one) turns the shortcut off
+    with Sampler(SamplingParams(grammar=g, **sampling), vocab.n_tokens, vocab) as fast, \
+            Sampler(SamplingParams(grammar=g, logit_bias=unbiased, **sampling), vocab.n_tokens, vocab) as full:
+        assert fast._top_need > 0 and full._top_need == 0
+    assert run(engine, PROMPT, 48, grammar=g, **sampling) == \
+        run(engine, PROMPT, 48, grammar=g, logit_bias=unbiased, **sampling)
+
+
+def test_yes_no_grammar_yields_exactly_one(engine):
+    for seed in (1, 2, 3):
+        text = run(engine, "Is the sky blue? Answer:", 8, grammar='root ::= ("yes" | "no")',
+                   temperature=1.0, seed=seed)
+        assert text in ("yes", "no")
+
+
+def test_grammar_and_free_requests_side_by_side(engine):
+    """A constrained and an unconstrained request in the same batch: only one is constrained."""
+    p_free = RequestParams(n_predict=12, sampling=SamplingParams(temperature=0))
+    p_num = RequestParams(n_predict=12, sampling=SamplingParams(temperature=0, grammar='root ::= [0-9]{3}'))
+    a = engine.submit("The capital of France is", p_free)
+    b = engine.submit("The capital of France is", p_num)
+    assert len(b.result(timeout=300)) == 3 and b.result().isdigit()
+    assert not a.result(timeout=300).isdigit()
+
+
+def test_invalid_grammar_refused_at_submit(engine):
+    with pytest.raises(ValueError, match="parse grammar"):
+        engine.submit("Hello", RequestParams(n_predict=4, sampling=SamplingParams(grammar="root ::= (")))
+    # the engine still works afterwards
+    assert run(engine, "Hello", 2, grammar='root ::= "ok"', temperature=0) == "ok"
+
+
+# -- the server -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    from server_util import ServerProcess
+    log = tmp_path_factory.mktemp("structured") / "server.log"
+    threads = os.environ.get("TEST_THREADS", "2")
+    s = ServerProcess(["-np", "1", "-c", "1024", "-t", threads, "-tb", threads], log)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_server_json_schema_completion(srv):
+    r = srv.post("/completion", {"prompt": PROMPT, "n_predict": 64, "temperature": 0, "json_schema": PERSON})
+    assert r.status_code == 200, r.text
+    check_person(r.json()["content"])
+
+
+def test_server_grammar_completion(srv):
+    r = srv.post("/v1/completions", {"prompt": "Is the sky blue? Answer:", "max_tokens": 8,
+                                      "grammar": 'root ::= ("yes" | "no")'})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("response_format,check", [
+    # any object: 64 tokens may cut it short, so only its start is checked
+    ({"type": "json_object"}, lambda t: t.startswith("{")),
+    ({"type": "json_object", "schema": {"const": "42"}}, lambda t: json.loads(t) == "42"),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+     lambda t: check_person(t) is None),
+])
+def test_server_chat_response_format(srv, response_format, check):
+    r = srv.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+        "max_tokens": 64, "temperature": 0, "response_format": response_format})
+    assert r.status_code == 200, r.text
+    assert check(r.json()["choices"][0]["message"]["content"])
+
+
+@pytest.mark.parametrize("path,extra,needle", [
+    ("/completion", {"grammar": "root ::= this is (not valid GBNF"}, "grammar"),
+    ("/v1/chat/completions", {"grammar": "root ::= this is (not valid GBNF"}, "grammar"),
+    ("/v1/chat/completions", {"response_format": {"type": "sound"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object", "schema": 123}}, "schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object", "schema": {"type": "hiccup"}}}, "hiccup"),
+    ("/completion", {"json_schema": {"type": "string", "pattern": "^(?<=a)$"}}, "pattern"),
+    ("/completion", {"json_schema": {"const": 1}, "grammar": 'root ::= "x"'}, "both"),
+    ("/completion", {"grammar": 5}, "grammar"),
+])
+def test_server_invalid_structured_input_is_400(srv, path, extra, needle):
+    body = {"n_predict": 4, **extra}
+    if path == "/completion":
+        body["prompt"] = "Hi"
+    else:
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    r = srv.post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and needle in err["message"]
+    # and the server still serves
+    assert srv.post("/completion", {"prompt": "Hi", "n_predict": 1}).status_code == 200
