@@ -82,11 +82,12 @@ def cmd_overhead(a) -> dict:
     eng = Engine(model, cfg)
     reqs = a.requests or n
     params = lambda: RequestParams(n_predict=a.n_predict, ignore_eos=True,  # noqa: E731
-                                   sampling=SamplingParams(temperature=0.0))
+                                   sampling=SamplingParams(temperature=0.0), cache_prompt=False)
     # One warm round (not counted): a request per slot, a few tokens.
     for i in range(n):
         eng.submit(f"User: {PROMPTS[i % len(PROMPTS)]}\nAssistant:",
-                   RequestParams(n_predict=4, ignore_eos=True, sampling=SamplingParams(temperature=0.0)))
+                   RequestParams(n_predict=4, ignore_eos=True, sampling=SamplingParams(temperature=0.0),
+                                 cache_prompt=False))
     eng.run_until_idle()
     st = eng.stats
     base = (st.t_step, st.t_decode, st.t_sample, st.n_steps, st.n_generated_tokens, st.n_prompt_tokens)

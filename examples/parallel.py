@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                             top_p=args.top_p, min_p=args.min_p, seed=c.seed),
                     stop=[ANTI_PROMPT], add_bos=False, slot=c.id,
                     min_tokens=3,  # the example never stops before a client decoded 3 tokens
+                    cache_prompt=False,  # each client starts from a cleared sequence, as in C++
                 )
                 try:
                     c.request = engine.submit(text, params)

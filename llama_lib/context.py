@@ -51,6 +51,8 @@ class ContextParams:
     kv_unified: bool = False
     swa_full: bool = False
     flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO
+    type_k: int = B.GGML_TYPE_F16  # ggml_type of the K cache (llama.cpp's -ctk)
+    type_v: int = B.GGML_TYPE_F16  # ggml_type of the V cache (-ctv; quantized needs flash attention)
     no_perf: bool = False
     # A persistent ggml thread pool per context, as llama.cpp's own programs attach (common_init).
     # Without one, a libllama built without OpenMP (the prebuilt one) starts and joins its worker
@@ -120,6 +122,8 @@ class Context(OwnedPointer):
         cp.kv_unified = p.kv_unified
         cp.swa_full = p.swa_full
         cp.flash_attn_type = p.flash_attn
+        cp.type_k = p.type_k
+        cp.type_v = p.type_v
         cp.no_perf = p.no_perf
         self._free = L.llama_free
         self._decode = L.llama_decode
@@ -128,7 +132,8 @@ class Context(OwnedPointer):
         if not self.ptr:
             raise ContextError(
                 f"llama_init_from_model failed (n_ctx={p.n_ctx}, n_batch={p.n_batch}, "
-                f"n_seq_max={p.n_seq_max}; max parallel sequences is "
+                f"n_seq_max={p.n_seq_max}, type_k={p.type_k}, type_v={p.type_v}, "
+                f"flash_attn={p.flash_attn}; max parallel sequences is "
                 f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
             )
         if p.threadpool:

@@ -7,10 +7,13 @@ decodes in sequence i + 1. `step()` runs one iteration of the loop:
 1. drop cancelled requests (their slots and KV cells are freed at once);
 2. put each generating slot's last sampled token in the batch;
 3. admit waiting requests into free slots (all free slots with continuous batching, only when
-   nothing is generating without it) and write their prompt tokens in one vectorised call;
+   nothing is generating without it): the free slot whose cached tokens share the longest prefix
+   with the prompt (llama-server's prompt cache), else the least recently used one; only the
+   part of the prompt past what the slot's KV already holds is written, in one vectorised call;
 4. decode in chunks of n_batch, halving a chunk and retrying when the KV cache has no room;
 5. sample every slot whose logits are in a decoded chunk, apply stop rules, stream the text;
-6. release finished slots: their sequence goes back to holding only the system prompt.
+6. release finished slots: their sequence keeps the request's prompt and generated tokens as a
+   cache for the next request (a cancelled or failed request's go back to the system prompt).
 
 `submit()` may be called from any thread. `start()` runs `step()` on a background thread that
 sleeps on a condition variable while there is nothing to do. Only that thread touches the
@@ -82,7 +85,9 @@ class EngineConfig:
     cont_batching: bool = True     # admit new requests while others generate
     kv_unified: bool = False       # one KV buffer shared by all sequences
     swa_full: bool = False
-    flash_attn: int = -1
+    flash_attn: int = -1           # llama_flash_attn_type: -1 auto, 0 off, 1 on
+    type_k: int = 1                # ggml_type of the KV cache's K and V (1 = GGML_TYPE_F16)
+    type_v: int = 1
     system_prompt: str = ""        # text every request continues
     share_system_prompt: bool = True  # decode it once into sequence 0 and copy it to slots
     max_queue: int = 256           # requests waiting for a slot before submit() refuses
@@ -93,6 +98,10 @@ class EngineConfig:
     threadpool: bool = True        # a persistent ggml thread pool (see ContextParams)
     poll: int = 50                 # busy-wait level of idle pool threads, 0-100 (llama.cpp --poll)
     prio: int = 0                  # pool thread priority, -1..3 (llama.cpp --prio)
+    # llama-server's --slot-prompt-similarity: a free slot whose cached tokens share at least
+    # this fraction of a new prompt (as a prefix) is preferred; 0 = always the least recently
+    # used free slot (whose cache is still reused as far as it matches).
+    slot_prompt_similarity: float = 0.1
 
     def context_params(self) -> ContextParams:
         return ContextParams(
@@ -100,6 +109,7 @@ class EngineConfig:
             n_seq_max=self.n_parallel + 1, n_threads=self.n_threads,
             n_threads_batch=self.n_threads_batch, kv_unified=self.kv_unified,
             swa_full=self.swa_full, flash_attn=self.flash_attn,
+            type_k=self.type_k, type_v=self.type_v,
             threadpool=self.threadpool, poll=self.poll, prio=self.prio,
         )
 
@@ -115,7 +125,9 @@ class RequestParams:
     use_system_prompt: bool = True # continue the shared system prompt
     add_bos: bool | None = None    # None: BOS only when the prompt starts a sequence
     min_tokens: int = 0            # stop rules are ignored for the first min_tokens tokens
-    slot: int | None = None        # run in this slot (waits for it); None: the first free one
+    slot: int | None = None        # run in this slot (waits for it); None: the free slot
+                                   # with the most similar cache, else the least recently used
+    cache_prompt: bool = True      # reuse the prefix the slot's KV cache shares with the prompt
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 
@@ -165,9 +177,11 @@ class Request:
     def __init__(self, rid: int, prompt_tokens: np.ndarray, params: RequestParams):
         self.id = rid
         self.params = params
-        self.prompt_tokens = prompt_tokens      # tokens this request decodes (without prefix)
+        self.prompt_tokens = prompt_tokens      # the prompt after the shared system prompt
+        # Set at admission: prompt tokens decoded (llama-server's prompt_n) and those found in
+        # the slot's KV cache, system prompt included (cache_n). Until then: all / none.
         self.n_prompt_tokens = len(prompt_tokens)
-        self.n_cached_tokens = 0                # system prompt tokens reused from the cache
+        self.n_cached_tokens = 0
         self.tokens: list[int] = []             # generated token ids
         self.text_parts: list[str] = []         # emitted text (stop strings cut off)
         self.finish_reason: FinishReason | None = None
@@ -254,6 +268,13 @@ class Request:
         self._stream.put(_END)
 
 
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
 class _StopMatcher:
     """Turns token bytes into text to emit, holding back what may be the start of a stop string."""
 
@@ -307,7 +328,7 @@ class _Slot:
 
     __slots__ = ("id", "seq_id", "req", "sampler", "matcher", "n_past", "n_prefix",
                  "prefix_version", "prompt_pos", "i_batch", "sampled", "n_decoded", "t_last",
-                 "kv_pos_max")
+                 "kv_pos_max", "cache_tokens")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -322,7 +343,10 @@ class _Slot:
         self.i_batch = -1        # row of this slot's logits in the current batch, -1 if none
         self.sampled = -1        # last sampled token, decoded in the next step
         self.n_decoded = 0
-        self.t_last = 0.0
+        self.t_last = 0.0        # when the slot was last released (least recently used first)
+        # While idle: the tokens the sequence holds after the system prompt (the last request's
+        # prompt and generated tokens), reusable by the next request. Empty while busy.
+        self.cache_tokens = np.zeros(0, np.int32)
         self.kv_pos_max = -1     # seq_pos_max of the sequence, read by the engine thread when
                                  # the slot was last released or reset (for monitoring)
 
@@ -340,6 +364,8 @@ class EngineStats:
     """Running totals since the engine started."""
 
     n_prompt_tokens: int = 0       # prompt tokens decoded (system prompt included)
+    n_prompt_tokens_cached: int = 0  # prompt tokens found in a slot's cache, not decoded
+                                     # (besides the shared system prompt)
     n_generated_tokens: int = 0    # tokens sampled
     n_cache_misses: int = 0        # llama_decode found no KV room and the chunk was halved
     n_steps: int = 0
@@ -427,7 +453,7 @@ class Engine:
         Raises PromptTooLong, QueueFull, EngineClosed, or ValueError for bad parameters.
         """
         params = params or RequestParams()
-        params.sampling.validate(self.vocab.n_tokens)
+        params.sampling.validate(self.vocab.n_tokens, self.vocab)  # parses a grammar too
         if params.slot is not None and not 0 <= params.slot < len(self.slots):
             raise ValueError(f"slot must be in 0..{len(self.slots) - 1}")
         tokens = self.tokenize_prompt(prompt, params)
@@ -627,7 +653,9 @@ class Engine:
                 r = self._waiting.popleft()
                 want = r.params.slot
                 if want is None:
-                    self._start(free.pop(0), r)
+                    slot = self._pick_slot(r, free)
+                    free.remove(slot)
+                    self._start(slot, r)
                 elif self.slots[want].req is None:
                     self._start(self.slots[want], r)
                     free.remove(self.slots[want])
@@ -636,19 +664,85 @@ class Engine:
             deferred.extend(self._waiting)
             self._waiting = deferred
 
+    def _want_prefix(self, r: Request) -> int:
+        """System prompt tokens the request's sequence must start with."""
+        shared = r.params.use_system_prompt and self.config.share_system_prompt
+        return len(self.system_tokens) if shared else 0
+
+    def _prefix_fits(self, s: _Slot, want_prefix: int) -> bool:
+        """Whether the slot's sequence starts with the system prompt the request continues."""
+        return s.n_prefix == want_prefix and (not want_prefix or s.prefix_version == self._system_version)
+
+    def _pick_slot(self, r: Request, free: list[_Slot]) -> _Slot:
+        """llama-server's slot choice: the free slot whose cache shares the largest fraction
+        of the prompt (above slot_prompt_similarity), else the least recently used one."""
+        thold = self.config.slot_prompt_similarity
+        if thold > 0 and r.params.cache_prompt:
+            want_prefix = self._want_prefix(r)
+            best, best_sim = None, 0.0
+            for s in free:
+                if not len(s.cache_tokens) or not self._prefix_fits(s, want_prefix):
+                    continue
+                sim = _common_prefix(s.cache_tokens, r.prompt_tokens) / len(r.prompt_tokens)
+                if sim > best_sim and sim > thold:
+                    best, best_sim = s, sim
+            if best is not None:
+                return best
+        return min(free, key=lambda s: s.t_last)  # ties (never used): the lowest id
+
+    def _swa_window_kept(self, s: _Slot, n_past: int) -> bool:
+        """Whether the slot's KV still holds what a token at position n_past attends to.
+
+        A sliding-window cache that is not full-size (Gemma 3: window 512) overwrites cells
+        that fell out of the window, so a sequence may hold only its last positions;
+        decoding from n_past needs the window before it (llama-server checks the same with
+        llama_memory_seq_pos_min and re-processes the whole prompt otherwise).
+        """
+        n_swa = 0 if self.config.swa_full else self.model.n_swa
+        if n_swa <= 0:
+            return True
+        pos_min = self.memory.seq_pos_min(s.seq_id)
+        return 0 <= pos_min <= max(0, n_past - n_swa)
+
+    def _reuse_cache(self, s: _Slot, r: Request) -> int:
+        """Prepare the slot's sequence for the request; returns the prompt tokens it keeps.
+
+        The sequence keeps the longest prefix of its cached tokens that the prompt shares
+        (at least the last prompt token is decoded again, for its logits); everything else
+        goes, and without a usable prefix it is reset to the system prompt alone.
+        """
+        want_prefix = self._want_prefix(r)
+        cached = s.cache_tokens
+        s.cache_tokens = np.zeros(0, np.int32)
+        n_keep = 0
+        if self._prefix_fits(s, want_prefix) \
+                and self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(cached) - 1:
+            if r.params.cache_prompt and len(cached):
+                n_keep = min(_common_prefix(cached, r.prompt_tokens), len(r.prompt_tokens) - 1)
+                if n_keep > 0 and not self._swa_window_kept(s, s.n_prefix + n_keep):
+                    log.info("slot %d: %d cached tokens are past the sliding window; "
+                             "the prompt is processed again", s.id, n_keep)
+                    n_keep = 0
+            if n_keep > 0:
+                if not self.memory.seq_rm(s.seq_id, s.n_prefix + n_keep, -1):
+                    n_keep = 0
+            if n_keep == 0 and len(cached):
+                self._reset_sequence(s, with_prefix=bool(want_prefix))
+        else:
+            self._reset_sequence(s, with_prefix=bool(want_prefix))
+        return n_keep
+
     def _start(self, s: _Slot, r: Request) -> None:
         p = r.params
-        shared = p.use_system_prompt and self.config.share_system_prompt
-        want_prefix = len(self.system_tokens) if shared else 0
-        if s.n_prefix != want_prefix or (want_prefix and s.prefix_version != self._system_version) \
-                or self.memory.seq_pos_max(s.seq_id) != s.n_prefix - 1:
-            self._reset_sequence(s, with_prefix=bool(want_prefix))
+        n_keep = self._reuse_cache(s, r)
         r.slot_id = s.id
-        r.n_cached_tokens = s.n_prefix
+        r.n_cached_tokens = s.n_prefix + n_keep
+        r.n_prompt_tokens = len(r.prompt_tokens) - n_keep
+        self.stats.n_prompt_tokens_cached += n_keep
         r.timings.started = time.perf_counter()
         s.req = r
-        s.n_past = s.n_prefix
-        s.prompt_pos = 0
+        s.n_past = s.n_prefix + n_keep
+        s.prompt_pos = n_keep
         s.i_batch = -1
         s.sampled = -1
         s.n_decoded = 0
@@ -657,17 +751,19 @@ class Engine:
         sampling = p.sampling
         if sampling.repeat_last_n == -1:  # llama.cpp's "the whole context"
             sampling = dataclasses.replace(sampling, repeat_last_n=self.n_ctx_slot)
-        s.sampler = Sampler(sampling, self.vocab.n_tokens)
+        s.sampler = Sampler(sampling, self.vocab.n_tokens, self.vocab)
         s.matcher = _StopMatcher(p.stop)
 
     def _reset_sequence(self, s: _Slot, with_prefix: bool) -> None:
         """Empty a slot's sequence, then give it the current system prompt if asked."""
         self.memory.seq_rm(s.seq_id, -1, -1)
         s.n_prefix = 0
+        s.cache_tokens = np.zeros(0, np.int32)
         if with_prefix and len(self.system_tokens):
             self.memory.seq_cp(0, s.seq_id, -1, -1)
             s.n_prefix = len(self.system_tokens)
             s.prefix_version = self._system_version
+        s.n_past = s.n_prefix
         s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
 
     def _warmup(self) -> None:
@@ -733,6 +829,8 @@ class Engine:
             ret = ctx.decode(batch.view(i, n))
             if ret == DECODE_NO_KV_SLOT:
                 st.n_cache_misses += 1
+                if self._evict_idle_cache():
+                    continue
                 if n > 1:
                     n_batch = max(1, n // 2)
                     log.warning("no KV room for %d tokens, retrying with n_batch = %d", n, n_batch)
@@ -742,6 +840,38 @@ class Engine:
             self._sample_range(i, i + n)
             i += n
             n_batch = self.n_batch
+
+    def _keep_cache(self, s: _Slot, r: Request, reason: FinishReason) -> bool:
+        """Record the tokens a finished request leaves in its sequence as the slot's cache.
+
+        False (the caller resets the sequence) for a cancelled or failed request, a system
+        prompt replaced meanwhile, or a sequence that does not hold exactly those tokens.
+        """
+        if reason not in (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH):
+            return False
+        if s.n_prefix and s.prefix_version != self._system_version:
+            return False
+        # the last sampled token was never decoded
+        cache = np.concatenate([r.prompt_tokens, np.asarray(r.tokens[:-1], np.int32)]).astype(np.int32)
+        if s.n_prefix + len(cache) != s.n_past or self.memory.seq_pos_max(s.seq_id) != s.n_past - 1:
+            log.warning("slot %d: KV does not hold the request's tokens; cache dropped", s.id)
+            return False
+        s.cache_tokens = cache
+        return True
+
+    def _evict_idle_cache(self) -> bool:
+        """With a unified KV cache, free the cells of the least recently used idle slot that
+        holds a prompt cache (llama-server does the same before halving the batch)."""
+        if not self.config.kv_unified:
+            return False  # each sequence has its own cells: evicting frees none for others
+        idle = [s for s in self.slots if s.req is None and len(s.cache_tokens)]
+        if not idle:
+            return False
+        s = min(idle, key=lambda s: s.t_last)
+        log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
+                 s.id, len(s.cache_tokens))
+        self._reset_sequence(s, with_prefix=self.config.share_system_prompt)
+        return True
 
     def _fail_token_owner(self, i: int) -> None:
         """Not even one token fits: fail the request that owns batch row i and drop its rows."""
@@ -801,7 +931,8 @@ class Engine:
                 self._release(s, FinishReason.LENGTH)
 
     def _release(self, s: _Slot, reason: FinishReason, error: str | None = None) -> None:
-        """Finish the slot's request and free its KV cells, keeping the system prompt cached."""
+        """Finish the slot's request. A finished request's tokens stay in the slot's KV as a
+        prompt cache; a cancelled or failed one's cells are freed (back to the system prompt)."""
         r = s.req
         if r is None:
             return
@@ -810,15 +941,10 @@ class Engine:
         s.req = None
         s.sampled = -1
         s.i_batch = -1
-        keep_prefix = s.n_prefix > 0 and s.prefix_version == self._system_version
-        self.memory.seq_rm(s.seq_id, -1, -1)
-        if keep_prefix:
-            self.memory.seq_cp(0, s.seq_id, -1, -1)
-        else:
-            s.n_prefix = 0
-            if len(self.system_tokens) and self.config.share_system_prompt:
-                self._reset_sequence(s, with_prefix=True)
-        s.n_past = s.n_prefix
+        s.t_last = time.perf_counter()
+        if not self._keep_cache(s, r, reason):
+            self._reset_sequence(s, with_prefix=self.config.share_system_prompt)
+        s.n_past = s.n_prefix + len(s.cache_tokens)
         s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
         st = self.stats
         if reason == FinishReason.CANCELLED:

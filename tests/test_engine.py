@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from conftest import N_THREADS, ROOT
@@ -146,9 +147,14 @@ def test_cancel_frees_slot_and_kv(model, vocab):
         e.step()
         assert a.done and a.finish_reason == FinishReason.CANCELLED
         assert b.slot_id == a.slot_id, "the freed slot goes to the next request"
+        # a's cells were freed, not kept as a prompt cache: b (also starting "User:\n") found
+        # only the system prompt in the slot
+        assert b.n_cached_tokens == n_sys
         e.run_until_idle()
         assert b.finish_reason == FinishReason.LENGTH
-        assert e.seq_pos_max(slot_seq) == n_sys - 1
+        # the slot now holds the system prompt plus b's prompt and its decoded tokens (the
+        # prompt cache of a finished request), nothing of a
+        assert e.seq_pos_max(slot_seq) == n_sys + b.n_prompt_tokens + b.n_generated - 2
         assert e.stats.n_requests_cancelled == 1
 
 
@@ -264,3 +270,164 @@ def test_long_prompt_prefilled_in_chunks_while_others_stream(model):
         assert steps == -(-b.n_prompt_tokens // 64)  # ceil: 64 prompt tokens per step
         e.run_until_idle()
         assert a.n_generated == 80 and b.n_generated == 2
+
+
+# -- prompt cache (llama-server's cache_prompt / slot prompt similarity) -----------------------
+
+def _fresh(model, prompt, n: int, **kw) -> str:
+    """The greedy output of a prompt on a new engine: nothing cached."""
+    with make_engine(model, n_parallel=1, **kw) as e:
+        h = e.submit(prompt, greedy(n, ignore_eos=True, cache_prompt=False))
+        e.run_until_idle()
+        assert h.n_cached_tokens == 0
+        return h.text
+
+
+def test_prompt_cache_same_prompt_twice_decodes_only_the_last_token(model):
+    prompt = question("Describe the ocean in a few sentences.")
+    with make_engine(model, n_parallel=1) as e:
+        a = e.submit(prompt, greedy(16, ignore_eos=True))
+        e.run_until_idle()
+        n = len(a.prompt_tokens)
+        assert (a.n_cached_tokens, a.n_prompt_tokens) == (0, n)
+        before = e.stats.n_prompt_tokens
+        b = e.submit(prompt, greedy(16, ignore_eos=True))
+        e.run_until_idle()
+        # everything but the last prompt token (decoded again for its logits) came from the cache
+        assert (b.n_cached_tokens, b.n_prompt_tokens) == (n - 1, 1)
+        assert e.stats.n_prompt_tokens - before == 1
+        assert e.stats.n_prompt_tokens_cached == n - 1
+        assert b.text == a.text
+    assert a.text == _fresh(model, prompt, 16)
+
+
+def test_prompt_cache_picks_the_slot_sharing_a_prefix(model, vocab):
+    prompts = [vocab.tokenize(question(q), add_special=True) for q in
+               ("Tell me about the history of Rome.", "Name three colors.", "What is a prime number?")]
+    with make_engine(model, n_parallel=3) as e:
+        # the first finishes last: the least recently used rule alone would not pick its slot
+        hs = [e.submit(p, greedy(n, ignore_eos=True)) for p, n in zip(prompts, (12, 4, 6))]
+        e.run_until_idle()
+        assert len({h.slot_id for h in hs}) == 3
+        assert hs[0].timings.done > max(hs[1].timings.done, hs[2].timings.done)
+        follow = np.concatenate([prompts[0], vocab.tokenize(" Answer briefly.\n", add_special=False)])
+        before = e.stats.n_prompt_tokens
+        f = e.submit(follow, greedy(8, ignore_eos=True))
+        e.run_until_idle()
+        assert f.slot_id == hs[0].slot_id
+        assert f.n_cached_tokens >= len(prompts[0])
+        assert e.stats.n_prompt_tokens - before == f.n_prompt_tokens == len(follow) - f.n_cached_tokens
+    # with similarity selection off, the least recently used slot is taken instead
+    with make_engine(model, n_parallel=3, slot_prompt_similarity=0.0) as e:
+        hs = [e.submit(p, greedy(n, ignore_eos=True)) for p, n in zip(prompts, (12, 4, 6))]
+        e.run_until_idle()
+        g = e.submit(follow, greedy(8, ignore_eos=True))
+        e.run_until_idle()
+        n_common = next(i for i, (u, v) in enumerate(zip(prompts[1], follow)) if u != v)
+        assert g.slot_id == hs[1].slot_id and g.n_cached_tokens == n_common < len(prompts[0])
+    assert f.text == g.text == _fresh(model, follow, 8)
+
+
+def test_cache_prompt_false_decodes_the_whole_prompt(model):
+    prompt = question("Describe the ocean in a few sentences.")
+    with make_engine(model, n_parallel=1) as e:
+        a = e.submit(prompt, greedy(8, ignore_eos=True))
+        e.run_until_idle()
+        before = e.stats.n_prompt_tokens
+        b = e.submit(prompt, greedy(8, ignore_eos=True, cache_prompt=False))
+        e.run_until_idle()
+        n = len(b.prompt_tokens)
+        assert (b.n_cached_tokens, b.n_prompt_tokens) == (0, n)
+        assert e.stats.n_prompt_tokens - before == n
+        assert e.stats.n_prompt_tokens_cached == 0
+        assert b.text == a.text
+
+
+def test_prompt_cache_not_reused_after_system_prompt_replaced(model, vocab):
+    other = "Answer every question with a single word.\n\n"
+    n_other = len(vocab.tokenize(other, add_special=True))
+    q = question("Tell me about the moon.")
+    with make_engine(model, n_parallel=1, system_prompt=other) as e:
+        ref = e.submit(q, greedy(12, ignore_eos=True, cache_prompt=False))
+        e.run_until_idle()
+    with make_engine(model, n_parallel=1, system_prompt=SYSTEM) as e:
+        a = e.submit(q, greedy(12, ignore_eos=True))
+        step_until(e, lambda: a.n_generated >= 3)
+        e.set_system_prompt(other)  # while a runs: its tokens continue the old prompt
+        e.run_until_idle()
+        b = e.submit(q, greedy(12, ignore_eos=True))
+        e.run_until_idle()
+        assert b.n_cached_tokens == n_other and b.n_prompt_tokens == len(b.prompt_tokens)
+        assert b.text == ref.text
+        # the same prompt again, now on the new system prompt: reused
+        c = e.submit(q, greedy(12, ignore_eos=True))
+        e.run_until_idle()
+        assert c.n_cached_tokens == n_other + len(c.prompt_tokens) - 1
+        assert c.text == ref.text
+        # replaced while the slot is idle: its cache goes too
+        e.set_system_prompt(SYSTEM)
+        d = e.submit(q, greedy(12, ignore_eos=True))
+        e.run_until_idle()
+        assert d.n_cached_tokens == len(vocab.tokenize(SYSTEM, add_special=True))
+        assert d.text == a.text
+
+
+def _long_text(n_items: int, topic: str) -> str:
+    return " ".join(f"Note {i}: the {topic} number {i} weighs {i * 7 % 13} kilograms." for i in range(n_items))
+
+
+def test_prompt_cache_beyond_the_sliding_window(model, vocab):
+    # Gemma 3's sliding window is 512. With n_ubatch 64 the SWA cache of a sequence has
+    # pad(512 + 64, 256) = 768 cells, so a sequence longer than that has lost its first
+    # positions there and cannot continue from an early position.
+    assert model.n_swa == 512
+    cfg = dict(n_ctx=4096, n_ubatch=64)
+    x = vocab.tokenize(_long_text(60, "red box"), add_special=True)
+    y = vocab.tokenize(" " + _long_text(35, "blue jar"), add_special=False)
+    z = vocab.tokenize(" " + question("Which note is the heaviest?"), add_special=False)
+    assert len(x) > 600 and len(x) + len(y) > 1000
+    xq, xy, xz = np.concatenate([x, z]), np.concatenate([x, y]), np.concatenate([x, y[:3], z])
+    refs = {}
+    with make_engine(model, n_parallel=1, **cfg) as e:
+        for name, p in (("xq", xq), ("xy", xy), ("xz", xz)):
+            refs[name] = e.submit(p, greedy(6, ignore_eos=True, cache_prompt=False))
+            e.run_until_idle()
+    with make_engine(model, n_parallel=1, **cfg) as e:
+        seq = e.slots[0].seq_id
+        a = e.submit(xq, greedy(6, ignore_eos=True))
+        e.run_until_idle()
+        b = e.submit(xq, greedy(6, ignore_eos=True))
+        e.run_until_idle()
+        assert b.n_cached_tokens == len(xq) - 1 > 600  # all within the SWA cells: reused
+        assert a.text == b.text == refs["xq"].text
+        c = e.submit(xy, greedy(6, ignore_eos=True))  # continues from position len(x) > 512
+        e.run_until_idle()
+        assert c.n_cached_tokens >= len(x) and c.text == refs["xy"].text
+        assert e.memory.seq_pos_min(seq) > 0, "the long sequence lost its first SWA positions"
+        # continuing from len(x) + 3 needs positions the SWA cache no longer holds
+        d = e.submit(xz, greedy(6, ignore_eos=True))
+        e.run_until_idle()
+        assert (d.n_cached_tokens, d.n_prompt_tokens) == (0, len(xz))
+        assert d.text == refs["xz"].text
+    with make_engine(model, n_parallel=1, swa_full=True, **cfg) as e:
+        for p in (xy, xz):  # a full-size SWA cache keeps everything: reused
+            h = e.submit(p, greedy(6, ignore_eos=True))
+            e.run_until_idle()
+        assert h.n_cached_tokens >= len(x) + 3
+        assert h.text == refs["xz"].text
+
+
+def test_unified_kv_drops_idle_prompt_caches_before_failing(model):
+    # 512 shared cells: an idle slot's cached ~350 tokens must make room for another request
+    with make_engine(model, n_parallel=2, n_ctx=512, kv_unified=True) as e:
+        a = e.submit("Mathematics has a long history. " * 8, greedy(300, ignore_eos=True))
+        e.run_until_idle()
+        assert a.finish_reason == FinishReason.LENGTH
+        seq_a = e.slots[a.slot_id].seq_id
+        assert e.seq_pos_max(seq_a) > 300
+        b = e.submit("Music was played everywhere. " * 8, greedy(300, ignore_eos=True))
+        e.run_until_idle()
+        assert b.slot_id != a.slot_id
+        assert b.finish_reason == FinishReason.LENGTH and b.n_generated == 300, b.error
+        assert e.seq_pos_max(seq_a) == -1, "a's idle cache was dropped to make room"
+        assert e.stats.n_requests_failed == 0
