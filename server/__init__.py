@@ -18,22 +18,47 @@ Choices worth knowing (where llama-server leaves room or we differ):
 - `/completion` streams only when asked (`"stream": true`), as llama-server; server-parallel
   always streamed, but its old page is not served here. A streamed `/completion` ends with the
   full result object with `"stop": true` and `"content": ""` (the text came in the chunks), as
-  llama-server does. OpenAI streams end with a chunk carrying `finish_reason` and `usage`,
-  then `data: [DONE]`.
+  llama-server does. OpenAI streams end as llama-server's: a chat stream starts with the delta
+  `{"role": "assistant", "content": null}` and ends with a chunk with `finish_reason` and an
+  empty delta, then (only with `stream_options.include_usage`) a chunk with `"choices": []`,
+  `usage` and `timings`; a `/v1/completions` stream's last chunk always carries `usage`; then
+  `data: [DONE]`. `system_fingerprint` is "b0-pyllama-VERSION" (llama-server's "b<build>-<commit>" form).
 - server-parallel's `system_prompt` + `anti_prompt` + `assistant_name` (all three in one
   `/completion` body) replace the shared system prompt (decoded once, copied into each slot's
   KV) and the server's anti-prompt list (`-r`) for the requests that follow; requests in flight
   keep theirs. The anti-prompts apply to every generation endpoint. `/props` shows them.
-- Chat: `--chat-template NAME` (one of llama.cpp's built-ins), else the model's template when
-  llama.cpp recognises it, else (the default Gemma 3 270M base model has none) a plain
+- Chat: `--chat-template NAME` (one of llama.cpp's built-ins) or a template text
+  (`--chat-template TEXT`, `--chat-template-file FNAME`) that llama.cpp recognises (Jinja is
+  never executed: other texts are a CLI error; `--jinja` is accepted and only logs a note),
+  else the model's template when llama.cpp recognises it, else (the default Gemma 3 270M base model has none) a plain
   transcript: "System: ...\\nUser: ...\\nAssistant:" with stops "\\nUser:" / "User:" and the
   answer's leading whitespace dropped. llama-server would use chatml there, which a base model
   does not follow.
-- `n` must be 1; several prompts in one request are refused (400): send one request each.
-- The model name in responses is `-a/--alias`, else the model's file name.
+- `n` (llama-server's `n_cmpl`) up to `--parallel`, and several prompts in one request (a list
+  of strings / token-id lists) run as one engine request each, as llama-server's tasks: the
+  k-th completion of a prompt samples with seed + k. OpenAI answers get one choice each (by
+  `index`; `usage` sums the completions, a prompt counted once), `/completion` a JSON list;
+  streams interleave the choices' chunks and end with one `[DONE]`. A prompt mixing strings
+  and token ids is refused (400).
+- Chat requests follow llama-server's prefill rules: a final assistant message is continued
+  (no generation prompt after it; the answer holds only the continuation); two assistant
+  messages at the end, or `add_generation_prompt` with `continue_final_message`, are 400.
+  `logit_bias` keys may be texts (tokenized without BOS, each token biased); `ignore_eos`
+  bans the end-of-generation tokens, listed in `generation_settings.logit_bias` with bias null.
+- The model name in responses is `-a/--alias` (a comma list, kept sorted and deduplicated as
+  llama-server's set: the first in sorted order), else the model's file name.
+- llama-server's flags are accepted with its spellings and meanings where we have the feature
+  (sampling defaults such as `--top-k`, `-fa`, `-ctk/-ctv`, `--host a,b` with one listener per
+  address). A few are accepted without effect, and say so in `--help` and the log: `--offline`,
+  `--no-jinja`, `--no-context-shift`, `--keep`, `--cache-reuse`, `--mlock`. Flags for features we
+  lack (`--embedding`, `--reranking`, `--lora`, `--mmproj`, `-md`, `--slot-save-path`,
+  `--context-shift`, `-hf`, ...) exit 2 naming the flag. Every key of `--api-key a,b` and
+  `--api-key-file` is accepted.
 - With `--api-key`, every endpoint needs the key (`Authorization: Bearer KEY` or `X-Api-Key`)
   but `/health`, `/v1/health` and the built-in chat page (`/`, `/index.html`; it asks for the
-  key and sends it). Files under `--path DIR` need the key.
+  key and sends it). Files under `--path DIR` need the key. llama-server's web UI asset names
+  (`/sw.js`, `/manifest.webmanifest`, `/_app/version.json`), which it serves without the key,
+  are 404 without it (we have no such files).
 - A client that goes away is noticed at once, streamed or not, queued, prefilling or
   generating: one thread watches the sockets of running requests (select, then a peek that
   reads EOF) and cancels the request, whose slot is freed at the engine's next step. A
@@ -55,12 +80,18 @@ Choices worth knowing (where llama-server leaves room or we differ):
   effect capped by the slot's context (finish reason "length"). An empty prompt ("" or [])
   and token ids outside the vocabulary are 400 (llama-server would generate from BOS alone).
 - `-kvu/--kv-unified`: one KV buffer of `-c` cells any slot may fill (the system prompt's
-  cells are shared). When it runs out mid-generation the request owning the token that found
+  cells are shared). When it runs out, the prompt caches of idle slots are dropped first
+  (least recently used first, as llama-server); then the request owning the token that found
   no room ends with an error (stream: a final event with `error`; otherwise 500
   `server_error` "the KV cache is full ..."); the others go on.
-- CORS is off unless `--cors-origin ORIGIN` (repeatable, or `*`) is given: then responses to
-  that origin carry Access-Control-Allow-Origin and OPTIONS preflights are answered (204,
-  without the API key); without it OPTIONS is 405 and no CORS header is sent.
+- CORS is off unless `--cors-origin ORIGIN` (repeatable, or `*`; or llama-server's
+  `--cors-origins a,b`) is given: then responses to an allowed origin carry
+  Access-Control-Allow-Origin (`*` echoes the origin, as llama-server with credentials;
+  `localhost` allows http(s) origins on localhost / 127.0.0.1 / [::1], any port) and every
+  OPTIONS is answered 200 before the API key check, with llama-server's Allow-Credentials /
+  Allow-Methods / Allow-Headers (with `--api-key`, "Authorization, X-Api-Key" are added to
+  "*", which browsers do not read as covering them); other origins get no Allow-Origin.
+  Without CORS, OPTIONS is 405 (404 for unknown paths), never 401, and no CORS header is sent.
 - The API key is accepted from `Authorization: Bearer KEY` or `X-Api-Key: KEY`, each
   compared with hmac.compare_digest. Binding to anything but loopback without `--api-key`
   logs a warning. The Server header says "pyllama-server", nothing more.

@@ -35,6 +35,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 from . import api
@@ -49,12 +50,20 @@ KEEP_ALIVE_TIMEOUT = 5.0          # seconds an idle connection may wait for its 
 ACCEPT_WAIT = 0.25                # seconds a new connection waits for a free handler thread
 PUBLIC_PATHS = {"/health", "/v1/health"}
 BUILTIN_PAGE_PATHS = {"/", "/index.html"}  # the chat page: no data, open without the key
+# llama-server's web UI serves these without the key; we do not have them, so with
+# --api-key they answer 404 (not 401) like any missing page
+UPSTREAM_UI_ASSETS = {"/sw.js", "/manifest.webmanifest", "/_app/version.json", "/favicon.ico"}
+PROCESS_START = int(time.time())  # /metrics' Process-Start-Time-Unix header
+# CORS defaults (llama-server's --cors-methods / --cors-headers)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "*"
+LOCALHOST_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 # path -> {method: (handler method name, kind)}
 ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/health": {"GET": ("h_health", None)},
     "/v1/health": {"GET": ("h_health", None)},
-    "/props": {"GET": ("h_props", None)},
+    "/props": {"GET": ("h_props", None), "POST": ("h_set_props", None)},
     "/slots": {"GET": ("h_slots", None)},
     "/metrics": {"GET": ("h_metrics", None)},
     "/models": {"GET": ("h_models", None)},
@@ -66,6 +75,10 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/v1/completions": {"POST": ("h_generate", api.KIND_OAI_COMPLETION)},
     "/chat/completions": {"POST": ("h_generate", api.KIND_OAI_CHAT)},
     "/v1/chat/completions": {"POST": ("h_generate", api.KIND_OAI_CHAT)},
+    "/apply-template": {"POST": ("h_apply_template", None)},
+    "/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
+    "/v1/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
+    "/infill": {"POST": ("h_infill", None)},
 }
 
 
@@ -204,14 +217,25 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, service: Service, api_key: str | None = None,
+    def __init__(self, addr, service: Service, api_key: str | Sequence[str] | None = None,
                  static_root: str | None = None, timeout: float = 600.0,
-                 threads_http: int = 64, cors_origins: list[str] | None = None):
+                 threads_http: int = 64, cors_origins: list[str] | None = None,
+                 cors_methods: str = CORS_METHODS, cors_headers: str = CORS_HEADERS,
+                 cors_credentials: bool = True):
         self.service = service
-        self.api_key = api_key.encode() if api_key else None
+        # one key, or several (llama-server's --api-key a,b / --api-key-file): any one opens
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+        self.api_keys = [k.encode() for k in keys if k]
+        self.api_key = self.api_keys[0] if self.api_keys else None
         self.static_root = Path(static_root).resolve() if static_root else None
         self.io_timeout = timeout
-        self.cors_origins = list(cors_origins or [])
+        # CORS stays off without origins; "*" allows any origin (echoed back when credentials
+        # are allowed, as llama-server), "localhost" any http(s) origin on this machine
+        # (each entry may be llama-server's comma-separated list)
+        self.cors_origins = [o.strip() for x in (cors_origins or []) for o in x.split(",") if o.strip()]
+        self.cors_methods = cors_methods
+        self.cors_headers = cors_headers
+        self.cors_credentials = cors_credentials
         self.active = 0
         self.active_cond = threading.Condition()
         self.threads_http = threads_http
@@ -353,15 +377,20 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def cors_headers(self) -> dict:
-        """Access-Control-Allow-Origin only with --cors-origin, and only for a listed origin."""
+        """Access-Control-Allow-Origin only with --cors-origin(s), and only for an allowed
+        origin: a listed one, any with "*" (echoed when credentials are allowed, as
+        llama-server, else "*"), or with "localhost" one whose host is localhost, 127.0.0.1
+        or [::1] (any port)."""
         allowed = self.server.cors_origins
         hdrs = getattr(self, "headers", None)
         origin = hdrs.get("Origin") if hdrs is not None else None
         if not allowed or not origin:
             return {}
         if "*" in allowed:
+            if self.server.cors_credentials:
+                return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
             return {"Access-Control-Allow-Origin": "*"}
-        if origin in allowed:
+        if origin in allowed or ("localhost" in allowed and origin_is_localhost(origin)):
             return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         return {}
 
@@ -548,9 +577,21 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, path: str) -> None:
         svc = self.server.service
         route = ROUTES.get(path)
-        if self.command == "OPTIONS" and self.server.cors_origins and self.headers.get("Origin"):
-            return self.preflight(route)
+        if self.command == "OPTIONS":
+            # browsers send no credentials with a preflight: answered before the key check
+            if self.server.cors_origins:
+                return self.preflight()
+            if route is None:
+                raise ApiError(404, "not_found_error", "File Not Found")
+            raise ApiError(405, "invalid_request_error",
+                           f"method OPTIONS is not allowed on {path} (CORS is off: see --cors-origin)",
+                           headers={"Allow": ", ".join(sorted(route))})
         is_page = route is None and self.command in ("GET", "HEAD")
+        webui = bool(getattr(svc.settings, "webui", True))
+        if is_page and not webui:
+            raise ApiError(404, "not_found_error", "File Not Found")
+        if is_page and not self.server.static_root and path in UPSTREAM_UI_ASSETS:
+            raise ApiError(404, "not_found_error", "File Not Found")
         if path not in PUBLIC_PATHS and not (is_page and path in BUILTIN_PAGE_PATHS and not self.server.static_root):
             self.check_auth()
         if not svc.ready and path not in PUBLIC_PATHS and not is_page:
@@ -569,8 +610,8 @@ class Handler(BaseHTTPRequestHandler):
         getattr(self, name)(kind)
 
     def check_auth(self) -> None:
-        key = self.server.api_key
-        if key is None:
+        keys = self.server.api_keys
+        if not keys:
             return
         # `Authorization: Bearer KEY` or `X-Api-Key: KEY`; each compared in constant time
         given = []
@@ -584,7 +625,8 @@ class Handler(BaseHTTPRequestHandler):
             given.append(x_key.strip())
         ok = False
         for g in given:
-            ok |= hmac.compare_digest(g.encode("utf-8", "replace"), key)
+            for key in keys:
+                ok |= hmac.compare_digest(g.encode("utf-8", "replace"), key)
         if not ok:
             raise ApiError(401, "authentication_error", "Invalid API Key")
 
@@ -599,6 +641,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def h_props(self, _kind) -> None:
         self.send_json(200, self.server.service.props())
+
+    def h_set_props(self, _kind) -> None:
+        """POST /props: llama-server changes nothing there either; 501 without --props."""
+        svc = self.server.service
+        if not getattr(svc.settings, "props_endpoint", False):
+            raise ApiError(501, "not_supported_error",
+                           "This server does not support changing global properties. Start it with `--props`")
+        if not isinstance(self.read_json(), dict):
+            raise api.bad_request("request body must be a JSON object")
+        self.send_json(200, {"success": True})
+
+    def h_apply_template(self, _kind) -> None:
+        self.send_json(200, self.server.service.apply_template(self.read_json()))
+
+    def h_input_tokens(self, _kind) -> None:
+        self.send_json(200, self.server.service.count_input_tokens(self.read_json()))
+
+    def h_infill(self, _kind) -> None:
+        """POST /infill needs the model's fill-in-the-middle tokens, which this server does not
+        read: 501 as llama-server answers for a model without them (before reading the body)."""
+        raise ApiError(501, "not_supported_error",
+                       "Infill is not supported by this model: this server does not implement "
+                       "fill-in-the-middle (FIM)")
 
     def h_slots(self, _kind) -> None:
         svc = self.server.service
@@ -616,7 +681,8 @@ class Handler(BaseHTTPRequestHandler):
         if not svc.settings.metrics_endpoint:
             raise ApiError(501, "not_supported_error",
                            "This server does not support metrics endpoint. Start it with `--metrics`")
-        self.send_bytes(200, svc.metrics_text().encode(), "text/plain; version=0.0.4")
+        self.send_bytes(200, svc.metrics_text().encode(), "text/plain; version=0.0.4",
+                        {"Process-Start-Time-Unix": str(PROCESS_START)})
 
     def h_models(self, _kind) -> None:
         self.send_json(200, self.server.service.models())
@@ -649,22 +715,29 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_json(200, svc.complete(job, watch=self.watch_client))
 
-    def preflight(self, route) -> None:
-        """CORS preflight (only with --cors-origin): no API key is sent with it."""
-        if route is None:
-            raise ApiError(404, "not_found_error", "File Not Found")
-        cors = self.cors_headers()
-        if not cors:
-            raise ApiError(403, "permission_error", "origin not allowed")
-        methods = ", ".join(sorted(set(route) | {"OPTIONS"}))
+    def preflight(self) -> None:
+        """CORS preflight (only with --cors-origin), any path: 200 with an empty body, as
+        llama-server; Access-Control-Allow-Origin only for an allowed origin (a browser then
+        refuses the real request). No API key is sent with it.
+
+        "*" in Access-Control-Allow-Headers does not cover Authorization (Fetch standard),
+        so with --api-key the key's headers are listed too."""
+        srv = self.server
+        allow_headers = srv.cors_headers
+        if srv.api_key is not None and allow_headers.strip() == "*":
+            allow_headers = "*, Authorization, X-Api-Key"
         self._settle_body()
-        self.send_response(204)
-        for k, v in cors.items():
+        self.send_response(200)
+        for k, v in self.cors_headers().items():
             self.send_header(k, v)
-        self.send_header("Access-Control-Allow-Methods", methods)
-        self.send_header("Access-Control-Allow-Headers", "Authorization, X-Api-Key, Content-Type")
+        self.send_header("Access-Control-Allow-Credentials", "true" if srv.cors_credentials else "false")
+        self.send_header("Access-Control-Allow-Methods", srv.cors_methods)
+        self.send_header("Access-Control-Allow-Headers", allow_headers)
         self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     # -- static files -------------------------------------------------------------------------
@@ -708,8 +781,22 @@ def safe_join(root: Path, url_path: str) -> Path | None:
     return real
 
 
-def make_server(service: Service, host: str, port: int, *, api_key: str | None = None,
+def origin_is_localhost(origin: str) -> bool:
+    """An http(s) origin whose host is localhost, 127.0.0.1 or [::1], any port (llama-server's
+    --cors-origins localhost)."""
+    try:
+        u = urlsplit(origin)
+        host = u.hostname
+        u.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and host in LOCALHOST_NAMES
+
+
+def make_server(service: Service, host: str, port: int, *, api_key: str | Sequence[str] | None = None,
                 static_root: str | None = None, timeout: float = 600.0, threads_http: int = 64,
-                cors_origins: list[str] | None = None) -> Server:
+                cors_origins: list[str] | None = None, cors_methods: str = CORS_METHODS,
+                cors_headers: str = CORS_HEADERS, cors_credentials: bool = True) -> Server:
     return Server((host, port), service, api_key=api_key, static_root=static_root, timeout=timeout,
-                  threads_http=threads_http, cors_origins=cors_origins)
+                  threads_http=threads_http, cors_origins=cors_origins, cors_methods=cors_methods,
+                  cors_headers=cors_headers, cors_credentials=cors_credentials)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -270,3 +271,17 @@ def vanishing_client(port: int, body: dict, mode: str | None, rng, timeout: floa
         return out
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def served(args: list[str], log_path: Path, api_key: str | None = None, show_log: bool = False):
+    """A ready `python -m server ARGS` for a module fixture; stopped (and its log tail printed
+    when `show_log`) at the end."""
+    s = ServerProcess(args, log_path, api_key=api_key)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        code = s.stop()
+        if show_log:
+            print(f"\nserver exit code {code}; log tail:\n{s.log_tail(10)}")

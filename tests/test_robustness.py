@@ -112,23 +112,23 @@ WRONG = {
     "str": [5, ["a"], {"a": 1}, True],
 }
 COMPLETION_FIELDS = {
-    "prompt": [5, True, {"a": 1}, [1.5], [[1], [2]], ["a", "b"]],
+    "prompt": [5, True, {"a": 1}, [1.5], [[1], []]],
     "n_predict": WRONG["int"], "max_tokens": WRONG["int"], "top_k": WRONG["int"],
     "repeat_last_n": WRONG["int"], "seed": WRONG["int"], "min_tokens": WRONG["int"],
     "temperature": WRONG["float"], "top_p": WRONG["float"], "min_p": WRONG["float"],
     "typical_p": WRONG["float"], "repeat_penalty": WRONG["float"],
     "frequency_penalty": WRONG["float"], "presence_penalty": WRONG["float"],
     "ignore_eos": WRONG["bool"], "stream": WRONG["bool"],
-    "stop": [5, [1], {"a": 1}, True], "logit_bias": ["x", 5, [[1]], {"x": 1}, {"1": "a"}, [[1, "a"]]],
+    "stop": [5, [1], {"a": 1}, True], "logit_bias": ["x", 5, [[1]], {"x": "a"}, {"1": "a"}, [[1, "a"]]],
     "system_prompt": WRONG["str"], "anti_prompt": WRONG["str"], "assistant_name": WRONG["str"],
 }
 CHAT_FIELDS = {
     "messages": ["hi", [1], [{"role": 5, "content": "x"}], [{"role": "user", "content": 5}],
                  [{"role": "user", "content": [{"type": "image_url"}]}], [], {"a": 1}],
-    "max_tokens": WRONG["int"], "max_completion_tokens": WRONG["int"], "n": WRONG["int"] + [2],
+    "max_tokens": WRONG["int"], "max_completion_tokens": WRONG["int"], "n": WRONG["int"] + [3],
     "temperature": WRONG["float"], "top_p": WRONG["float"], "seed": WRONG["int"],
     "stream": WRONG["bool"], "stop": [5, [1]], "stream_options": ["x", 5],
-    "logit_bias": ["x", {"x": 1}], "frequency_penalty": WRONG["float"],
+    "logit_bias": ["x", {"x": "a"}], "frequency_penalty": WRONG["float"],
 }
 CASES = ([("/completion", f, v) for f, vs in COMPLETION_FIELDS.items() for v in vs]
          + [("/v1/completions", f, v) for f in ("max_tokens", "n", "echo") for v in WRONG["int"][:2]]
@@ -330,9 +330,9 @@ def test_vanishing_clients_soak(srv):
     assert sum(1 for r in results if r["mode"]) == 8
     slots = wait_slots_idle(srv.port, timeout=60)
     assert not any(s["is_processing"] for s in slots), slots
-    for s in slots:  # every sequence holds only the system prompt again
-        assert s["n_past"] == n_sys and s["n_system_tokens"] == n_sys, s
-        assert s["kv_pos_max"] == n_sys - 1, s
+    for s in slots:  # the system prompt, maybe a finished request's cached tokens, nothing leaked
+        assert s["n_past"] >= n_sys and s["n_system_tokens"] == n_sys, s
+        assert s["kv_pos_max"] == s["n_past"] - 1, s
     threads_after = wait_threads(pid, base_threads)
     assert threads_after <= base_threads, (base_threads, threads_after)
     rss1 = proc_rss_kb(pid)
@@ -487,14 +487,14 @@ def test_headers_carry_no_internals_and_cors_is_opt_in(srv, locked):
     # --cors-origin: the listed origin only, and preflight answered without the key
     status, h, _ = http_json(locked.port, "OPTIONS", "/v1/chat/completions",
                              headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
-    assert status == 204 and h["access-control-allow-origin"] == ORIGIN
+    assert status == 200 and h["access-control-allow-origin"] == ORIGIN  # as llama-server
     assert "POST" in h["access-control-allow-methods"] and "Authorization" in h["access-control-allow-headers"]
     status, h, _ = http_json(locked.port, "GET", "/props", headers={"Origin": ORIGIN, **locked.headers()})
     assert status == 200 and h["access-control-allow-origin"] == ORIGIN
     status, h, _ = http_json(locked.port, "GET", "/props", headers={"Origin": "http://evil.example", **locked.headers()})
     assert status == 200 and "access-control-allow-origin" not in h
     status, h, _ = http_json(locked.port, "OPTIONS", "/v1/chat/completions", headers={"Origin": "http://evil.example"})
-    assert status == 403 and "access-control-allow-origin" not in h
+    assert status == 200 and "access-control-allow-origin" not in h  # the browser refuses it
 
 
 def test_static_path_cannot_leave_its_folder(locked):

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from chromium_util import Chromium, find_chromium
-from server_util import ROOT, ServerProcess, raw_request
+from server_util import ROOT, raw_request, served
 
 THREADS = os.environ.get("TEST_THREADS", "2")
 PROMPT = "User: What is the capital of France?\nAssistant:"
@@ -30,14 +30,9 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     log = tmp_path_factory.mktemp("srv") / "server.log"
-    s = ServerProcess(["-np", "2", "-c", "4096", "-t", THREADS, "-tb", THREADS, "--metrics",
-                       "-a", "test-model"], log)
-    try:
-        s.wait_ready()
+    with served(["-np", "2", "-c", "4096", "-t", THREADS, "-tb", THREADS, "--metrics",
+                 "-a", "test-model"], log, show_log=True) as s:
         yield s
-    finally:
-        code = s.stop()
-        print(f"\nserver exit code {code}; log tail:\n{s.log_tail(10)}")
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +51,9 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory, site):
     log = tmp_path_factory.mktemp("locked") / "server.log"
-    s = ServerProcess(["-np", "1", "-c", "1024", "-t", THREADS, "--api-key", KEY, "--path", str(site),
-                       "--max-queue", "1", "--no-slots", "-to", "30"], log, api_key=KEY)
-    try:
-        s.wait_ready()
+    with served(["-np", "1", "-c", "1024", "-t", THREADS, "--api-key", KEY, "--path", str(site),
+                 "--max-queue", "1", "--no-slots", "-to", "30"], log, api_key=KEY) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def completion(srv, prompt=PROMPT, **kw) -> dict:
@@ -213,7 +204,10 @@ def test_openai_params_and_n(srv):
     a = srv.post("/v1/completions", body).json()
     b = srv.post("/v1/completions", {**body, "logit_bias": [[1, False]]}).json()
     assert a["choices"][0]["text"] == b["choices"][0]["text"]  # same seed, same bias
-    assert_error(srv.post("/v1/completions", {**body, "n": 2}), 400, "invalid_request_error")
+    two = srv.post("/v1/completions", {**body, "n": 2}).json()  # n up to --parallel (2 here)
+    assert sorted(c["index"] for c in two["choices"]) == [0, 1]
+    assert 2 <= two["usage"]["completion_tokens"] <= 8 and two["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"]
+    assert_error(srv.post("/v1/completions", {**body, "n": 3}), 400, "invalid_request_error")
     assert_error(srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}),
                  400, "invalid_request_error")
 
@@ -273,8 +267,11 @@ def test_client_disconnect_frees_slot(srv):
             break
         time.sleep(0.05)
     assert not any(s["is_processing"] for s in slots), slots
-    # the slot's sequence is back to (only) the shared system prompt
-    assert all(s["n_past"] == s["n_system_tokens"] for s in slots), slots
+    # the cancelled request's slot is back to (only) the shared system prompt; the others may
+    # keep a finished request's tokens as their prompt cache, and every slot's KV holds exactly
+    # what the slot accounts for
+    assert any(s["n_past"] == s["n_system_tokens"] for s in slots), slots
+    assert all(s["kv_pos_max"] == s["n_past"] - 1 for s in slots), slots
     assert completion(srv, n_predict=2)["tokens_predicted"] >= 1  # and it still serves
 
 
@@ -291,7 +288,7 @@ def test_system_prompt_and_anti_prompt_replacement(srv):
         n_sys = props["n_system_prompt_tokens"]
         assert n_sys > 10
         # following requests continue the new system prompt (reused from the cache)...
-        c2 = completion(srv, prompt="User: Hello\nAssistant:", n_predict=32)
+        c2 = completion(srv, prompt="User: Hello\nAssistant:", n_predict=32, cache_prompt=False)
         assert c2["timings"]["cache_n"] == n_sys
         assert c2["tokens_evaluated"] == n_sys + c2["timings"]["prompt_n"]
         # ... and stop at the anti-prompt without emitting it
@@ -319,8 +316,8 @@ def test_error_statuses(srv):
     assert_error(requests.post(url + "/completion", data=b"\xff\xfe", timeout=30), 400, "invalid_request_error")
     for bad in ({"prompt": 3}, {"prompt": "a", "n_predict": "5"}, {"prompt": "a", "temperature": -1},
                 {"prompt": "a", "n_predict": -5}, {"prompt": "a", "stop": [1]}, {"prompt": [1, 2, 10**9]},
-                {"prompt": "a", "logit_bias": {"abc": 1}}, {"prompt": "a", "top_p": 2},
-                {"prompt": ["a", "b"]}, {}, {"prompt": "a", "stream": "yes"}):
+                {"prompt": "a", "logit_bias": {"abc": "x"}}, {"prompt": "a", "top_p": 2},
+                {"prompt": [[1], []]}, {}, {"prompt": "a", "stream": "yes"}):
         assert_error(srv.post("/completion", bad), 400, "invalid_request_error")
     assert_error(srv.post("/v1/chat/completions", {"messages": "hi"}), 400, "invalid_request_error")
     assert_error(srv.post("/v1/chat/completions", {"messages": [{"content": "no role"}]}), 400, "invalid_request_error")
