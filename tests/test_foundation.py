@@ -523,6 +523,28 @@ def test_sampler_chain(ctx, batch, vocab):
     ctx.memory.clear()
 
 
+def test_plain_greedy_takes_the_argmax_shortcut(ctx, batch, vocab):
+    """Plain greedy skips the chain (numpy argmax) and picks what llama.cpp's greedy sampler
+    picks, row after row; greedy with a bias or a penalty still runs the chain."""
+    ctx.memory.clear()
+    batch.clear()
+    toks = vocab.tokenize(PROMPT_A + " The capital of Italy is Rome, and the capital of Spain is")
+    batch.add_sequence(toks, 0, 0)
+    batch.logits[:] = 1  # an output row for every token: many different distributions
+    assert ctx.decode(batch.c_batch) == 0
+    with Sampler(SamplingParams(temperature=0), ctx.n_vocab) as fast, \
+         Sampler(SamplingParams(temperature=0), ctx.n_vocab) as chain:
+        assert fast._argmax
+        chain._argmax = False  # the llama.cpp chain (greedy sampler) on the same rows
+        for i in range(len(toks)):
+            assert fast.sample(ctx, i) == chain.sample(ctx, i)
+    for p in (SamplingParams(temperature=0, logit_bias={42: 1.0}),
+              SamplingParams(temperature=0, repeat_penalty=1.1), SamplingParams(temperature=0.5)):
+        with Sampler(p, ctx.n_vocab) as s:
+            assert not s._argmax
+    ctx.memory.clear()
+
+
 # --- loading errors ----------------------------------------------------------------------------
 
 
