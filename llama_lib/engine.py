@@ -128,15 +128,48 @@ class RequestParams:
     slot: int | None = None        # run in this slot (waits for it); None: the free slot
                                    # with the most similar cache, else the least recently used
     cache_prompt: bool = True      # reuse the prefix the slot's KV cache shares with the prompt
+    # llama-server's n_probs: with n > 0 every generated token carries its log-probability and
+    # the n most probable tokens (softmax of the raw logits row, before any sampler). 0: none.
+    n_probs: int = 0
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 
 @dataclass
+class TokenProbs:
+    """One generated token's probabilities (llama-server's completion_token_output).
+
+    Log-probabilities of the softmax over the whole vocabulary of the raw logits (before
+    logit bias, penalties or any sampler), as llama-server without post_sampling_probs."""
+
+    token: int
+    text: str                  # the text emitted with this token ("" while held back)
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the n_probs most probable, best first
+
+
+@dataclass
 class Chunk:
-    """A piece of streamed output: whole UTF-8 text and the token ids that produced it."""
+    """A piece of streamed output: whole UTF-8 text and the token ids that produced it.
+
+    `probs`: for a request with n_probs > 0, one entry per token of `tokens`; else None."""
 
     text: str
     tokens: list[int]
+    probs: list[TokenProbs] | None = None
+
+
+def token_probs(logits: np.ndarray, tok: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-softmax of a logits row at `tok` and its `n` largest entries, best first.
+
+    Stable: the row's maximum is subtracted and the sum is taken in float64. The row is read,
+    never written (it may be llama.cpp's own buffer)."""
+    m = float(logits.max())
+    lse = m + float(np.log(np.exp(logits - m, dtype=np.float32).sum(dtype=np.float64)))
+    n = min(n, len(logits))
+    top = np.argpartition(logits, len(logits) - n)[len(logits) - n:]
+    top = top[np.argsort(-logits[top], kind="stable")]
+    vals = logits[top].astype(np.float64) - lse
+    return float(logits[tok]) - lse, list(zip(top.tolist(), vals.tolist()))
 
 
 @dataclass
@@ -184,6 +217,9 @@ class Request:
         self.n_cached_tokens = 0
         self.tokens: list[int] = []             # generated token ids
         self.text_parts: list[str] = []         # emitted text (stop strings cut off)
+        # with params.n_probs > 0: one entry per generated token that was emitted (an
+        # end-of-generation token that ends the request has none)
+        self.probs: list[TokenProbs] = []
         self.finish_reason: FinishReason | None = None
         self.stopping_word = ""
         self.error: str | None = None
@@ -248,11 +284,13 @@ class Request:
 
     # -- engine side ------------------------------------------------------------------------
 
-    def _emit(self, text: str, tokens: list[int]) -> None:
+    def _emit(self, text: str, tokens: list[int], probs: list[TokenProbs] | None = None) -> None:
         if text:
             self.text_parts.append(text)
+        if probs:
+            self.probs.extend(probs)
         if text or tokens:
-            self._stream.put(Chunk(text, tokens))
+            self._stream.put(Chunk(text, tokens, probs))
 
     def _finish(self, reason: FinishReason, error: str | None = None) -> None:
         if self._done.is_set():
@@ -921,7 +959,13 @@ class Engine:
                 self._release(s, FinishReason.EOS)
                 continue
             text, stop = s.matcher.feed(vocab.token_to_piece(tok), check)
-            r._emit(text, [tok])
+            if p.n_probs > 0:
+                t1 = time.perf_counter()
+                lp, top = token_probs(self.ctx.logits(ib - lo), tok, p.n_probs)
+                st.t_sample += time.perf_counter() - t1
+                r._emit(text, [tok], [TokenProbs(tok, text, lp, top)])
+            else:
+                r._emit(text, [tok])
             if stop is not None:
                 r.stopping_word = stop
                 self._release(s, FinishReason.STOP)

@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from llama_lib import FinishReason, RequestParams, SamplingParams, apply_chat_template
 
@@ -234,6 +234,7 @@ class Defaults:
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
+    grammar: str | None = None  # GBNF of --grammar / --json-schema, for requests with none
 
 
 @dataclass
@@ -280,8 +281,12 @@ def _sampling(body: dict, d: Defaults, tok: Tokenizer | None = None) -> Sampling
         presence_penalty=get_float(body, "presence_penalty", d.presence_penalty, -2.0, 2.0),
         seed=None if seed == -1 else seed,
         logit_bias=get_logit_bias(body, tok),
-        grammar=get_grammar(body),
+        grammar=_or_default(get_grammar(body), d.grammar),
     )
+
+
+def _or_default(value, default):
+    return default if value is None else value
 
 
 def _check_logit_bias(sp: SamplingParams, n_vocab: int) -> None:
@@ -409,7 +414,31 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     job = Job(kind=kind, prompt=prompts[0], params=params, stream=get_bool(body, "stream", False),
               system_update=update, prompts=prompts)
     _common_fields(job, body, info)
+    # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
+    # alias of n_probs, on both endpoints
+    params.n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX,
+                                      aliases=("logprobs",)), d)
     return job
+
+
+def _n_probs(n: int, d: Defaults) -> int:
+    """n_probs as the engine takes it: at most the whole vocabulary."""
+    return min(n, d.n_vocab)
+
+
+# OpenAI's bound of chat's top_logprobs
+TOP_LOGPROBS_MAX = 20
+
+
+def _chat_n_probs(body: dict, d: Defaults) -> int:
+    """Chat's logprobs (bool) + top_logprobs as llama-server maps them onto n_probs:
+    logprobs true gives top_logprobs (default 20) candidates; top_logprobs alone is refused."""
+    top = get_int(body, "top_logprobs", TOP_LOGPROBS_MAX, lo=0, hi=TOP_LOGPROBS_MAX)
+    if get_bool(body, "logprobs", False):
+        return _n_probs(top, d)
+    if body.get("top_logprobs") is not None:
+        raise bad_request("top_logprobs requires logprobs to be set to true")
+    return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX), d)
 
 
 def _common_fields(job: Job, body: dict, info: ServerInfo) -> None:
@@ -541,6 +570,7 @@ def parse_chat(body: Any, d: Defaults, template: str, info: ServerInfo | None = 
         # drop the space the model writes after "Assistant:", but not inside a continued prefill
         job.strip_leading = not chat.prefill
     _common_fields(job, body, info)
+    params.n_probs = _chat_n_probs(body, d)
     return job
 
 
@@ -659,7 +689,7 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "stream": stream,
         "logit_bias": format_logit_bias(s.logit_bias),
         "min_keep": 0,
-        "n_probs": 0,
+        "n_probs": p.n_probs,
         "samplers": ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"],
         # not implemented here: the values that turn them off
         "dynatemp_range": 0.0,
@@ -751,6 +781,39 @@ def completion_chunk(h, text: str, tokens: list[int], n_predicted: int, index: i
         "tokens_predicted": n_predicted,
         "tokens_evaluated": h.n_cached_tokens + h.n_prompt_tokens,
     }
+
+
+# llama-server writes the lowest float for log(0) (JSON has no -inf)
+_LOGPROB_MIN = -3.4028234663852886e38
+
+
+def _logprob(x: float) -> float:
+    return x if math.isfinite(x) else _LOGPROB_MIN
+
+
+def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
+               strip_leading: bool = False) -> list[dict]:
+    """llama-server's completion_probabilities / OpenAI's logprobs.content: per generated token
+    (engine `TokenProbs`) its id, the text sent with it ("token", with "bytes"), its logprob
+    and its top_logprobs (each candidate's text is its piece; `piece(id)` gives the bytes).
+
+    `strip_leading`: the answer's text had its leading whitespace dropped; the first
+    entries' texts are stripped alike, so that the tokens still spell the answer."""
+    out = []
+    strip = strip_leading
+    for e in entries:
+        text = e.text
+        if strip:
+            text = text.lstrip()
+            strip = not text
+        top = []
+        for tid, lp in e.top:
+            b = piece(tid)
+            top.append({"id": tid, "token": b.decode("utf-8", "ignore"), "bytes": list(b),
+                        "logprob": _logprob(lp)})
+        out.append({"id": e.token, "token": text, "bytes": list(text.encode("utf-8")),
+                    "logprob": _logprob(e.logprob), "top_logprobs": top})
+    return out
 
 
 def _oai_head(job: Job, model: str, obj: str) -> dict:

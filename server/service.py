@@ -19,7 +19,7 @@ from typing import Iterator
 
 from llama_lib import (
     Engine, EngineClosed, EngineConfig, FinishReason, Model, PromptTooLong, QueueFull,
-    apply_chat_template,
+    SamplingParams, apply_chat_template,
 )
 
 from llama_lib.loader import lib
@@ -133,6 +133,11 @@ class Service:
         s = self.settings
         t0 = time.perf_counter()
         self.model = model = Model(s.model_path, n_gpu_layers=s.n_gpu_layers, use_mmap=s.use_mmap)
+        if s.defaults.grammar:  # --grammar / --json-schema: refuse a bad one before serving
+            try:
+                SamplingParams(grammar=s.defaults.grammar).validate(vocab=model.vocab)
+            except ValueError as e:
+                raise ValueError(f"the default grammar (--grammar/--json-schema): {e}") from None
         # -c means what it means to llama-server: the total split over the slots. The engine
         # holds one more sequence (0, the shared system prompt) of the same size.
         total = s.ctx_size or model.n_ctx_train
@@ -150,6 +155,7 @@ class Service:
         )
         self.engine = Engine(model, cfg)
         self.defaults.n_vocab = model.vocab.n_tokens
+        self.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens, chat template: %s",
@@ -534,12 +540,33 @@ class Service:
         """The non-streamed answer of one finished handle, in the job's shape."""
         res = api.completion_result(h, job, self.model_name, self.n_ctx_slot, text,
                                     self.prompt_text(h, job), index)
+        probs = self._final_probs(h, job) if job.params.n_probs > 0 else []
+        if probs:
+            res["completion_probabilities"] = probs
         if job.kind == api.KIND_COMPLETION:
             return api.project_fields(res, job.response_fields)
         verbose = res if job.verbose else None
         if job.kind == api.KIND_OAI_CHAT:
-            return api.oai_chat(h, job, self.model_name, text, verbose, index)
-        return api.oai_completion(h, job, self.model_name, text, verbose, index)
+            out = api.oai_chat(h, job, self.model_name, text, verbose, index)
+        else:
+            out = api.oai_completion(h, job, self.model_name, text, verbose, index)
+        if probs:
+            out["choices"][0]["logprobs"] = {"content": probs}
+        return out
+
+    def _final_probs(self, h, job: Job) -> list[dict]:
+        """The per-token probabilities of a finished (not streamed) request. After a stop
+        string, as llama-server, the last entries are dropped, at most as many as the stop
+        string has tokens (those that spelled it); here only those that sent no text, so
+        that the entries still spell the answer."""
+        entries = h.probs
+        if h.finish_reason == FinishReason.STOP and h.stopping_word:
+            n = len(entries)
+            lo = max(0, n - len(self.tokenize_text(h.stopping_word)))
+            while n > lo and not entries[n - 1].text:
+                n -= 1
+            entries = entries[:n]
+        return api.probs_json(entries, self.model.vocab.token_to_piece, job.strip_leading)
 
     def stream(self, job: Job, watch=_no_watch) -> Iterator[object]:
         """Submit now (so errors are raised before any byte is sent), stream lazily.
@@ -595,6 +622,14 @@ class Service:
         finally:
             h.cancel()  # no-op when finished; frees the slot when the client went away
 
+    def _chunk_probs(self, chunk, text: str) -> list[dict]:
+        """A streamed chunk's probabilities; a chunk is one token, sent with `text` (its text
+        after the leading-whitespace strip, if any)."""
+        entries = chunk.probs
+        if len(entries) == 1 and entries[0].text != text:
+            entries = [dataclasses.replace(entries[0], text=text)]
+        return api.probs_json(entries, self.model.vocab.token_to_piece)
+
     def _events(self, job: Job, h, model: str, index: int = 0, done: bool = True) -> Iterator[object]:
         """The SSE events of one handle, in llama-server's order and shapes. `index` is the
         choice's index (n > 1, several prompts); `done` ends with `data: [DONE]`."""
@@ -609,12 +644,18 @@ class Service:
                 text = text.lstrip()
                 strip = not text
             if job.kind == api.KIND_COMPLETION:
-                yield api.completion_chunk(h, text, chunk.tokens, n, index)
+                ev = api.completion_chunk(h, text, chunk.tokens, n, index)
+                if chunk.probs:
+                    ev["completion_probabilities"] = self._chunk_probs(chunk, text)
+                yield ev
             elif text:
                 if job.kind == api.KIND_OAI_CHAT:
-                    yield api.oai_chat_chunk(job, model, {"content": text}, index=index)
+                    ev = api.oai_chat_chunk(job, model, {"content": text}, index=index)
                 else:
-                    yield api.oai_completion_chunk(job, model, text, index=index)
+                    ev = api.oai_completion_chunk(job, model, text, index=index)
+                if chunk.probs:
+                    ev["choices"][0]["logprobs"] = {"content": self._chunk_probs(chunk, text)}
+                yield ev
         self._record(h)
         failed = h.finish_reason == FinishReason.ERROR or (
             h.finish_reason == FinishReason.CANCELLED and self.closing)
