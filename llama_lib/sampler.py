@@ -91,6 +91,7 @@ class Sampler(OwnedPointer):
     """
 
     _argmax = False
+    _bias_ids = None
 
     def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
         L = lib()
@@ -137,11 +138,13 @@ class Sampler(OwnedPointer):
             L.llama_sampler_chain_add(self.ptr, smpl)  # the chain owns it from here on
 
         p = params
-        # Plain greedy (no bias, no penalties, no grammar) is an argmax of the logits row: numpy
+        # Greedy without penalties or grammar is an argmax of the (biased) logits row: numpy
         # does it in tens of microseconds where the chain first copies all 262k candidates.
-        self._argmax = (p.temperature <= 0 and not p.logit_bias and not p.grammar
-                        and p.repeat_penalty == 1.0 and not p.frequency_penalty
-                        and not p.presence_penalty)
+        self._argmax = (p.temperature <= 0 and not p.grammar and p.repeat_penalty == 1.0
+                        and not p.frequency_penalty and not p.presence_penalty)
+        if self._argmax and p.logit_bias:
+            self._bias_ids = np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias))
+            self._bias = np.fromiter(p.logit_bias.values(), np.float32, len(p.logit_bias))
         if p.logit_bias:
             arr = (B.llama_logit_bias * len(p.logit_bias))()
             for i, (tok, bias) in enumerate(p.logit_bias.items()):
@@ -169,8 +172,12 @@ class Sampler(OwnedPointer):
     def sample(self, ctx, i: int) -> int:
         """Sample from output row i of ctx's last decode and accept the token into the chain
         (and the grammar)."""
-        if self._argmax:
-            return int(np.argmax(ctx.logits(i)))  # the greedy chain keeps no state to accept
+        if self._argmax:  # the greedy chain keeps no state to accept
+            row = ctx.logits(i)
+            if self._bias_ids is not None:
+                row = row.copy()
+                row[self._bias_ids] += self._bias  # llama_sampler_logit_bias: logit += bias
+            return int(np.argmax(row))
         if self.grammar is None:
             return self._sample(self.ptr, ctx.ptr, i)
         L = lib()

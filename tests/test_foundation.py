@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -538,9 +539,19 @@ def test_plain_greedy_takes_the_argmax_shortcut(ctx, batch, vocab):
         chain._argmax = False  # the llama.cpp chain (greedy sampler) on the same rows
         for i in range(len(toks)):
             assert fast.sample(ctx, i) == chain.sample(ctx, i)
-    for p in (SamplingParams(temperature=0, logit_bias={42: 1.0}),
-              SamplingParams(temperature=0, repeat_penalty=1.1), SamplingParams(temperature=0.5)):
-        with Sampler(p, ctx.n_vocab) as s:
+    # with biases: a ban (-inf) of each row's top token and a boost, as the chain applies them
+    for i in range(len(toks)):
+        top = int(np.argmax(ctx.logits(i)))
+        bias = {top: -math.inf, 1000 + i: 5.0}
+        with Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as fast, \
+             Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as chain:
+            assert fast._argmax
+            chain._argmax = False
+            got = fast.sample(ctx, i)
+            assert got != top and got == chain.sample(ctx, i)
+    for p in (SamplingParams(temperature=0, repeat_penalty=1.1), SamplingParams(temperature=0.5),
+              SamplingParams(temperature=0, grammar='root ::= "a"')):
+        with Sampler(p, ctx.n_vocab, vocab) as s:
             assert not s._argmax
     ctx.memory.clear()
 
