@@ -19,6 +19,7 @@ more sequence of that size for the shared system prompt, so it allocates N / np 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -238,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat alpha presence penalty, -2..2 (default: 0.00, 0.0 = disabled)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="N",
                    help="repeat alpha frequency penalty, -2..2 (default: 0.00, 0.0 = disabled)")
+    gg = g.add_mutually_exclusive_group()
+    gg.add_argument("--grammar", metavar="GRAMMAR",
+                    help="BNF-like grammar (GBNF) to constrain generations")
+    gg.add_argument("--grammar-file", metavar="FNAME", help="file to read grammar from")
+    gg.add_argument("-j", "--json-schema", metavar="SCHEMA",
+                    help="JSON schema to constrain generations (https://json-schema.org/), e.g. "
+                         "`{\"type\": \"object\"}` for any JSON object")
+    gg.add_argument("-jf", "--json-schema-file", metavar="FILE",
+                    help="file containing a JSON schema to constrain generations")
     g.add_argument("--ignore-eos", action="store_true",
                    help="ignore end of stream token and continue generating")
 
@@ -354,6 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= getattr(args, name) <= 2.0:
             p.error(f"--{name.replace('_', '-')} must be between -2 and 2")
+    args.grammar_text = _default_grammar(p, args)
     # comma lists: aliases and tags are sets in llama-server (sorted, no duplicates)
     args.aliases = sorted({x for group in args.alias for x in group})
     args.tags = sorted({x for group in args.tags for x in group})
@@ -384,6 +395,37 @@ def _log_level(args: argparse.Namespace) -> int:
     if args.verbose or args.verbosity >= 4:
         return logging.DEBUG
     return {2: logging.WARNING, 3: logging.INFO}.get(args.verbosity, logging.ERROR)
+
+
+def _default_grammar(p: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The GBNF of --grammar/--grammar-file/-j/-jf (requests without their own grammar,
+    json_schema or response_format follow it), checked as a request's would be."""
+    from .api import ApiError
+    from .structured import get_grammar
+
+    flag, text = next(((f, v) for f, v in (("--grammar", args.grammar),
+                                            ("--grammar-file", args.grammar_file),
+                                            ("--json-schema", args.json_schema),
+                                            ("--json-schema-file", args.json_schema_file))
+                       if v is not None), (None, None))
+    if flag is None:
+        return None
+    if flag.endswith("-file"):
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            p.error(f"{flag}: failed to open file '{text}': {e}")
+    if flag.startswith("--grammar"):
+        return get_grammar({"grammar": text}) or None
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        p.error(f"{flag}: not JSON: {e}")
+    try:
+        return get_grammar({"json_schema": schema})
+    except ApiError as e:
+        p.error(f"{flag}: {e.message}")
 
 
 def _listen(service, hosts: list[str], port: int, **kw) -> list:
@@ -459,7 +501,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = ""):
             top_p=args.top_p, min_p=args.min_p, typical_p=args.typical,
             repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt),
+            ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt, grammar=args.grammar_text),
         n_keep=args.keep, slot_prompt_similarity=args.slot_prompt_similarity,
         system_prompt=system_prompt, chat_template=args.chat_template,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,

@@ -7,6 +7,7 @@ feed); a few start the real server with llama-server-style flags, as upstream's 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -350,3 +351,39 @@ def test_slot_prompt_similarity_flag(capsys):
     assert build_settings(parse_args(["-sps", "0.5"])).slot_prompt_similarity == 0.5
     assert build_settings(parse_args(["--slot-prompt-similarity", "0"])).slot_prompt_similarity == 0.0
     assert "--slot-prompt-similarity must be in 0..1" in cli_error(capsys, ["-sps", "1.5"])
+
+
+def test_grammar_and_json_schema_flags(tmp_path, capsys):
+    """--grammar/--grammar-file/-j/-jf become the default grammar of requests without one."""
+    assert build_settings(parse_args([])).defaults.grammar is None
+    g = build_settings(parse_args(["--grammar", 'root ::= "yes" | "no"'])).defaults.grammar
+    assert g == 'root ::= "yes" | "no"'
+    f = tmp_path / "g.gbnf"
+    f.write_text('root ::= "a"')
+    assert build_settings(parse_args(["--grammar-file", str(f)])).defaults.grammar == 'root ::= "a"'
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "integer"}')
+    for argv in (["-j", '{"type": "integer"}'], ["-jf", str(schema)]):
+        assert "root" in build_settings(parse_args(argv)).defaults.grammar
+    assert "not JSON" in cli_error(capsys, ["-j", "{nope"])
+    assert "uniqueItems" in cli_error(capsys, ["-j", '{"type": "array", "uniqueItems": true}'])
+    assert "failed to open" in cli_error(capsys, ["-jf", str(tmp_path / "missing.json")])
+    assert "not allowed with" in cli_error(capsys, ["-j", "{}", "--grammar", 'root ::= "a"'])
+    d = build_settings(parse_args(["-j", '{"type": "integer"}'])).defaults
+    assert api._sampling({}, d).grammar == d.grammar                     # the default applies
+    assert api._sampling({"grammar": 'root ::= "b"'}, d).grammar == 'root ::= "b"'  # a request's wins
+
+
+def test_json_schema_flag_constrains_a_real_server(tmp_path):
+    log = tmp_path / "server.log"
+    s = ServerProcess(["-np", "1", "-c", "512", "-t", "2", "-j", '{"enum": ["red", "green"]}'], log)
+    try:
+        s.wait_ready()
+        r = s.post("/completion", {"prompt": "My favourite colour is", "n_predict": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["content"]) in ("red", "green")
+    finally:
+        s.stop()
+    bad = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--grammar", "root ::= nope"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "default grammar" in bad.stderr
