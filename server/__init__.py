@@ -45,6 +45,22 @@ Choices worth knowing (where llama-server leaves room or we differ):
   messages at the end, or `add_generation_prompt` with `continue_final_message`, are 400.
   `logit_bias` keys may be texts (tokenized without BOS, each token biased); `ignore_eos`
   bans the end-of-generation tokens, listed in `generation_settings.logit_bias` with bias null.
+- Structured output: `grammar` (GBNF), `json_schema` and `response_format` are read on every
+  generation endpoint (llama-server reads `response_format` only in chat); a grammar together
+  with a schema is 400 everywhere (on `/completion` llama-server lets the grammar win). Our own
+  JSON Schema converter (`llama_lib.json_schema`) refuses keywords it cannot enforce (`not`,
+  `if`, `uniqueItems`, `multipleOf`, `minimum` on `number`, ...) with a 400 naming them, where
+  llama.cpp ignores some; a `pattern` without `^`/`$` is a search, as JSON Schema defines it.
+- Token probabilities (`n_probs` on /completion, `logprobs`/`top_logprobs` in OpenAI requests)
+  are the softmax of the raw logits, before logit bias, penalties and samplers;
+  `post_sampling_probs` is accepted but gives these same pre-sampling figures. `top_logprobs`
+  is at most 20 and a negative `n_probs` is 400. The end-of-generation token that ends a
+  request gets no entry.
+- Prompt cache: a finished request's tokens stay in its slot's KV; a new request goes to the
+  idle slot whose cache shares the largest part of its prompt (`-sps`, default 0.1; else the
+  least recently used) and decodes the rest. A cancelled or failed request's cells are freed.
+  With Gemma 3's sliding-window cache a prefix whose window is gone is decoded again (no
+  checkpoints here). `--cache-reuse` (chunk reuse by KV shifting) is accepted and not used.
 - The model name in responses is `-a/--alias` (a comma list, kept sorted and deduplicated as
   llama-server's set: the first in sorted order), else the model's file name.
 - llama-server's flags are accepted with its spellings and meanings where we have the feature
