@@ -304,12 +304,13 @@ def test_prompt_cache_same_prompt_twice_decodes_only_the_last_token(model):
 def test_prompt_cache_picks_the_slot_sharing_a_prefix(model, vocab):
     prompts = [vocab.tokenize(question(q), add_special=True) for q in
                ("Tell me about the history of Rome.", "Name three colors.", "What is a prime number?")]
+    order = (1, 2, 0)  # prompts[0] lands in slot 2: the lowest-free-slot rule alone would not pick it
     with make_engine(model, n_parallel=3) as e:
-        # the first finishes last: the least recently used rule alone would not pick its slot
-        hs = [e.submit(p, greedy(n, ignore_eos=True)) for p, n in zip(prompts, (12, 4, 6))]
+        hs = [None] * 3
+        for k in order:
+            hs[k] = e.submit(prompts[k], greedy((12, 4, 6)[k], ignore_eos=True))
         e.run_until_idle()
-        assert len({h.slot_id for h in hs}) == 3
-        assert hs[0].timings.done > max(hs[1].timings.done, hs[2].timings.done)
+        assert [hs[k].slot_id for k in order] == [0, 1, 2]
         follow = np.concatenate([prompts[0], vocab.tokenize(" Answer briefly.\n", add_special=False)])
         before = e.stats.n_prompt_tokens
         f = e.submit(follow, greedy(8, ignore_eos=True))
@@ -317,14 +318,16 @@ def test_prompt_cache_picks_the_slot_sharing_a_prefix(model, vocab):
         assert f.slot_id == hs[0].slot_id
         assert f.n_cached_tokens >= len(prompts[0])
         assert e.stats.n_prompt_tokens - before == f.n_prompt_tokens == len(follow) - f.n_cached_tokens
-    # with similarity selection off, the least recently used slot is taken instead
+    # with similarity selection off, the lowest free slot is taken instead (slot 0, which
+    # holds prompts[1]): its cache is still reused as far as it matches
     with make_engine(model, n_parallel=3, slot_prompt_similarity=0.0) as e:
-        hs = [e.submit(p, greedy(n, ignore_eos=True)) for p, n in zip(prompts, (12, 4, 6))]
+        for k in order:
+            e.submit(prompts[k], greedy((12, 4, 6)[k], ignore_eos=True))
         e.run_until_idle()
         g = e.submit(follow, greedy(8, ignore_eos=True))
         e.run_until_idle()
         n_common = next(i for i, (u, v) in enumerate(zip(prompts[1], follow)) if u != v)
-        assert g.slot_id == hs[1].slot_id and g.n_cached_tokens == n_common < len(prompts[0])
+        assert g.slot_id == 0 and g.n_cached_tokens == n_common < len(prompts[0])
     assert f.text == g.text == _fresh(model, follow, 8)
 
 
@@ -425,7 +428,8 @@ def test_unified_kv_drops_idle_prompt_caches_before_failing(model):
         assert a.finish_reason == FinishReason.LENGTH
         seq_a = e.slots[a.slot_id].seq_id
         assert e.seq_pos_max(seq_a) > 300
-        b = e.submit("Music was played everywhere. " * 8, greedy(300, ignore_eos=True))
+        b = e.submit("Music was played everywhere. " * 8,
+                     greedy(300, ignore_eos=True, slot=1 - a.slot_id))  # the other slot
         e.run_until_idle()
         assert b.slot_id != a.slot_id
         assert b.finish_reason == FinishReason.LENGTH and b.n_generated == 300, b.error

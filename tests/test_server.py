@@ -303,7 +303,7 @@ def test_system_prompt_and_anti_prompt_replacement(srv):
         completion(srv, prompt="x", n_predict=1, system_prompt="", anti_prompt="", assistant_name="Assistant:")
     props = srv.get("/props").json()
     assert props["system_prompt"] == "" and props["anti_prompt"] == []
-    assert completion(srv, n_predict=2)["timings"]["cache_n"] == 0
+    assert completion(srv, n_predict=2, cache_prompt=False)["timings"]["cache_n"] == 0  # no system prompt
 
 
 # -- errors -----------------------------------------------------------------------------------
