@@ -58,7 +58,9 @@ Choices worth knowing (where llama-server leaves room or we differ):
   request gets no entry.
 - Prompt cache: a finished request's tokens stay in its slot's KV; a new request goes to the
   idle slot whose cache shares the largest part of its prompt (`-sps`, default 0.1; else the
-  least recently used) and decodes the rest. A cancelled or failed request's cells are freed.
+  lowest free one, where llama-server takes the least recently used: llama.cpp splits a batch
+  whose sequences have gaps into several ubatches, so keeping them contiguous is faster) and
+  decodes the rest. A cancelled or failed request's cells are freed.
   With Gemma 3's sliding-window cache a prefix whose window is gone is decoded again (no
   checkpoints here). `--cache-reuse` (chunk reuse by KV shifting) is accepted and not used.
 - The model name in responses is `-a/--alias` (a comma list, kept sorted and deduplicated as
