@@ -2,7 +2,9 @@
 
 from .loader import (
     DEFAULT_MODEL,
+    BuildInfo,
     LlamaLibraryError,
+    build_info,
     default_model_path,
     load_library,
     system_info,
@@ -13,9 +15,9 @@ from .batch import Batch
 from .sampler import Sampler, SamplingParams
 
 __all__ = [
-    "Batch", "Context", "ContextError", "ContextParams", "DEFAULT_MODEL", "DecodeError",
+    "Batch", "BuildInfo", "Context", "ContextError", "ContextParams", "DEFAULT_MODEL", "DecodeError",
     "LlamaLibraryError", "Memory", "Model", "ModelLoadError", "Sampler", "SamplingParams",
-    "Vocab", "apply_chat_template", "builtin_chat_templates", "default_model_path",
+    "Vocab", "apply_chat_template", "build_info", "builtin_chat_templates", "default_model_path",
     "load_library", "system_info",
 ]
 

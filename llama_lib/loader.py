@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import _bindings as B
@@ -32,6 +34,37 @@ class LlamaLibraryError(RuntimeError):
     """The library could not be found, loaded, or is of the wrong version."""
 
 
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the loaded libllama was built, as far as it matters for speed and for comparisons.
+
+    openmp: ggml's CPU backend runs its threads with OpenMP (the default of a cmake build);
+    without it (the prebuilt npm library) ggml runs its own worker threads, which a persistent
+    thread pool keeps alive between decodes. cpu_backend: the file of the CPU backend in use
+    (e.g. libggml-cpu-haswell.so, one of the prebuilt variants, or a cmake build's libggml-cpu.so).
+    """
+
+    lib_dir: Path
+    layout: str
+    openmp: bool
+    cpu_backend: str
+    features: str
+
+    def describe(self) -> str:
+        return (f"{self.lib_dir} ({self.layout}, OpenMP {'on' if self.openmp else 'off'}, "
+                f"CPU backend {self.cpu_backend})")
+
+
+def _loaded_cpu_backend() -> str:
+    """The ggml CPU backend library mapped into this process (read from /proc/self/maps)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    names = sorted(set(re.findall(r"/(libggml-cpu[\w.-]*\.so[\w.]*)$", maps, re.M)))
+    return ",".join(names) or "built into libggml"
+
+
 class Library:
     """A loaded libllama with its functions declared; `.llama` and `.ggml` are the CDLLs."""
 
@@ -42,6 +75,7 @@ class Library:
         self.ggml = ggml
         self.version = llama.llama_version().decode()
         self._cpu_functions: dict[str, object] = {}
+        self._build_info: BuildInfo | None = None
 
     def cpu_function(self, name: str):
         """A function of ggml's CPU backend (ggml-cpu.h), or None when it does not export it.
@@ -56,6 +90,16 @@ class Library:
                 fn = B.prototype(B.GGML_CPU_FUNCTIONS, name)(addr)
             self._cpu_functions[name] = fn
         return self._cpu_functions[name]
+
+    @property
+    def build_info(self) -> BuildInfo:
+        if self._build_info is None:
+            features = self.llama.llama_print_system_info().decode()
+            self._build_info = BuildInfo(
+                lib_dir=self.lib_dir, layout=self.layout,
+                openmp=re.search(r"\bOPENMP = 1\b", features) is not None,
+                cpu_backend=_loaded_cpu_backend(), features=features.strip())
+        return self._build_info
 
     def __repr__(self) -> str:
         return f"Library(version={self.version!r}, dir={str(self.lib_dir)!r}, layout={self.layout!r})"
@@ -191,3 +235,8 @@ def lib() -> ctypes.CDLL:
 
 def system_info() -> str:
     return lib().llama_print_system_info().decode()
+
+
+def build_info() -> BuildInfo:
+    """How the loaded libllama was built (OpenMP or not, which CPU backend), loading it first."""
+    return library().build_info

@@ -683,7 +683,7 @@ def test_context_attaches_a_persistent_thread_pool(model, vocab):
     """Each context owns a ggml thread pool whose workers live as long as it does: decoding
     starts no threads of its own, and close() joins the workers (the pool is freed once)."""
     before = _thread_count()
-    c = Context(model, n_ctx=512, n_threads=3, n_threads_batch=3)
+    c = Context(model, n_ctx=512, n_threads=3, n_threads_batch=3, threadpool=True)
     try:
         assert len(c._threadpools) == 1
         assert _thread_count() == before + 2  # two workers beside the calling thread
@@ -704,7 +704,7 @@ def test_context_attaches_a_persistent_thread_pool(model, vocab):
 def test_separate_batch_thread_pool(model):
     """-t and -tb differ: one pool each, as llama.cpp's common_init attaches them."""
     before = _thread_count()
-    with Context(model, n_ctx=512, n_threads=1, n_threads_batch=3) as c:
+    with Context(model, n_ctx=512, n_threads=1, n_threads_batch=3, threadpool=True) as c:
         assert len(c._threadpools) == 2
         assert _thread_count() == before + 2  # the batch pool's two workers; none for -t 1
     assert _thread_count() == before
@@ -721,6 +721,18 @@ def test_thread_pool_gives_the_same_logits(model, vocab):
             assert c.decode(b.c_batch) == 0
             rows.append(c.logits(-1).copy())
     np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5, atol=1e-5)
+
+
+def test_thread_pool_by_default_exactly_without_openmp(model):
+    """The default attaches a pool only to a library built without OpenMP: there ggml would
+    start its threads in every decode; with OpenMP the pool only slows it down."""
+    info = llama_lib.build_info()
+    assert info.openmp == ("OPENMP = 1" in llama_lib.system_info())
+    assert info.cpu_backend.startswith("libggml-cpu") or info.cpu_backend == "built into libggml"
+    with Context(model, n_ctx=512) as c:
+        assert c.threadpool_attached == (not info.openmp)
+    with Context(model, n_ctx=512, threadpool=False) as c:
+        assert not c.threadpool_attached
 
 
 @pytest.mark.parametrize("bad", [{"poll": 101}, {"poll": -1}, {"prio": 4}, {"prio": -2}])
