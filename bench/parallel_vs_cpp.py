@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """examples/parallel.py against llama.cpp's own llama-parallel, on the same libllama.
 
-    python bench/parallel_vs_cpp.py                 # 2 alternating rounds, then -np 8
-    python bench/parallel_vs_cpp.py --rounds 3 --json
+    python bench/parallel_vs_cpp.py                 # 3 alternating rounds, then -np 8
+    python bench/parallel_vs_cpp.py --build prebuilt --json
     bench/parallel_vs_cpp --workload both           # also parallel.py exactly as shipped
 
 About 2 minutes on an idle 2-core machine (14 runs of 5-20 s); longer when other processes
@@ -11,12 +11,14 @@ compete (see "Noise" below).
 What it does:
 
 1. Builds llama.cpp v0.5.0 from .llama/src/llama.cpp (cloned by scripts/fetch_llama.sh) into
-   .llama/cpp-build once (`llama-parallel llama-server llama-batched-bench`, ~15 min on 2 cores),
-   and finds the folder holding the libllama.so / libggml*.so that `llama-parallel` uses.
+   .llama/cpp-build once (`llama-parallel llama-server llama-batched-bench`, ~15 min on 2 cores).
+   --build picks the libllama both programs run on (bench/_builds.py): `native`, the OpenMP
+   library of that build (the default), or `prebuilt`, the npm library in .llama/lib that
+   llama_lib loads by default (llama-parallel is run on it from .llama/cpp-on-prebuilt).
 2. Runs `llama-parallel` and `examples/parallel.py` (with LLAMA_LIB_DIR pointing at that same
    folder) with the same flags (`-np 4 -ns 16 -n 64 -s 1 -t 2 -tb 2 -c 8192`), without and with
    `-pps`, alternating C++ and Python runs for --rounds rounds, and reports each run's total t/s,
-   per configuration the medians and the ratio Python / C++ (target >= 0.98), and whether both
+   per configuration the medians and the ratio Python / C++ (target >= 1.00), and whether both
    programs did the same work (prompt and generated token counts, per request).
 3. Runs examples/parallel.py at `-np 8 -ns 32 -n 64` (and llama-parallel once for reference) and
    reports the Python time per step outside llama_decode and sampling (target < 0.5 ms).
@@ -52,6 +54,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _builds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOT = ROOT / ".llama"
@@ -104,11 +109,11 @@ def ensure_built(jobs: int, say) -> None:
         raise SystemExit(f"error: the build finished but {rel(CPP_PARALLEL)} is missing")
 
 
-def find_lib_dir() -> Path:
-    """The folder holding the libllama.so that llama-parallel loads (its RUNPATH / ldd)."""
+def find_lib_dir(binary: Path = CPP_PARALLEL, env: dict | None = None) -> Path:
+    """The folder holding the libllama that llama-parallel loads (its RUNPATH / ldd)."""
     try:
-        out = subprocess.run(["ldd", str(CPP_PARALLEL)], capture_output=True, text=True, timeout=30).stdout
-        m = re.search(r"libllama\.so[.\d]*\s*=>\s*(\S+)", out)
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30, env=env).stdout
+        m = re.search(r"libllama[.\w]*\.so[.\d]*\s*=>\s*(\S+)", out)
         if m and Path(m.group(1)).exists():
             return Path(m.group(1)).resolve().parent
     except (OSError, subprocess.SubprocessError):
@@ -142,7 +147,8 @@ def check_python_loads(lib_dir: Path) -> dict:
         "L = loader.load_library()\n"
         "g = L.ggml\n"
         "print(json.dumps({'version': L.version, 'layout': L.layout, 'dir': str(L.lib_dir),\n"
-        "  'n_backend_devices': g.ggml_backend_dev_count(), 'system_info': loader.system_info()}))\n"
+        "  'n_backend_devices': g.ggml_backend_dev_count(), 'system_info': loader.system_info(),\n"
+        "  'build': L.build_info.describe()}))\n"
     )
     env = dict(os.environ, LLAMA_LIB_DIR=str(lib_dir))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -299,16 +305,16 @@ RUN_KEYS = ("rc", "process_s", "cpu_s", "load1", "busy_before", "others_cores", 
 
 
 class Bench:
-    def __init__(self, a, lib_dir: Path, log_dir: Path, texts_file: Path | None, say):
+    def __init__(self, a, build, log_dir: Path, texts_file: Path | None, say):
         self.a = a
         self.say = say
         self.t_start = time.perf_counter()
-        self.lib_dir = lib_dir
+        self.build = build
         self.log_dir = log_dir
         self.texts_file = texts_file
         self.n = 0
-        self.env_py = dict(os.environ, LLAMA_LIB_DIR=str(lib_dir))
-        self.env_cpp = dict(os.environ)
+        self.env_py = build.env_ours()
+        self.env_cpp = build.env_cpp()
 
     def _left(self) -> float:
         """Seconds left of the --budget for waiting and retrying."""
@@ -346,7 +352,7 @@ class Bench:
 
     def cpp(self, np_: int, ns: int, pps: bool) -> dict:
         # -lv 4 only adds start-up lines (context sizes); nothing is logged per step at that level.
-        cmd = [str(CPP_PARALLEL), *common_flags(self.a, np_, ns, pps), "-lv", "4"]
+        cmd = [str(self.build.program("llama-parallel")), *common_flags(self.a, np_, ns, pps), "-lv", "4"]
         r = run_timed(cmd, self.env_cpp, self.a.timeout, self._log(f"cpp-np{np_}{'-pps' if pps else ''}"),
                       self._busy())
         res = {"impl": "cpp", "cmd": cmd, **{k: r[k] for k in RUN_KEYS}}
@@ -446,7 +452,10 @@ def median(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating C++/Python rounds per configuration (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating C++/Python rounds per configuration (default 3)")
+    ap.add_argument("--build", choices=_builds.NAMES, default="native",
+                    help="the libllama both programs run on: native (.llama/cpp-build, OpenMP) or "
+                         "prebuilt (.llama/lib, the npm library llama_lib loads by default)")
     ap.add_argument("-m", "--model", type=Path, default=None, help="GGUF model (default: the fetched default model)")
     ap.add_argument("-np", "--parallel", type=int, default=4)
     ap.add_argument("-ns", "--sequences", type=int, default=16)
@@ -503,8 +512,12 @@ def main() -> int:
         ap.error("--configs takes nopps, pps or nopps,pps")
 
     ensure_built(a.jobs, say)
-    lib_dir = find_lib_dir()
-    info = check_python_loads(lib_dir)
+    build = _builds.get(a.build)
+    lib_dir = find_lib_dir(build.program("llama-parallel"), build.env_cpp())
+    if lib_dir.resolve() != build.lib_dir.resolve():
+        raise SystemExit(f"error: llama-parallel would load {lib_dir}, not the {a.build} build in "
+                         f"{build.lib_dir}")
+    info = check_python_loads(build.lib_dir)
     cache = cmake_cache()
     texts_file = None
     workloads = ["matched", "builtin"] if a.workload == "both" else [a.workload]
@@ -517,10 +530,10 @@ def main() -> int:
         texts_file = log_dir / "cpp-texts.json"
         texts_file.write_text(json.dumps(cpp_texts(CPP_SOURCE)), encoding="utf-8")
 
-    say(f"llama-parallel: {rel(CPP_PARALLEL)}")
-    say(f"libllama:       {rel(lib_dir)} (llama_lib loads it: version {info['version']}, "
-        f"{info['layout']} layout, {info['n_backend_devices']} ggml device(s))")
-    say(f"build:          " + ", ".join(f"{k}={v}" for k, v in sorted(cache.items())))
+    say(f"llama-parallel: {rel(build.program('llama-parallel'))} (compiled with "
+        + ", ".join(f"{k}={v}" for k, v in sorted(cache.items())) + ")")
+    say(f"libllama:       {a.build}: {rel(lib_dir)}, for both (llama_lib loads it: version "
+        f"{info['version']}, {info['n_backend_devices']} ggml device(s); {info['build']})")
     say(f"cpu features:   {info['system_info'].strip()}")
     say(f"model:          {rel(a.model)}")
     say(f"flags:          -np {a.parallel} -ns {a.sequences} -n {a.n_predict} -s {a.seed} "
@@ -532,7 +545,7 @@ def main() -> int:
     say(f"logs:           {rel(log_dir)}")
     say()
 
-    bench = Bench(a, lib_dir, log_dir, texts_file, say)
+    bench = Bench(a, build, log_dir, texts_file, say)
     runs: list[dict] = []
     load_start = os.getloadavg()
     for rnd in range(a.rounds):
@@ -638,13 +651,14 @@ def main() -> int:
     verdict = []
     for row in summary:
         if row["ratio"] is not None:
-            ok_ = row["ratio"] >= 0.98 and row["same_work"] and row["same_work"]["requests_differing"] == 0
+            ok_ = row["ratio"] >= 1.0 and row["same_work"] and row["same_work"]["requests_differing"] == 0
             verdict.append(f"Py/C++ {row['config']} ({row['workload']}) {row['ratio']:.3f} "
-                           + ("OK" if ok_ else "MISSED" if row["ratio"] < 0.98 else "(different work)"))
+                           + ("OK" if ok_ else "MISSED" if row["ratio"] < 1.0 else "(different work)"))
     if big and big["overhead_ms_per_step_median"] is not None:
         v = big["overhead_ms_per_step_median"]
         verdict.append(f"overhead at -np {a.big_np} {v:.3f} ms/step {'OK' if v < 0.5 else 'MISSED'}")
-    say("targets (Py/C++ >= 0.98 on the same work; < 0.5 ms/step Python overhead): " + "; ".join(verdict))
+    say(f"targets on the {a.build} build (Py/C++ >= 1.00 on the same work; < 0.5 ms/step Python overhead): "
+        + "; ".join(verdict))
 
     total_s = time.perf_counter() - t_bench
     load_end = os.getloadavg()
@@ -657,7 +671,8 @@ def main() -> int:
     if a.json:
         drop = ("cmd",)
         print(json.dumps({
-            "cpp_binary": str(CPP_PARALLEL), "lib_dir": str(lib_dir), "library": info, "build": cache,
+            "cpp_binary": str(build.program("llama-parallel")), "lib_dir": str(lib_dir), "library": info,
+            "build": a.build, "cmake": cache,
             "model": str(a.model),
             "flags": {"np": a.parallel, "ns": a.sequences, "n": a.n_predict, "seed": a.seed,
                       "threads": a.threads, "threads_batch": a.threads_batch, "ctx_size": a.ctx_size},

@@ -77,17 +77,24 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(BENCH))
 
+import _builds  # noqa: E402
 from _prompts import PROMPTS  # noqa: E402
 from server_parallel import Result, percentile, run_one  # noqa: E402
 
 DOT = ROOT / ".llama"
 DEFAULT_MODEL = DOT / "models" / "gemma-3-270m-q4_k_m.gguf"
-CPP_SERVER = DOT / "cpp-build" / "bin" / "llama-server"
+CPP_SERVER = _builds.CPP_BUILD / "bin" / "llama-server"  # built here; each build runs its own copy
 LCP_VENV = DOT / "venv-lcp"
 LCP_PY = LCP_VENV / "bin" / "python"
 RESULTS = BENCH / "results"
 PROBE = BENCH / "_engine_probe.py"
 
+# Request settings of the two sampling modes (examples/server_parallel.py's run_one sends them).
+SAMPLING = {
+    "greedy": {"temperature": 0.0, "seed": None, "sampling": {}},
+    "default": {"temperature": 0.8, "seed": 1000,
+                "sampling": {"top_k": 40, "top_p": 0.95, "min_p": 0.05}},
+}
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
                  "lcp": "llama-cpp-python",
                  "ours-nopool": "ours without the thread pool"}
@@ -277,10 +284,10 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
         if kind == "ours-nopool":  # the A/B of the persistent ggml thread pool
             cmd = [sys.executable, str(BENCH / "_ours_server.py"), "--no-threadpool", "--", *flags]
             config["threadpool"] = False
-        if a.our_lib_dir:
-            env["LLAMA_LIB_DIR"] = str(a.our_lib_dir)
+        env = a.build.env_ours(env)
     elif kind == "cpp":
-        cmd = [str(CPP_SERVER), "-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t,
+        env = a.build.env_cpp(env)
+        cmd = [str(a.build.program("llama-server")), "-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t,
                "-tb", t, "--port", str(port), "--no-webui"]
         if batch:
             cmd += ["-b", str(batch)]
@@ -301,11 +308,14 @@ def prompt_text(i: int) -> str:
 
 
 def run_one_openai(session: requests.Session, url: str, n_predict: int, eog: list[int], index: int,
-                   prompt: str, timeout: float) -> Result:
+                   prompt: str, timeout: float, sampling: dict) -> Result:
     """One streamed POST /v1/completions (llama-cpp-python), measured as run_one measures."""
     r = Result(index=index, prompt=prompt)
-    body = {"prompt": f"User: {prompt}\nAssistant:", "max_tokens": n_predict, "temperature": 0.0,
-            "stream": True, "repeat_penalty": 1.0, "logit_bias": {str(t): -100.0 for t in eog}}
+    body = {"prompt": f"User: {prompt}\nAssistant:", "max_tokens": n_predict,
+            "temperature": sampling["temperature"], "stream": True, "repeat_penalty": 1.0,
+            "logit_bias": {str(t): -100.0 for t in eog}, **sampling["sampling"]}
+    if sampling["seed"] is not None:
+        body["seed"] = sampling["seed"] + index
     t0 = time.perf_counter()
     t_last = None
     parts = []
@@ -355,9 +365,10 @@ def request_fn(server: Server, a, eog: list[int], n_predict: int):
         return local.s
 
     if server.kind == "lcp":
-        return lambda i: run_one_openai(session(), server.url, n_predict, eog, i, prompt_text(i), a.timeout)
-    args = SimpleNamespace(url=server.url, n_predict=n_predict, temperature=0.0, ignore_eos=True, stop=[],
-                           seed=None, api_key=None, timeout=a.timeout)
+        return lambda i: run_one_openai(session(), server.url, n_predict, eog, i, prompt_text(i), a.timeout,
+                                        SAMPLING[a.sampling])
+    args = SimpleNamespace(url=server.url, n_predict=n_predict, ignore_eos=True, stop=[], api_key=None,
+                           timeout=a.timeout, **SAMPLING[a.sampling])
     return lambda i: run_one(session(), args, i, prompt_text(i))
 
 
@@ -479,9 +490,7 @@ def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path,
 
 def overhead(a, out: Out) -> None:
     say(f"== engine overhead: n_parallel {a.overhead_np}")
-    env = dict(os.environ)
-    if a.our_lib_dir:
-        env["LLAMA_LIB_DIR"] = str(a.our_lib_dir)
+    env = a.build.env_ours()
     for n in a.overhead_np:
         cmd = [sys.executable, str(PROBE), "overhead", "-m", str(a.model), "--np", str(n),
                "--requests", str(2 * n), "--n-predict", str(a.n_predict), "--threads", str(a.threads),
@@ -645,9 +654,10 @@ def lcp_version() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def cpp_version() -> str | None:
+def cpp_version(build: _builds.Build) -> str | None:
     try:
-        r = subprocess.run([str(CPP_SERVER), "--version"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([str(build.program("llama-server")), "--version"], capture_output=True,
+                           text=True, timeout=60, env=build.env_cpp())
         m = re.search(r"version: (.+)", r.stdout + r.stderr)
         return m.group(1).strip() if m else None
     except OSError:
@@ -681,9 +691,13 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--ctx-per-slot", type=int, default=1024, help="context tokens per slot (default 1024)")
-    ap.add_argument("--our-lib-dir", type=Path, default=None,
-                    help="LLAMA_LIB_DIR for our server and the overhead runs (default: llama_lib's "
-                         "default, the prebuilt libllama in .llama/lib)")
+    ap.add_argument("--build", choices=_builds.NAMES, default="native",
+                    help="the libllama that ours and llama-server both run on: native (.llama/cpp-build, "
+                         "OpenMP, what llama-server runs on when built here; the default) or prebuilt "
+                         "(.llama/lib, the npm library ours loads by default; llama-server is run on it)")
+    ap.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
+                    help="greedy (temperature 0) or llama.cpp's default sampling (temperature 0.8, "
+                         "top-k 40, top-p 0.95, min-p 0.05, a fixed seed per request)")
     ap.add_argument("--overhead-np", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--long-tokens", type=int, default=3000)
     ap.add_argument("--long-streams", type=int, default=8)
@@ -738,10 +752,10 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"--servers: unknown {bad}")
         notes = []
-        if "cpp" in servers or a.long_prompt or a.threadpool_ab:
-            if not CPP_SERVER.exists():
-                from parallel_vs_cpp import ensure_built
-                ensure_built(os.cpu_count() or 2, say)
+        if not CPP_SERVER.exists():  # the native build ours runs on by default, and llama-server
+            from parallel_vs_cpp import ensure_built
+            ensure_built(os.cpu_count() or 2, say)
+        a.build = _builds.get(a.build)
         lcp_ver = lcp_version() if "lcp" in servers else None
         if "lcp" in servers and lcp_ver is None:
             servers.remove("lcp")
@@ -756,7 +770,8 @@ def main(argv=None) -> int:
                 "machine": machine_info(), "load_avg_start": os.getloadavg(),
                 "model": rel(a.model), "model_bytes": a.model.stat().st_size,
                 "servers": servers, "notes": notes, "llama_cpp_python": lcp_ver,
-                "llama_server": cpp_version(), "our_lib_dir": rel(a.our_lib_dir or DOT / "lib"),
+                "llama_server": cpp_version(a.build), "build": a.build.name,
+                "our_lib_dir": rel(a.build.lib_dir), "sampling": a.sampling,
                 "eog_ids": vocab["eog_ids"], "argv": sys.argv[1:],
                 "settings": {"concurrency": a.concurrency, "max_np": a.max_np, "rounds": a.rounds,
                              "lcp_rounds": a.lcp_rounds, "requests_per_client": a.requests_per_client,

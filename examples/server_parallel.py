@@ -71,6 +71,7 @@ def run_one(session: requests.Session, args, index: int, prompt: str) -> Result:
         "ignore_eos": args.ignore_eos,
         "cache_prompt": False,
     }
+    body.update(args.sampling)
     if args.stop:
         body["stop"] = args.stop
     if args.seed is not None:
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-predict", type=int, default=64, help="tokens per request (default: 64)")
     p.add_argument("-f", "--file", help="prompts, one per line (default: built-in questions)")
     p.add_argument("--temperature", type=float, default=0.0, help="default: 0 (greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sent when given (default: the server's)")
+    p.add_argument("--top-p", type=float, default=None, help="sent when given (default: the server's)")
+    p.add_argument("--min-p", type=float, default=None, help="sent when given (default: the server's)")
     p.add_argument("--seed", type=int, default=None, help="base seed (request i uses seed + i)")
     p.add_argument("--ignore-eos", action="store_true", help="generate all --n-predict tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -137,6 +141,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         p.error("--requests and --concurrency must be >= 1")
+    args.sampling = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p),
+                                       ("min_p", args.min_p)) if v is not None}
 
     prompts = PROMPTS
     if args.file:
