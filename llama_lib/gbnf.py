@@ -187,7 +187,10 @@ class _Regex:
         self.i = 0
 
     def error(self, what: str) -> ValueError:
-        return ValueError(f"'pattern' {self.p!r}: {what} is not supported")
+        return self.fail(f"{what} is not supported")
+
+    def fail(self, why: str) -> ValueError:
+        return ValueError(f"'pattern' {self.p!r}: {why}")
 
     def peek(self) -> str:
         return self.p[self.i] if self.i < len(self.p) else ""
@@ -258,7 +261,7 @@ class _Regex:
                 raise self.error("group syntax '(?'")
             inner = self.alternation()
             if self.peek() != ")":
-                raise ValueError(f"'pattern' {self.p!r}: unbalanced parentheses")
+                raise self.fail("unbalanced parentheses")
             self.i += 1
             return f"({inner})"
         if c == "[":
@@ -267,23 +270,23 @@ class _Regex:
             self.i += 1
             return "char"
         if c in "*+?{":
-            raise ValueError(f"'pattern' {self.p!r}: nothing to repeat at position {self.i}")
+            raise self.fail(f"nothing to repeat at position {self.i}")
         if c == "^":
             raise self.error("'^' inside the pattern")
         if c == "\\":
-            ranges, negate = self.escape(in_class=False)
+            ranges, negate = self.escape()
             if ranges is None:
                 raise self.error(f"escape '\\{self.p[self.i - 1]}'")
             return _set_expr(ranges, negate)
         self.i += 1
         return _set_expr([(ord(c), ord(c))], False)
 
-    def escape(self, in_class: bool) -> tuple[list[tuple[int, int]] | None, bool]:
+    def escape(self) -> tuple[list[tuple[int, int]] | None, bool]:
         """After a backslash: (ranges, negated) or (None, _) for an unsupported escape."""
         self.i += 1
         c = self.peek()
         if not c:
-            raise ValueError(f"'pattern' {self.p!r}: trailing backslash")
+            raise self.fail("trailing backslash")
         self.i += 1
         if c.lower() in _SHORTHANDS:
             return list(_SHORTHANDS[c.lower()]), c.isupper()
@@ -310,13 +313,13 @@ class _Regex:
         while True:
             c = self.peek()
             if not c:
-                raise ValueError(f"'pattern' {self.p!r}: unterminated character class")
+                raise self.fail("unterminated character class")
             if c == "]" and not first:
                 self.i += 1
                 break
             first = False
             if c == "\\":
-                r, neg = self.escape(in_class=True)
+                r, neg = self.escape()
                 if r is None or neg:
                     raise self.error("this escape inside a class")
                 if len(r) != 1 or r[0][0] != r[0][1]:
@@ -329,7 +332,7 @@ class _Regex:
             if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
                 self.i += 1
                 if self.peek() == "\\":
-                    r, neg = self.escape(in_class=True)
+                    r, neg = self.escape()
                     if r is None or neg or len(r) != 1 or r[0][0] != r[0][1]:
                         raise self.error("this range end inside a class")
                     hi = r[0][0]
@@ -337,7 +340,7 @@ class _Regex:
                     hi = ord(self.peek())
                     self.i += 1
                 if hi < lo:
-                    raise ValueError(f"'pattern' {self.p!r}: bad range in a character class")
+                    raise self.fail("bad range in a character class")
                 ranges.append((lo, hi))
             else:
                 ranges.append((lo, lo))

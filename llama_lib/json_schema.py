@@ -107,6 +107,10 @@ class _Converter:
         self.by_body[body] = name
         return name
 
+    def grammar(self, root: str) -> str:
+        """The GBNF text: "root ::= root", then every rule made, in order."""
+        return "".join(f"{name} ::= {body}\n" for name, body in {"root": root, **self.rules}.items())
+
     def fresh(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r"
         if base in _PRIMITIVES:
@@ -280,11 +284,11 @@ class _Converter:
             if "minLength" in schema or "maxLength" in schema:
                 raise ValueError(f"'pattern' together with 'minLength'/'maxLength' is not supported (at {hint})")
             self.primitive("char")
-            return self.add(hint, '"\\"" (' + regex_to_gbnf(pattern) + ') "\\"" space')
+            return self.add(hint, _quoted(f"({regex_to_gbnf(pattern)})"))
         if isinstance(fmt, str) and (fmt in ("date", "time", "date-time", "uuid")
                                      or re.fullmatch(r"uuid[1-5]", fmt)):
             prim = self.primitive("uuid" if fmt.startswith("uuid") else fmt)
-            return self.add(f"{fmt}-string", f'"\\"" {prim} "\\"" space')
+            return self.add(f"{fmt}-string", _quoted(prim))
         lo, hi = _count(schema, "minLength", 0, hint), _count(schema, "maxLength", None, hint)
         if lo == 0 and hi is None:
             return self.primitive("string")
@@ -292,7 +296,7 @@ class _Converter:
             raise ValueError(f"'maxLength' is below 'minLength' (at {hint})")
         self.primitive("char")
         rep = f"{{{lo},{'' if hi is None else hi}}}"
-        return self.add(hint, f'"\\"" char{rep} "\\"" space')
+        return self.add(hint, _quoted(f"char{rep}"))
 
     def t_array(self, schema: dict, hint: str) -> str:
         self.primitive("space")
@@ -370,6 +374,11 @@ class _Converter:
         return self.add(hint, f'"{{" space ({body}) "}}" space')
 
 
+def _quoted(contents: str) -> str:
+    """A rule body for a JSON string whose contents (between the quotes) match `contents`."""
+    return f'"\\"" {contents} "\\"" space'
+
+
 def _count(schema: dict, key: str, default: int | None, hint: str) -> int | None:
     v = schema.get(key, default)
     if v is None:
@@ -391,15 +400,12 @@ def schema_to_grammar(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise ValueError("the schema must be an object")
     conv = _Converter(schema)
-    root = conv.visit(schema, "root-value")
-    rules = {"root": root, **conv.rules}
-    return "".join(f"{name} ::= {body}\n" for name, body in rules.items())
+    return conv.grammar(conv.visit(schema, "root-value"))
 
 
 def _any_json() -> str:
     conv = _Converter({})
-    root = conv.primitive("value")
-    return "".join(f"{n} ::= {b}\n" for n, b in {"root": root, **conv.rules}.items())
+    return conv.grammar(conv.primitive("value"))
 
 
 # Any JSON value (llama.cpp's grammars/json.gbnf in spirit), for callers that want one.
