@@ -176,10 +176,20 @@ class _Converter:
         return getattr(self, "t_" + t)(schema, hint)
 
     def ref(self, ref: Any) -> str:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ValueError(f"'$ref' {ref!r}: only references into the same document (#/...) are supported")
+        """A rule for the schema `ref` points to, made once (a recursive reference finds it)."""
+        target = self.lookup(ref)
         if ref in self.refs:
             return self.refs[ref]
+        name = self.fresh("ref-" + ref.rsplit("/", 1)[-1])
+        self.refs[ref] = name
+        self.rules[name] = ""  # reserved: a recursive reference finds the name
+        self.rules[name] = self.visit(target, name + "-def")
+        return name
+
+    def lookup(self, ref: Any) -> Any:
+        """The part of the document that a "#/..." JSON pointer names."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"'$ref' {ref!r}: only references into the same document (#/...) are supported")
         target: Any = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -189,25 +199,17 @@ class _Converter:
                 target = target[int(part)]
             else:
                 raise ValueError(f"'$ref' {ref!r} cannot be resolved")
-        name = self.fresh("ref-" + ref.rsplit("/", 1)[-1])
-        self.refs[ref] = name
-        self.rules[name] = ""  # reserved: a recursive reference finds the name
-        self.rules[name] = self.visit(target, name + "-def")
-        return name
+        return target
 
     def resolve(self, schema: Any) -> Any:
+        """`schema` with its $ref followed (through chains of them) to a schema without one."""
         seen = set()
         while isinstance(schema, dict) and "$ref" in schema:
             ref = schema["$ref"]
+            target = self.lookup(ref)
             if ref in seen:
                 raise ValueError(f"'$ref' {ref!r} refers to itself")
             seen.add(ref)
-            target = self.root
-            for part in ref[1:].split("/")[1:]:
-                try:
-                    target = target[int(part)] if isinstance(target, list) else target[part]
-                except (KeyError, IndexError, ValueError, TypeError):
-                    raise ValueError(f"'$ref' {ref!r} cannot be resolved") from None
             schema = target
         return schema
 
