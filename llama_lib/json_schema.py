@@ -1,8 +1,9 @@
 """JSON Schema -> GBNF: the grammar text llama_sampler_init_grammar takes (start symbol "root").
 
-Written for llama-server's `json_schema` / `response_format` fields. The output accepts
-exactly the JSON texts (with a little whitespace between tokens) that the schema allows, for
-the supported keywords:
+Written for llama-server's `json_schema` / `response_format` fields. This module walks the
+schema and names the rules; the grammar-text pieces (literals, integer ranges, regex patterns)
+come from gbnf.py. The output accepts exactly the JSON texts (with a little whitespace between
+tokens) that the schema allows, for the supported keywords:
 
 - type: string, number, integer, boolean, null, object, array, or a list of these
 - enum, const (any JSON values)
@@ -15,8 +16,8 @@ the supported keywords:
 - anyOf / oneOf (oneOf is taken as anyOf), allOf (of object schemas, merged; a single entry)
 - $ref to "#/..." in the same document (#/definitions/X, #/$defs/X), recursion allowed
 - string: minLength / maxLength, format date / time / date-time / uuid (other formats are
-  annotations and ignored), pattern (a regex subset: literals, ., classes, \\d \\w \\s,
-  groups, |, * + ? {n,m}; a search, as JSON Schema says, unless anchored with ^ and $)
+  annotations and ignored), pattern (a regex subset, see gbnf.regex_to_gbnf; a search, as
+  JSON Schema says, unless anchored with ^ and $)
 - integer: minimum / maximum / exclusiveMinimum / exclusiveMaximum
 
 A keyword that would restrict values and that we cannot express (not, if/then/else,
@@ -31,6 +32,8 @@ import json
 import math
 import re
 from typing import Any
+
+from .gbnf import gbnf_literal, int_range, regex_to_gbnf
 
 __all__ = ["schema_to_grammar", "ANY_JSON_GRAMMAR"]
 
@@ -72,328 +75,9 @@ _DEPENDS = {
 }
 
 
-def gbnf_literal(text: str) -> str:
-    """A GBNF string literal matching `text` exactly."""
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif o < 0x20 or o == 0x7F:
-            out.append(f"\\x{o:02X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _class_char(o: int) -> str:
-    """One code point inside a GBNF [...] class."""
-    ch = chr(o)
-    if ch in "]\\-^[":
-        return "\\" + ch
-    if o < 0x20 or o == 0x7F:
-        return f"\\x{o:02X}"
-    if 0xD800 <= o <= 0xDFFF:
-        raise ValueError("'pattern': surrogate code points are not supported")
-    return ch
-
-
-def _class(ranges: list[tuple[int, int]], negate: bool = False) -> str:
-    parts = []
-    for lo, hi in ranges:
-        parts.append(_class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}")
-    return "[" + ("^" if negate else "") + "".join(parts) + "]"
-
-
 def _json_text(value: Any) -> str:
+    """Compact JSON, non-ASCII kept: the text a value is written as (a name, a const, an enum)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _json_string_of(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-# -- integer ranges ---------------------------------------------------------------------------
-
-def _digits_range(a: str, b: str) -> str:
-    """GBNF for the digit strings of equal length between a and b (inclusive)."""
-    if not a:
-        return ""
-    if len(a) == 1:
-        return f"[{a}-{b}]" if a != b else f'"{a}"'
-    if a[0] == b[0]:
-        return f'"{a[0]}" ' + _digits_range(a[1:], b[1:])
-    n = len(a) - 1
-    alts = [f'"{a[0]}" ' + _digits_range(a[1:], "9" * n)]
-    if int(a[0]) + 1 <= int(b[0]) - 1:
-        lo, hi = int(a[0]) + 1, int(b[0]) - 1
-        alts.append((f"[{lo}-{hi}]" if lo != hi else f'"{lo}"') + f" [0-9]{{{n}}}")
-    alts.append(f'"{b[0]}" ' + _digits_range("0" * n, b[1:]))
-    return "(" + " | ".join(alts) + ")"
-
-
-def _uint_range(lo: int, hi: int | None) -> list[str]:
-    """Alternatives for the canonical decimal forms of lo <= n <= hi (hi None: no bound), n >= 0."""
-    alts = []
-    d = len(str(lo))
-    while True:
-        first = 0 if d == 1 else 10 ** (d - 1)
-        last = 10 ** d - 1
-        a, b = max(lo, first), last if hi is None else min(hi, last)
-        if hi is not None and a > hi:
-            break
-        if hi is None and a == first and d > 1:
-            alts.append(f"[1-9] [0-9]{{{d - 1},}}")  # every number with d or more digits
-            break
-        if a <= b:
-            alts.append(_digits_range(str(a), str(b)))
-        d += 1
-        if hi is None and d > 19:
-            alts.append(f"[1-9] [0-9]{{{d - 1},}}")
-            break
-    return alts
-
-
-def _int_range(lo: int | None, hi: int | None) -> str:
-    """GBNF (without trailing space) for the integers in [lo, hi], either bound may be None."""
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"'minimum' {lo} is above 'maximum' {hi}: no integer fits")
-    alts: list[str] = []
-    # negative numbers: "-" then a magnitude in [max(1, -hi), -lo]
-    if lo is None or lo < 0:
-        mag_lo = 1 if hi is None or hi >= 0 else -hi
-        mag_hi = None if lo is None else -lo
-        alts += ['"-" ' + a for a in _uint_range(mag_lo, mag_hi)]
-    if hi is None or hi >= 0:
-        alts += _uint_range(max(0, lo if lo is not None else 0), hi)
-    return "(" + " | ".join(alts) + ")"
-
-
-# -- regex patterns ---------------------------------------------------------------------------
-
-_SPECIALS = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
-_SHORTHANDS = {"d": [(0x30, 0x39)], "w": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
-               "s": [(0x09, 0x0A), (0x0D, 0x0D), (0x20, 0x20)]}
-_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B}
-
-
-def _subtract(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = []
-    for lo, hi in ranges:
-        pieces = [(lo, hi)]
-        for c_lo, c_hi in cut:
-            nxt = []
-            for p_lo, p_hi in pieces:
-                if c_hi < p_lo or c_lo > p_hi:
-                    nxt.append((p_lo, p_hi))
-                    continue
-                if p_lo < c_lo:
-                    nxt.append((p_lo, c_lo - 1))
-                if c_hi < p_hi:
-                    nxt.append((c_hi + 1, p_hi))
-            pieces = nxt
-        out += pieces
-    return out
-
-
-def _escaped_char(o: int) -> str:
-    """GBNF for the JSON escape of code point o (one of the characters JSON must escape)."""
-    return gbnf_literal(_json_string_of(chr(o))[1:-1])
-
-
-def _set_expr(ranges: list[tuple[int, int]], negate: bool) -> str:
-    """GBNF matching the JSON encoding of one character of a regex class."""
-    if negate:
-        # everything but `ranges`: plain chars minus the specials, plus the escaped specials
-        alts = [_class(ranges + _SPECIALS, negate=True)]
-        for lo, hi in _subtract(_SPECIALS, ranges):
-            alts += [_escaped_char(o) for o in range(lo, hi + 1)]
-        return "(" + " | ".join(alts) + ")"
-    plain = _subtract(ranges, _SPECIALS)
-    if len(plain) == 1 and plain[0][0] == plain[0][1]:
-        alts = [gbnf_literal(chr(plain[0][0]))]
-    else:
-        alts = [_class(plain)] if plain else []
-    for lo, hi in ranges:
-        for c_lo, c_hi in _SPECIALS:
-            for o in range(max(lo, c_lo), min(hi, c_hi) + 1):
-                alts.append(_escaped_char(o))
-    if not alts:
-        raise ValueError("'pattern': empty character class")
-    return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
-
-
-class _Regex:
-    """A recursive-descent translation of a regex subset into GBNF over JSON string contents."""
-
-    def __init__(self, pattern: str):
-        self.p = pattern
-        self.i = 0
-
-    def error(self, what: str) -> ValueError:
-        return ValueError(f"'pattern' {self.p!r}: {what} is not supported")
-
-    def peek(self) -> str:
-        return self.p[self.i] if self.i < len(self.p) else ""
-
-    def parse(self) -> str:
-        p = self.p
-        head = "" if p.startswith("^") else "char* "
-        if p.startswith("^"):
-            self.i = 1
-        body = self.alternation()
-        tail = ""
-        if self.peek() == "$":
-            self.i += 1
-        else:
-            tail = " char*"
-        if self.i != len(p):
-            raise self.error(f"{p[self.i]!r} at position {self.i}")
-        return f"{head}({body}){tail}"
-
-    def alternation(self) -> str:
-        alts = [self.sequence()]
-        while self.peek() == "|":
-            self.i += 1
-            alts.append(self.sequence())
-        return alts[0] if len(alts) == 1 else " | ".join(alts)
-
-    def sequence(self) -> str:
-        items = []
-        while self.peek() and self.peek() not in "|)":
-            if self.peek() == "$":
-                if self.i == len(self.p) - 1:
-                    break
-                raise self.error("'$' inside the pattern")
-            atom = self.atom()
-            items.append(self.quantified(atom))
-        return " ".join(items) if items else '""'
-
-    def quantified(self, atom: str) -> str:
-        c = self.peek()
-        if c in ("*", "+", "?"):
-            self.i += 1
-            q = c
-        elif c == "{":
-            m = re.compile(r"\{(\d+)(,(\d*))?\}").match(self.p, self.i)
-            if not m:
-                raise self.error("'{' that is not a repetition")
-            self.i = m.end()
-            lo = m.group(1)
-            if m.group(2) is None:
-                q = f"{{{lo}}}"
-            else:
-                q = f"{{{lo},{m.group(3)}}}"
-        else:
-            return atom
-        if self.peek() in ("?", "+"):  # lazy / possessive: same language
-            self.i += 1
-        if self.peek() in ("*", "+", "?", "{"):
-            raise self.error("a repeated quantifier")
-        return f"({atom}){q}"
-
-    def atom(self) -> str:
-        c = self.peek()
-        if c == "(":
-            self.i += 1
-            if self.p.startswith("?:", self.i):
-                self.i += 2
-            elif self.peek() == "?":
-                raise self.error("group syntax '(?'")
-            inner = self.alternation()
-            if self.peek() != ")":
-                raise ValueError(f"'pattern' {self.p!r}: unbalanced parentheses")
-            self.i += 1
-            return f"({inner})"
-        if c == "[":
-            return self.char_class()
-        if c == ".":
-            self.i += 1
-            return "char"
-        if c in "*+?{":
-            raise ValueError(f"'pattern' {self.p!r}: nothing to repeat at position {self.i}")
-        if c == "^":
-            raise self.error("'^' inside the pattern")
-        if c == "\\":
-            ranges, negate = self.escape(in_class=False)
-            if ranges is None:
-                raise self.error(f"escape '\\{self.p[self.i - 1]}'")
-            return _set_expr(ranges, negate)
-        self.i += 1
-        return _set_expr([(ord(c), ord(c))], False)
-
-    def escape(self, in_class: bool) -> tuple[list[tuple[int, int]] | None, bool]:
-        """After a backslash: (ranges, negated) or (None, _) for an unsupported escape."""
-        self.i += 1
-        c = self.peek()
-        if not c:
-            raise ValueError(f"'pattern' {self.p!r}: trailing backslash")
-        self.i += 1
-        if c.lower() in _SHORTHANDS:
-            return list(_SHORTHANDS[c.lower()]), c.isupper()
-        if c in _ESCAPES:
-            return [(_ESCAPES[c], _ESCAPES[c])], False
-        if c == "u":
-            m = re.compile(r"[0-9a-fA-F]{4}").match(self.p, self.i)
-            if not m:
-                return None, False
-            self.i = m.end()
-            o = int(m.group(0), 16)
-            return [(o, o)], False
-        if not c.isalnum():
-            return [(ord(c), ord(c))], False
-        return None, False
-
-    def char_class(self) -> str:
-        self.i += 1
-        negate = self.peek() == "^"
-        if negate:
-            self.i += 1
-        ranges: list[tuple[int, int]] = []
-        first = True
-        while True:
-            c = self.peek()
-            if not c:
-                raise ValueError(f"'pattern' {self.p!r}: unterminated character class")
-            if c == "]" and not first:
-                self.i += 1
-                break
-            first = False
-            if c == "\\":
-                r, neg = self.escape(in_class=True)
-                if r is None or neg:
-                    raise self.error("this escape inside a class")
-                if len(r) != 1 or r[0][0] != r[0][1]:
-                    ranges += r
-                    continue
-                lo = r[0][0]
-            else:
-                self.i += 1
-                lo = ord(c)
-            if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
-                self.i += 1
-                if self.peek() == "\\":
-                    r, neg = self.escape(in_class=True)
-                    if r is None or neg or len(r) != 1 or r[0][0] != r[0][1]:
-                        raise self.error("this range end inside a class")
-                    hi = r[0][0]
-                else:
-                    hi = ord(self.peek())
-                    self.i += 1
-                if hi < lo:
-                    raise ValueError(f"'pattern' {self.p!r}: bad range in a character class")
-                ranges.append((lo, hi))
-            else:
-                ranges.append((lo, lo))
-        return _set_expr(ranges, negate)
 
 
 # -- the converter ----------------------------------------------------------------------------
@@ -422,6 +106,10 @@ class _Converter:
         self.rules[name] = body
         self.by_body[body] = name
         return name
+
+    def grammar(self, root: str) -> str:
+        """The GBNF text: "root ::= root", then every rule made, in order."""
+        return "".join(f"{name} ::= {body}\n" for name, body in {"root": root, **self.rules}.items())
 
     def fresh(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r"
@@ -488,10 +176,20 @@ class _Converter:
         return getattr(self, "t_" + t)(schema, hint)
 
     def ref(self, ref: Any) -> str:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ValueError(f"'$ref' {ref!r}: only references into the same document (#/...) are supported")
+        """A rule for the schema `ref` points to, made once (a recursive reference finds it)."""
+        target = self.lookup(ref)
         if ref in self.refs:
             return self.refs[ref]
+        name = self.fresh("ref-" + ref.rsplit("/", 1)[-1])
+        self.refs[ref] = name
+        self.rules[name] = ""  # reserved: a recursive reference finds the name
+        self.rules[name] = self.visit(target, name + "-def")
+        return name
+
+    def lookup(self, ref: Any) -> Any:
+        """The part of the document that a "#/..." JSON pointer names."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"'$ref' {ref!r}: only references into the same document (#/...) are supported")
         target: Any = self.root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -501,25 +199,17 @@ class _Converter:
                 target = target[int(part)]
             else:
                 raise ValueError(f"'$ref' {ref!r} cannot be resolved")
-        name = self.fresh("ref-" + ref.rsplit("/", 1)[-1])
-        self.refs[ref] = name
-        self.rules[name] = ""  # reserved: a recursive reference finds the name
-        self.rules[name] = self.visit(target, name + "-def")
-        return name
+        return target
 
     def resolve(self, schema: Any) -> Any:
+        """`schema` with its $ref followed (through chains of them) to a schema without one."""
         seen = set()
         while isinstance(schema, dict) and "$ref" in schema:
             ref = schema["$ref"]
+            target = self.lookup(ref)
             if ref in seen:
                 raise ValueError(f"'$ref' {ref!r} refers to itself")
             seen.add(ref)
-            target = self.root
-            for part in ref[1:].split("/")[1:]:
-                try:
-                    target = target[int(part)] if isinstance(target, list) else target[part]
-                except (KeyError, IndexError, ValueError, TypeError):
-                    raise ValueError(f"'$ref' {ref!r} cannot be resolved") from None
             schema = target
         return schema
 
@@ -584,7 +274,7 @@ class _Converter:
         if lo is None and hi is None:
             return self.primitive("integer")
         self.primitive("space")
-        return self.add(hint, _int_range(None if lo is None else int(lo), None if hi is None else int(hi)) + " space")
+        return self.add(hint, int_range(None if lo is None else int(lo), None if hi is None else int(hi)) + " space")
 
     def t_string(self, schema: dict, hint: str) -> str:
         self.primitive("space")
@@ -596,11 +286,11 @@ class _Converter:
             if "minLength" in schema or "maxLength" in schema:
                 raise ValueError(f"'pattern' together with 'minLength'/'maxLength' is not supported (at {hint})")
             self.primitive("char")
-            return self.add(hint, '"\\"" (' + _Regex(pattern).parse() + ') "\\"" space')
+            return self.add(hint, _quoted(f"({regex_to_gbnf(pattern)})"))
         if isinstance(fmt, str) and (fmt in ("date", "time", "date-time", "uuid")
                                      or re.fullmatch(r"uuid[1-5]", fmt)):
             prim = self.primitive("uuid" if fmt.startswith("uuid") else fmt)
-            return self.add(f"{fmt}-string", f'"\\"" {prim} "\\"" space')
+            return self.add(f"{fmt}-string", _quoted(prim))
         lo, hi = _count(schema, "minLength", 0, hint), _count(schema, "maxLength", None, hint)
         if lo == 0 and hi is None:
             return self.primitive("string")
@@ -608,7 +298,7 @@ class _Converter:
             raise ValueError(f"'maxLength' is below 'minLength' (at {hint})")
         self.primitive("char")
         rep = f"{{{lo},{'' if hi is None else hi}}}"
-        return self.add(hint, f'"\\"" char{rep} "\\"" space')
+        return self.add(hint, _quoted(f"char{rep}"))
 
     def t_array(self, schema: dict, hint: str) -> str:
         self.primitive("space")
@@ -656,7 +346,7 @@ class _Converter:
         items = []
         for name, sub in props.items():
             value = self.visit(sub, f"{hint}-{name}")
-            kv = self.add(f"{hint}-{name}-kv", f'{gbnf_literal(_json_string_of(name))} space ":" space {value}')
+            kv = self.add(f"{hint}-{name}-kv", f'{gbnf_literal(_json_text(name))} space ":" space {value}')
             items.append((kv, name in required))
         extra = None
         if addl not in (None, False):
@@ -686,6 +376,11 @@ class _Converter:
         return self.add(hint, f'"{{" space ({body}) "}}" space')
 
 
+def _quoted(contents: str) -> str:
+    """A rule body for a JSON string whose contents (between the quotes) match `contents`."""
+    return f'"\\"" {contents} "\\"" space'
+
+
 def _count(schema: dict, key: str, default: int | None, hint: str) -> int | None:
     v = schema.get(key, default)
     if v is None:
@@ -707,15 +402,12 @@ def schema_to_grammar(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise ValueError("the schema must be an object")
     conv = _Converter(schema)
-    root = conv.visit(schema, "root-value")
-    rules = {"root": root, **conv.rules}
-    return "".join(f"{name} ::= {body}\n" for name, body in rules.items())
+    return conv.grammar(conv.visit(schema, "root-value"))
 
 
 def _any_json() -> str:
     conv = _Converter({})
-    root = conv.primitive("value")
-    return "".join(f"{n} ::= {b}\n" for n, b in {"root": root, **conv.rules}.items())
+    return conv.grammar(conv.primitive("value"))
 
 
 # Any JSON value (llama.cpp's grammars/json.gbnf in spirit), for callers that want one.

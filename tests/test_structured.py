@@ -130,6 +130,7 @@ def test_schema_grammar_accepts_exactly_the_valid_texts(vocab, schema, good, bad
     ({"if": {"type": "string"}, "then": {"minLength": 1}}, "if"),
     ({"$ref": "https://example.com/s.json"}, "$ref"),
     ({"$ref": "#/$defs/missing"}, "$ref"),
+    ({"allOf": [{"$ref": 5}]}, "$ref"),
     ({"type": "string", "pattern": "^(?=a)b$"}, "pattern"),
     ({"type": "string", "pattern": "^a\\1$"}, "pattern"),
     ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum"),
