@@ -72,6 +72,10 @@ def _digits_range(a: str, b: str) -> str:
         return ""
     if len(a) == 1:
         return f"[{a}-{b}]" if a != b else f'"{a}"'
+    if a == "0" * len(a) and b == "9" * len(b):
+        # every digit string of this length: one repetition, not a tree of alternatives (the
+        # expansion doubles with each digit, 10**19 made 18 MB of grammar)
+        return f"[0-9]{{{len(a)}}}"
     if a[0] == b[0]:
         return f'"{a[0]}" ' + _digits_range(a[1:], b[1:])
     n = len(a) - 1

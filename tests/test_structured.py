@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import random
 import re
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from conftest import N_THREADS
 from llama_lib import Engine, EngineConfig, RequestParams, SamplingParams
 from llama_lib import _bindings as B
+from llama_lib.gbnf import int_range
 from llama_lib.json_schema import ANY_JSON_GRAMMAR, schema_to_grammar
 from llama_lib.loader import lib
 from llama_lib.sampler import Sampler, init_grammar
@@ -156,6 +158,104 @@ def test_invalid_grammar_is_a_value_error_not_a_crash(vocab, gbnf):
     with pytest.raises(ValueError, match="parse grammar"):
         SamplingParams(grammar=gbnf).validate(vocab.n_tokens, vocab)
 
+
+
+# -- integer ranges ---------------------------------------------------------------------------
+
+def int_gbnf_regex(gbnf: str) -> re.Pattern:
+    """The Python regex for an int_range() expression (literals, [...] classes, {n} / {n,m} /
+    {n,} repetitions, groups and |, which is all it writes)."""
+    out = []
+    for tok in re.findall(r'"[^"]*"|\[[^\]]*\]|\{\d+(?:,\d*)?\}|[()|]|\S', gbnf):
+        if tok.startswith('"'):
+            out.append(re.escape(tok[1:-1]))
+        elif tok == "(":
+            out.append("(?:")
+        elif tok[0] in "[{)|":
+            out.append(tok)
+        else:
+            raise AssertionError(f"unexpected {tok!r} in {gbnf}")
+    return re.compile("".join(out))
+
+
+def probes(lo, hi):
+    """Integers at and around the bounds, the digit-count edges between them, and a few others."""
+    xs = {0, 1, -1, 9, 10, -9, -10}
+    for b in (lo, hi):
+        if b is not None:
+            xs |= {b - 2, b - 1, b, b + 1, b + 2}
+    for k in range(1, 22):
+        xs |= {10 ** k - 1, 10 ** k, 1 - 10 ** k, -(10 ** k)}
+    if lo is not None and hi is not None:
+        xs |= {random.randint(lo, hi) for _ in range(5)}
+    return sorted(xs)
+
+
+def random_bounds(rng):
+    def one():
+        kind = rng.random()
+        if kind < 0.3:
+            return rng.randint(-30, 30)
+        if kind < 0.6:
+            return rng.randint(-10 ** 6, 10 ** 6)
+        return rng.choice([-1, 1]) * rng.randint(0, 10 ** rng.randint(1, 21))
+    lo, hi = one(), one()
+    lo, hi = min(lo, hi), max(lo, hi)
+    shape = rng.random()
+    return (None, hi) if shape < 0.15 else (lo, None) if shape < 0.3 else (lo, hi)
+
+
+def test_int_range_is_exact_on_random_bounds():
+    rng = random.Random(1234)
+    cases = [random_bounds(rng) for _ in range(1500)]
+    cases += [(0, 10 ** 19), (-(10 ** 19), 10 ** 19), (10 ** 18, 10 ** 19 - 1), (-5, -5), (0, 0),
+              (None, 0), (0, None), (None, -1), (1, None), (99, 100), (-100, -99)]
+    for lo, hi in cases:
+        g = int_range(lo, hi)
+        rx = int_gbnf_regex(g)
+        for x in probes(lo, hi):
+            inside = (lo is None or x >= lo) and (hi is None or x <= hi)
+            assert bool(rx.fullmatch(str(x))) == inside, (lo, hi, x, g)
+        for text in ("-0", "00", "01", "-01", "+1", ""):
+            assert not rx.fullmatch(text), (lo, hi, text, g)
+
+
+@pytest.mark.parametrize("digits", [19, 20, 40, 100])
+def test_int_range_grammar_is_linear_in_the_digits(digits):
+    """10**19 once made an 18 MB grammar (the expansion doubled with each digit)."""
+    for lo, hi in [(0, 10 ** digits), (-(10 ** digits) + 7, 10 ** digits - 3), (123, int("9" * digits)),
+                   (-int("1234567890" * (digits // 10)), None)]:
+        g = schema_to_grammar({"type": "integer", "minimum": lo, **({} if hi is None else {"maximum": hi})})
+        assert len(g) < 250 * digits, (lo, hi, len(g))
+
+
+def test_int_range_bounds_on_the_real_grammar_sampler(vocab):
+    """The schema path (exclusive bounds included) checked by libllama's own grammar sampler."""
+    rng = random.Random(99)
+    schemas = [{"type": "integer", "minimum": 0, "maximum": 10 ** 19},
+               {"type": "integer", "exclusiveMinimum": -1000, "exclusiveMaximum": 10 ** 12},
+               {"type": "integer", "exclusiveMinimum": 5.5}, {"type": "integer", "maximum": -77.5},
+               {"type": "integer", "minimum": -(10 ** 15), "maximum": -(10 ** 15) + 12}]
+    for _ in range(20):
+        lo, hi = random_bounds(rng)
+        s = {"type": "integer"}
+        if lo is not None:
+            s["exclusiveMinimum" if rng.random() < 0.5 else "minimum"] = lo
+        if hi is not None:
+            s["exclusiveMaximum" if rng.random() < 0.5 else "maximum"] = hi
+        if lo is not None and hi is not None and hi - lo < 2:
+            continue
+        schemas.append(s)
+    for s in schemas:
+        g = schema_to_grammar(s)
+        lo = s.get("minimum", None if "exclusiveMinimum" not in s else math.floor(s["exclusiveMinimum"]) + 1)
+        hi = s.get("maximum", None if "exclusiveMaximum" not in s else math.ceil(s["exclusiveMaximum"]) - 1)
+        lo = None if lo is None else math.ceil(lo)
+        hi = None if hi is None else math.floor(hi)
+        edges = [b + d for b in (lo, hi) if b is not None for d in (-1, 0, 1)]
+        for x in edges:
+            inside = (lo is None or x >= lo) and (hi is None or x <= hi)
+            assert grammar_accepts(vocab, g, str(x)) == inside, (s, x)
 
 # -- generation on the real model -------------------------------------------------------------
 
