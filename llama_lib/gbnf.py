@@ -20,6 +20,8 @@ import re
 
 __all__ = ["gbnf_literal", "int_range", "regex_to_gbnf"]
 
+MAX_GROUP_DEPTH = 100  # regex groups nested deeper are refused (the parser recurses per group)
+
 
 # -- literals and character classes ----------------------------------------------------------
 
@@ -189,6 +191,7 @@ class _Regex:
     def __init__(self, pattern: str):
         self.p = pattern
         self.i = 0
+        self.depth = 0
 
     def error(self, what: str) -> ValueError:
         return self.fail(f"{what} is not supported")
@@ -263,7 +266,11 @@ class _Regex:
                 self.i += 2
             elif self.peek() == "?":
                 raise self.error("group syntax '(?'")
+            if self.depth >= MAX_GROUP_DEPTH:
+                raise self.fail(f"groups nested more than {MAX_GROUP_DEPTH} deep")
+            self.depth += 1
             inner = self.alternation()
+            self.depth -= 1
             if self.peek() != ")":
                 raise self.fail("unbalanced parentheses")
             self.i += 1

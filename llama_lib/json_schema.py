@@ -46,6 +46,13 @@ _UNSUPPORTED = (
 )
 _TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 
+# Bounds on the work one schema may cause (a request's schema is untrusted input): how deeply
+# schemas nest, how many subschemas are converted in all (a $ref is converted once, but allOf
+# merges and type lists copy their parts), and the size of the grammar text.
+MAX_DEPTH = 100
+MAX_STEPS = 50_000
+MAX_GRAMMAR_CHARS = 1 << 20
+
 # Shared rules. Whitespace between tokens is bounded so that a model cannot run on forever.
 _PRIMITIVES: dict[str, str] = {
     "space": '" "? | "\\n" [ \\t]{0,20}',
@@ -88,6 +95,11 @@ class _Converter:
         self.rules: dict[str, str] = {}
         self.by_body: dict[str, str] = {}
         self.refs: dict[str, str] = {}
+        self.unguarded: set = set()  # refs (and allOf ids) being converted, nothing matched since
+        self.all_of_rules: dict[int, list] = {}  # id of an allOf being converted -> [name, used]
+        self.merging: set[int] = set()  # ids of the allOf schemas being merged
+        self.merged: dict[int, tuple[Any, dict]] = {}  # id -> (schema, its allOf merged)
+        self.depth = self.steps = self.size = 0
 
     # rules
 
@@ -102,6 +114,7 @@ class _Converter:
         """A rule with this body (reused if one exists), named after hint."""
         if body in self.by_body:
             return self.by_body[body]
+        self.grow(len(body))
         name = self.fresh(hint)
         self.rules[name] = body
         self.by_body[body] = name
@@ -110,6 +123,27 @@ class _Converter:
     def grammar(self, root: str) -> str:
         """The GBNF text: "root ::= root", then every rule made, in order."""
         return "".join(f"{name} ::= {body}\n" for name, body in {"root": root, **self.rules}.items())
+
+    def grow(self, n: int) -> None:
+        self.check(n)
+        self.size += n
+
+    def check(self, n: int) -> None:
+        """Refuses to go on if n more characters of grammar would be too many."""
+        if self.size + n > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the schema makes a grammar of more than {MAX_GRAMMAR_CHARS} characters")
+
+    def enter(self, hint: str) -> None:
+        """One more subschema on the way down (leave() undoes it); refuses runaway schemas."""
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"the schema is too complex (more than {MAX_STEPS} subschemas to convert)")
+        if self.depth >= MAX_DEPTH:
+            raise ValueError(f"the schema is nested too deeply (more than {MAX_DEPTH} levels, at {hint[:200]})")
+        self.depth += 1
+
+    def leave(self) -> None:
+        self.depth -= 1
 
     def fresh(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r"
@@ -125,6 +159,13 @@ class _Converter:
 
     def visit(self, schema: Any, hint: str) -> str:
         """A rule name (or expression) matching a JSON value valid for schema, then space."""
+        self.enter(hint)
+        try:
+            return self._visit(schema, hint)
+        finally:
+            self.leave()
+
+    def _visit(self, schema: Any, hint: str) -> str:
         if schema is True or schema == {}:
             return self.primitive("value")
         if not isinstance(schema, dict):
@@ -161,7 +202,10 @@ class _Converter:
         if t is not None and t not in _TYPES:
             raise ValueError(f"'type' {t!r} is not a JSON Schema type (at {hint})")
         if "allOf" in schema:
-            return self.visit(self.all_of(schema, hint), hint)
+            parts = schema["allOf"]
+            if isinstance(parts, list) and len(parts) == 1 and len(schema) == 1:
+                return self.visit(parts[0], hint)  # a $ref in it is a rule, so it may recurse
+            return self.all_of_rule(schema, hint)
         if t is None:
             if "properties" in schema or "additionalProperties" in schema or "required" in schema:
                 t = "object"
@@ -173,17 +217,29 @@ class _Converter:
                 t = "number"
             else:
                 return self.primitive("value")
-        return getattr(self, "t_" + t)(schema, hint)
+        # objects and arrays open with a bracket and strings with a quote: a $ref below is
+        # reached only after a character, so recursing to one being converted is no left recursion
+        saved, self.unguarded = self.unguarded, set()
+        try:
+            return getattr(self, "t_" + t)(schema, hint)
+        finally:
+            self.unguarded = saved
 
     def ref(self, ref: Any) -> str:
         """A rule for the schema `ref` points to, made once (a recursive reference finds it)."""
         target = self.lookup(ref)
         if ref in self.refs:
+            if ref in self.unguarded:
+                raise ValueError(f"'$ref' {ref!r} refers to itself before matching anything (left recursion)")
             return self.refs[ref]
         name = self.fresh("ref-" + ref.rsplit("/", 1)[-1])
         self.refs[ref] = name
         self.rules[name] = ""  # reserved: a recursive reference finds the name
-        self.rules[name] = self.visit(target, name + "-def")
+        self.unguarded.add(ref)
+        try:
+            self.rules[name] = self.visit(target, name + "-def")
+        finally:
+            self.unguarded.discard(ref)
         return name
 
     def lookup(self, ref: Any) -> Any:
@@ -213,15 +269,56 @@ class _Converter:
             schema = target
         return schema
 
+    def all_of_rule(self, schema: dict, hint: str) -> str:
+        """The merged allOf, converted. Merging inlines the parts, so a part that leads back to
+        this schema (a $ref to an ancestor) gets a rule, made only then, that it refers to."""
+        key = id(schema)
+        if key in self.all_of_rules:
+            if key in self.unguarded:
+                raise ValueError(f"'allOf' refers to itself before matching anything (left recursion, at {hint})")
+            self.all_of_rules[key][1] = True
+            return self.all_of_rules[key][0]
+        merged = self.all_of(schema, hint)
+        name = self.fresh(hint + "-all-of")
+        self.rules[name] = ""  # reserved, dropped if unused
+        self.all_of_rules[key] = entry = [name, False]
+        self.unguarded.add(key)
+        try:
+            body = self.visit(merged, hint)
+        finally:
+            self.unguarded.discard(key)
+            del self.all_of_rules[key]
+        if not entry[1]:
+            del self.rules[name]
+            return body
+        self.rules[name] = body
+        return name
+
     def all_of(self, schema: dict, hint: str) -> dict:
         """allOf of object schemas (and the parent's own keywords) merged into one."""
+        if id(schema) in self.merged:
+            return self.merged[id(schema)][1]
+        if id(schema) in self.merging:
+            raise ValueError(f"'allOf' includes itself (through '$ref'), it cannot be merged (at {hint})")
+        self.merging.add(id(schema))
+        self.enter(hint)
+        try:
+            out = self._all_of(schema, hint)
+        finally:
+            self.leave()
+            self.merging.discard(id(schema))
+        self.merged[id(schema)] = (schema, out)  # the schema is kept: its id stays its own
+        return out
+
+    def _all_of(self, schema: dict, hint: str) -> dict:
         parts = schema["allOf"]
         if not isinstance(parts, list) or not parts:
             raise ValueError(f"'allOf' must be a non-empty array of schemas (at {hint})")
         rest = {k: v for k, v in schema.items() if k != "allOf"}
         subs = [self.resolve(p) for p in parts]
         if len(subs) == 1 and not rest:
-            return subs[0]
+            one = subs[0]  # merged too if it is an allOf itself (a part left as is lost its allOf)
+            return self.all_of(one, hint) if isinstance(one, dict) and "allOf" in one else one
         out: dict = {"type": "object", "properties": {}, "required": []}
         for s in [rest] + subs:
             if not isinstance(s, dict):
@@ -230,6 +327,10 @@ class _Converter:
                 s = self.all_of(s, hint)
             if s.get("type", "object") != "object" or any(k in s for k in ("anyOf", "oneOf", "enum", "const")):
                 raise ValueError(f"'allOf' is supported only for object schemas (at {hint})")
+            if not isinstance(s.get("properties", {}), dict):
+                raise ValueError(f"'properties' must be an object (at {hint})")
+            if not isinstance(s.get("required", []), list):
+                raise ValueError(f"'required' must be an array of strings (at {hint})")
             out["properties"].update(s.get("properties", {}))
             out["required"] += [r for r in s.get("required", []) if r not in out["required"]]
             if "additionalProperties" in s:
@@ -255,12 +356,12 @@ class _Converter:
             v = schema.get(key)
             if v is None or isinstance(v, bool):
                 return None if v is None else _bad(key)
-            if not isinstance(v, (int, float)):
+            if not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
                 _bad(key)
             return v
 
         def _bad(key: str):
-            raise ValueError(f"'{key}' must be a number (at {hint})")
+            raise ValueError(f"'{key}' must be a finite number (at {hint})")
 
         lo = hi = None
         if (v := bound("minimum")) is not None:
@@ -353,26 +454,26 @@ class _Converter:
             value = self.primitive("value") if addl is True else self.visit(addl, f"{hint}-additional")
             extra = self.add(f"{hint}-additional-kv", f'{self.primitive("string")} ":" space {value}')
         n = len(items)
-        # after[i]: items i.. when something was written already (each needs a comma first)
-        after = [""] * (n + 1)
-        after[n] = f'("," space {extra})*' if extra else ""
-        for i in range(n - 1, -1, -1):
-            kv, req = items[i]
-            one = f'"," space {kv}'
-            after[i] = " ".join(x for x in ((one if req else f"({one})?"), after[i + 1]) if x)
-        # start(i): items i.. when nothing was written yet
+        # after(i): items i.. when something was written already (each needs a comma first)
+        pieces = [f'"," space {kv}' if req else f'("," space {kv})?' for kv, req in items]
+        if extra:
+            pieces.append(f'("," space {extra})*')
+        # start(i): items i.. when nothing was written yet: item i and what follows it, or (item
+        # i optional) start(i + 1), a rule. Built from the first required item k back to 0; each
+        # of these holds after(i + 1), so the object costs about k * n (checked before it is built).
+        k = next((i for i, (_, req) in enumerate(items) if req), n)
+        suffix = [0] * (len(pieces) + 1)
+        for i in range(len(pieces) - 1, -1, -1):
+            suffix[i] = suffix[i + 1] + len(pieces[i]) + 1
+        self.check(sum(suffix[i + 1] for i in range(min(k + 1, n))))
+
+        def with_it(i: int) -> str:
+            return " ".join([items[i][0], *pieces[i + 1:]])
+
         tail = f"({extra} (\",\" space {extra})*)?" if extra else ""
-
-        def start(i: int) -> str:
-            if i == n:
-                return tail or '""'
-            kv, req = items[i]
-            with_it = " ".join(x for x in (kv, after[i + 1]) if x)
-            if req:
-                return with_it
-            return f"{with_it} | {self.add(f'{hint}-from-{i + 1}', start(i + 1))}" if i + 1 <= n else with_it
-
-        body = start(0)
+        body = (tail or '""') if k == n else with_it(k)
+        for i in range(k - 1, -1, -1):
+            body = f"{with_it(i)} | {self.add(f'{hint}-from-{i + 1}', body)}"
         return self.add(hint, f'"{{" space ({body}) "}}" space')
 
 
@@ -382,9 +483,9 @@ def _quoted(contents: str) -> str:
 
 
 def _count(schema: dict, key: str, default: int | None, hint: str) -> int | None:
-    v = schema.get(key, default)
-    if v is None:
-        return None
+    v = schema.get(key)
+    if v is None:  # absent or null (as a null bound of an integer): the default
+        return default
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
