@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import time
 
 import pytest
 
@@ -257,6 +258,149 @@ def test_int_range_bounds_on_the_real_grammar_sampler(vocab):
             inside = (lo is None or x >= lo) and (hi is None or x <= hi)
             assert grammar_accepts(vocab, g, str(x)) == inside, (s, x)
 
+
+# -- odd schemas: a grammar or a ValueError, nothing else -------------------------------------
+
+NASTY = [
+    {"allOf": [{"$ref": "#"}, {}]},
+    {"allOf": [{"$ref": "#"}]},
+    {"anyOf": [{"$ref": "#"}]},
+    {"oneOf": [{"type": "null"}, {"$ref": "#"}]},
+    {"$ref": "#"},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}, {}]}}},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/b"}]}, "b": {"$ref": "#/$defs/a"}}},
+    {"allOf": [{"allOf": [{"$ref": "#/allOf/0"}]}, {}]},
+    {"type": ["object", "null"], "allOf": [{"$ref": "#"}, {"required": ["a"]}]},
+    {"allOf": [{"properties": [1]}, {}]},
+    {"allOf": [{"required": 5}, {}]},
+    {"type": "integer", "minimum": float("inf")},
+    {"type": "integer", "maximum": float("nan")},
+    {"type": "integer", "exclusiveMinimum": -float("inf")},
+    {"type": "integer", "minimum": 1e308, "maximum": 1.5e308},
+    {"type": "string", "pattern": "(" * 5000 + ")" * 5000},
+    {"items": {"items": {"items": {"items": {}}}}},
+]
+
+
+def deep(depth: int, key: str) -> dict:
+    s: dict = {}
+    for _ in range(depth):
+        s = {key: s} if key != "properties" else {"properties": {"a": s}}
+    return s
+
+
+# legitimate recursion through a $ref inside an object or array: a recursive grammar
+RECURSIVE = [
+    ({"properties": {"a": {"allOf": [{"$ref": "#"}]}}}, ['{"a": {"a": {}}}', "{}"], ['{"a": 1}']),
+    ({"properties": {"a": {"allOf": [{"$ref": "#"}, {"required": ["b"]}]}}},
+     ['{"a": {"b": 1}}', '{"a": {"a": {"b": 2}, "b": 1}}', "{}"], ['{"a": {}}']),
+    ({"allOf": [{"properties": {"x": {"type": "integer"}}},
+                {"properties": {"next": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}}]},
+     ['{"x": 1, "next": {"next": null}}'], ['{"next": {"next": 1}}']),
+    ({"type": "array", "items": {"$ref": "#"}}, ["[]", "[[], [[]]]"], ["[1]"]),
+    # a single-entry allOf inside a merge is merged too (its parts were lost)
+    ({"allOf": [{"allOf": [{"$ref": "#/$defs/x"}]}, {"properties": {"b": {}}}],
+      "$defs": {"x": {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {}]}}},
+     ['{"a": 1}', '{"a": 1, "b": 2}'], ['{"b": 2}', "{}"]),
+]
+
+
+def grammar_or_value_error(schema) -> str | None:
+    try:
+        g = schema_to_grammar(schema)
+    except ValueError as e:
+        assert str(e)
+        return None
+    assert isinstance(g, str) and g.startswith("root ::= ")
+    return g
+
+
+DEEP = [(n, k) for n in (99, 150, 3000) for k in ("items", "properties", "anyOf", "additionalProperties")]
+
+
+@pytest.mark.parametrize("schema", NASTY + [deep(n, k) for n, k in DEEP],
+                         ids=[json.dumps(s)[:40] for s in NASTY] + [f"{k}-nested-{n}" for n, k in DEEP])
+def test_odd_schema_is_a_grammar_or_a_value_error(vocab, schema):
+    g = grammar_or_value_error(schema)
+    if g is not None:  # and a grammar libllama can use
+        lib().llama_sampler_free(init_grammar(vocab, g))
+
+
+def test_self_including_allof_is_refused_clearly():
+    for schema in NASTY[:8]:
+        with pytest.raises(ValueError, match="itself"):
+            schema_to_grammar(schema)
+
+
+@pytest.mark.parametrize("schema,good,bad", RECURSIVE, ids=[json.dumps(c[0])[:60] for c in RECURSIVE])
+def test_recursive_ref_through_allof_is_a_recursive_grammar(vocab, schema, good, bad):
+    gbnf = schema_to_grammar(schema)
+    for text in good:
+        assert grammar_accepts(vocab, gbnf, text), f"{text!r} refused by\n{gbnf}"
+    for text in bad:
+        assert not grammar_accepts(vocab, gbnf, text), f"{text!r} accepted by\n{gbnf}"
+
+
+def test_schema_work_and_grammar_size_are_bounded():
+    # a DAG of $defs, each merging the next one twice through allOf: 2**40 copies if expanded
+    defs = {f"d{i}": {"type": "object", "properties": {
+        "p": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {}]}, "q": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {}]}}}
+        for i in range(40)}
+    defs["d40"] = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    # each type alternative converts the whole subschema again
+    fork: dict = {"type": "integer"}
+    for _ in range(40):
+        fork = {"type": ["object", "object"], "properties": {"a": fork}}
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(3000)}}
+    for schema in ({"$ref": "#/$defs/d0", "$defs": defs}, fork, many):
+        t = time.monotonic()
+        with pytest.raises(ValueError, match="too complex|more than"):
+            schema_to_grammar(schema)
+        assert time.monotonic() - t < 5
+
+
+try:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+if st is not None:
+    _REFS = st.sampled_from(["#", "#/$defs/a", "#/$defs/b", "#/properties/x", "#/allOf/0", "#/anyOf/1",
+                             "#/items", "#/$defs", "#/$defs/a/allOf/0", "http://x", "#/nope", 7])
+    _LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 20, 10 ** 20),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
+                      st.sampled_from(["string", "integer", "object", "array", "number", "null", "boolean",
+                                       "date", "uuid", "^a+$", "[", "(a|b){2,3}"]))
+    _KEYS = ["type", "properties", "required", "items", "prefixItems", "anyOf", "oneOf", "allOf", "$ref",
+             "additionalProperties", "enum", "const", "minimum", "maximum", "exclusiveMinimum",
+             "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "format"]
+
+    def _schemas():
+        return st.recursive(
+            st.one_of(_LEAF, st.builds(lambda r: {"$ref": r}, _REFS),
+                      st.builds(lambda t: {"type": t}, st.sampled_from(_TYPES_OR_LISTS))),
+            lambda inner: st.one_of(
+                st.lists(inner, max_size=3),
+                st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4),
+                st.builds(lambda k, xs: {k: xs}, st.sampled_from(["anyOf", "allOf", "oneOf", "prefixItems"]),
+                          st.lists(inner, min_size=1, max_size=3)),
+                st.builds(lambda ps, req: {"type": "object", "properties": ps, "required": req},
+                          st.dictionaries(st.sampled_from(["x", "y", "a"]), inner, max_size=3),
+                          st.lists(st.sampled_from(["x", "y", "z"]), max_size=2)),
+            ),
+            max_leaves=12)
+
+    _TYPES_OR_LISTS = ["string", "integer", "object", "array", ["object", "null"], ["integer", "string"], "nope"]
+
+    @settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(_schemas(), _schemas(), _schemas())
+    def test_hypothesis_odd_schemas_give_a_grammar_or_a_value_error(vocab, root, a, b):
+        schema = root if isinstance(root, dict) else {"anyOf": [root, {"$ref": "#"}]}
+        schema = {**schema, "$defs": {"a": a, "b": b}}
+        g = grammar_or_value_error(schema)
+        if g is not None:  # and one libllama parses (no left recursion, no undefined rule)
+            lib().llama_sampler_free(init_grammar(vocab, g))
+
 # -- generation on the real model -------------------------------------------------------------
 
 PROMPT = "User: Describe a person as JSON.\nAssistant:"
@@ -404,3 +548,22 @@ def test_server_invalid_structured_input_is_400(srv, path, extra, needle):
     assert err["type"] == "invalid_request_error" and needle in err["message"]
     # and the server still serves
     assert srv.post("/completion", {"prompt": "Hi", "n_predict": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("schema,needle", [
+    ({"allOf": [{"$ref": "#"}, {}]}, "itself"),
+    ({"anyOf": [{"type": "null"}, {"$ref": "#"}]}, "itself"),
+    (deep(150, "items"), "nested too deeply"),
+    ({"type": "integer", "minimum": 0, "maximum": 10 ** 19, "allOf": [{"$ref": "#"}]}, "allOf"),
+])
+def test_server_runaway_schema_is_400_quickly(srv, schema, needle):
+    t = time.monotonic()
+    r = srv.post("/completion", {"prompt": "Hi", "n_predict": 4, "json_schema": schema})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+    assert time.monotonic() - t < 5
+    t = time.monotonic()  # the huge integer range is now a small grammar, served as usual
+    r = srv.post("/completion", {"prompt": "Hi", "n_predict": 2, "temperature": 0,
+                                 "json_schema": {"type": "integer", "minimum": 0, "maximum": 10 ** 19}})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t < 30
