@@ -65,24 +65,32 @@ def _prebuilt_file(needed: str) -> Path | None:
 
 
 def _make_shim() -> None:
-    """Fill .llama/cpp-on-prebuilt: the C++ programs beside links to the prebuilt libraries."""
+    """Fill .llama/cpp-on-prebuilt: the C++ programs beside links to the prebuilt libraries.
+
+    Walks the programs' NEEDED libraries: libllama, libggml and libggml-base are the prebuilt
+    ones; the programs' own code (libllama-common, libmtmd, libllama-server-impl, ...) stays the
+    one compiled in .llama/cpp-build."""
     SHIM.mkdir(parents=True, exist_ok=True)
     for p in SHIM.iterdir():
         p.unlink()
-    linked = set()
-    for prog in PROGRAMS:
-        src = CPP_BUILD / "bin" / prog
+    todo = [CPP_BUILD / "bin" / prog for prog in PROGRAMS]
+    for src in todo:
         if not src.exists():
             raise SystemExit(f"error: {src} is missing; build the C++ programs first")
-        shutil.copy2(src, SHIM / prog)  # a copy: ggml looks for backends beside the real executable
-        for needed in _needed(src):
-            if needed in linked or not needed.startswith(("libllama", "libggml")):
+    for prog in PROGRAMS:  # a copy: ggml looks for its backends beside the real executable
+        shutil.copy2(CPP_BUILD / "bin" / prog, SHIM / prog)
+    seen: set[str] = set()
+    while todo:
+        for needed in _needed(todo.pop()):
+            if needed in seen or not needed.startswith(("libllama", "libggml", "libmtmd")):
                 continue
-            target = _prebuilt_file(needed)
-            if target is None:  # a library the prebuilt package has no counterpart of: keep ours
+            seen.add(needed)
+            target = _prebuilt_file(needed) if needed.startswith(
+                ("libllama.so", "libggml.so", "libggml-base.so")) else None
+            if target is None:
                 target = (CPP_BUILD / "bin" / needed).resolve()
+                todo.append(target)
             (SHIM / needed).symlink_to(target)
-            linked.add(needed)
     for backend in PREBUILT_LIB.glob("libggml-cpu-*.so"):
         (SHIM / backend.name).symlink_to(backend)
 
