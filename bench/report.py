@@ -191,11 +191,18 @@ def render(recs, docs: Path, source: list[str]) -> str:
     if end.get("runtime_s"):
         w(f"| run time | {end['runtime_s'] / 60:.1f} min |")
     w(f"| model | `{meta.get('model', '?')}` ({meta.get('model_bytes', 0) / 1e6:.0f} MB) |")
-    w(f"| llama-server | {meta.get('llama_server') or '?'} (`.llama/cpp-build`, GGML_NATIVE, OpenMP) |")
-    w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} |")
+    build = meta.get("build")
     lib_dir = str(meta.get("our_lib_dir", "?")).replace(str(ROOT) + "/", "")
-    w(f"| our libllama | `{lib_dir}`" + (" (the prebuilt v0.5.0 libraries, no OpenMP; a persistent ggml thread pool attached per context)"
-                                        if lib_dir == ".llama/lib" else "") + " |")
+    if build:  # both on one libllama (bench/_builds.py)
+        what = {"native": "the cmake build of the pinned source, GGML_NATIVE, OpenMP",
+                "prebuilt": "the prebuilt npm libraries, no OpenMP, dynamic CPU backends; "
+                            "llama-server run on them from `.llama/cpp-on-prebuilt`"}.get(build, build)
+        w(f"| libllama of ours and llama-server | {build}: `{lib_dir}` ({what}) |")
+        w(f"| llama-server | {meta.get('llama_server') or '?'} |")
+    else:  # results from before both sides shared a build
+        w(f"| llama-server | {meta.get('llama_server') or '?'} (`.llama/cpp-build`, GGML_NATIVE, OpenMP) |")
+        w(f"| our libllama | `{lib_dir}` |")
+    w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} (its own bundled libllama) |")
     w("")
     w("Workload per point: each client streams requests one after another; a request is "
       f"`User: <question>\\nAssistant:` (about 10 prompt tokens) and generates exactly "
