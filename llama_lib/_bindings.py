@@ -79,8 +79,16 @@ GGML_SCHED_PRIO_NORMAL = 0
 GGML_SCHED_PRIO_MEDIUM = 1
 GGML_SCHED_PRIO_HIGH = 2
 GGML_SCHED_PRIO_REALTIME = 3
-# enum ggml_type (the two the KV cache defaults to)
+# enum ggml_type (ggml.h): the KV cache types llama.cpp's -ctk/-ctv accept
+GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
+GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q4_1 = 3
+GGML_TYPE_Q5_0 = 6
+GGML_TYPE_Q5_1 = 7
+GGML_TYPE_Q8_0 = 8
+GGML_TYPE_IQ4_NL = 20
+GGML_TYPE_BF16 = 30
 
 # --- callbacks -------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ as a `view()` that copies no token.
 from __future__ import annotations
 
 import ctypes
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -169,8 +169,3 @@ class Batch:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def iter_chunks(n_tokens: int, n_batch: int) -> Iterable[tuple[int, int]]:
-    """(start, length) of consecutive chunks of at most n_batch tokens."""
-    for start in range(0, n_tokens, n_batch):
-        yield start, min(n_batch, n_tokens - start)

@@ -33,7 +33,21 @@ class Vocab:
         self.add_bos: bool = L.llama_vocab_get_add_bos(self.ptr)
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._eog: dict[int, bool] = {}
+        self._eog_tokens: list[int] | None = None
         self._buf = ctypes.create_string_buffer(256)
+
+    @property
+    def type(self) -> int:
+        """llama_vocab_type: 1 SPM, 2 BPE, 3 WPM, 4 UGM, 5 RWKV, 6 PLAMO2 (0: none)."""
+        return int(lib().llama_vocab_type(self.ptr))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id (EOS, EOT, ...): a scan of the whole vocabulary,
+        done once; what llama-server bans for `ignore_eos`."""
+        if self._eog_tokens is None:
+            is_eog = lib().llama_vocab_is_eog
+            self._eog_tokens = [t for t in range(self.n_tokens) if is_eog(self.ptr, t)]
+        return self._eog_tokens
 
     def is_eog(self, token: int) -> bool:
         cached = self._eog.get(token)

@@ -19,6 +19,51 @@ log = logging.getLogger(__name__)
 _TOP_N = 1024
 
 
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a sampling field may take: [lo, hi], or (lo, hi] with `lo_open`."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return (v > self.lo if self.lo_open else v >= self.lo) and v <= self.hi
+
+    def describe(self, number=_number) -> str:
+        """"between 0 and 1" or "> 0 and <= 10"; `number` writes the bounds."""
+        if self.lo_open:
+            return f"> {number(self.lo)} and <= {number(self.hi)}"
+        return f"between {number(self.lo)} and {number(self.hi)}"
+
+    __str__ = describe
+
+    def describe_hi(self, number=_number) -> str:
+        """"<= 100": for a value whose low side is taken care of (clamped, or checked apart)."""
+        return f"<= {number(self.hi)}"
+
+
+# The one table of sampling ranges: SamplingParams.validate, the server's request parser and its
+# command line (--temp, --top-k, ...) all check these, so a server default is always a value a
+# request could ask for, and anything a request may ask for passes validate().
+SAMPLING_RANGES: dict[str, Range] = {
+    "temperature": Range(0.0, 100.0),        # <= 0: greedy (validate lets below 0 through)
+    "top_k": Range(0, 1 << 30),              # 0 disables it
+    "top_p": Range(0.0, 1.0),
+    "min_p": Range(0.0, 1.0),
+    "typical_p": Range(0.0, 1.0),
+    "repeat_penalty": Range(0.0, 10.0, lo_open=True),
+    "repeat_last_n": Range(-1, 1 << 20),     # -1: the whole context, 0 disables it
+    "frequency_penalty": Range(-2.0, 2.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "seed": Range(-1, 2**32 - 1),            # -1: random (SamplingParams.seed None)
+}
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings with llama.cpp's defaults (common_params_sampling).
@@ -40,22 +85,18 @@ class SamplingParams:
     grammar: str | None = None  # GBNF text, start symbol "root"; None or "" = unconstrained
 
     def validate(self, n_vocab: int | None = None, vocab=None) -> None:
-        """Raise ValueError naming the first field that is out of range. With `vocab` (a Vocab
+        """Raise ValueError naming the first field outside SAMPLING_RANGES. With `vocab` (a Vocab
         or a llama_vocab pointer) the grammar is parsed too, so a bad one is refused up front."""
-        if not (self.temperature == self.temperature) or self.temperature > 100:  # NaN or silly
-            raise ValueError("temperature must be a number between 0 and 100")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
-        for name in ("top_p", "min_p", "typical_p"):
+        for name, allowed in SAMPLING_RANGES.items():
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1")
-        if not 0.0 < self.repeat_penalty <= 10.0:
-            raise ValueError("repeat_penalty must be in (0, 10]")
-        if self.repeat_last_n < -1:
-            raise ValueError("repeat_last_n must be >= -1")
-        if self.seed is not None and not -(2**31) <= self.seed < 2**32:
-            raise ValueError("seed must fit in 32 bits")
+            if name == "seed":  # None is random; any 32-bit value reaches C as a uint32
+                if v is not None and not -(2**31) <= v < 2**32:
+                    raise ValueError("seed must fit in 32 bits")
+            elif name == "temperature":  # below 0 is greedy too
+                if not v == v or v > allowed.hi:  # NaN or silly
+                    raise ValueError(f"temperature must be a number {allowed}")
+            elif v not in allowed:
+                raise ValueError(f"{name} must be {allowed}")
         if n_vocab is not None:
             for tok in self.logit_bias:
                 if not 0 <= tok < n_vocab:

@@ -21,14 +21,8 @@ from typing import Any
 
 from llama_lib.json_schema import schema_to_grammar
 
-
-
-def bad_request(message: str) -> Exception:
-    """server.api's 400 ApiError (imported late: server.api imports this module)."""
-    from .api import bad_request as _bad_request
-    return _bad_request(message)
-
-_MISSING = object()
+from .errors import bad_request
+from .fields import _MISSING
 
 
 def _schema_grammar(schema: Any, field: str) -> str:

@@ -512,7 +512,7 @@ def test_static_path_cannot_leave_its_folder(locked):
 
 
 def test_binds_loopback_by_default_and_warns_otherwise():
-    from server.__main__ import parse_args
+    from server.cli import parse_args
     assert parse_args([]).host == "127.0.0.1"
     port = free_port()
     p = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(port),

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from server import api
-from server.__main__ import KV_CACHE_TYPES, build_settings, check_chat_template, parse_args
+from server.cli import KV_CACHE_TYPES, check_chat_template, parse_args
+from server.settings import build_settings
 from server.service import Service
 from server_util import ROOT, ServerProcess
 
@@ -97,7 +98,7 @@ def test_accepted_no_op_flags():
 
 
 def test_log_levels():
-    from server.__main__ import _log_level
+    from server.cli import _log_level
     assert _log_level(parse_args([])) == logging.INFO
     assert _log_level(parse_args(["-lv", "2"])) == logging.WARNING
     assert _log_level(parse_args(["--verbosity", "1"])) == logging.ERROR

@@ -1,0 +1,140 @@
+"""The read-only endpoints' bodies: /props, /slots, /v1/models and /metrics, in llama-server's shapes."""
+
+from __future__ import annotations
+
+import time
+
+from llama_lib import Model
+
+from . import __version__
+from .requests import base_params
+from .responses import generation_settings
+from .service import Service
+
+
+def props(svc: Service) -> dict:
+    """GET /props."""
+    s, m = svc.settings, svc.model
+    v = m.vocab if m else None
+
+    def piece(tok: int) -> str:
+        return v.token_to_piece(tok, special=True).decode("utf-8", "replace") if v and tok >= 0 else ""
+
+    defaults = base_params({}, svc.defaults, ("n_predict",))
+    settings = generation_settings(defaults, svc.n_ctx_slot, False)
+    names = svc.names()
+    return {
+        "default_generation_settings": {"params": settings, "n_ctx": svc.n_ctx_slot},
+        "total_slots": s.engine.n_parallel,
+        "model_alias": svc.model_name,
+        "model_ftype": model_ftype(m),
+        "model_path": s.model_path,
+        "modalities": {"vision": False, "video": False, "audio": False},
+        "media_marker": "",  # no multimodal input here
+        "endpoint_slots": s.slots_endpoint,
+        "endpoint_props": s.props_endpoint,
+        "endpoint_metrics": s.metrics_endpoint,
+        "ui": s.webui,
+        "ui_settings": {},
+        "chat_template": svc.template,       # a template text, a built-in name, or "transcript"
+        "chat_template_source": svc.template_source,
+        "chat_template_caps": {},
+        "cors_proxy_enabled": False,
+        "bos_token": piece(v.bos) if v else "",
+        "eos_token": piece(v.eos) if v else "",
+        "build_info": f"pyllama-server {__version__}",
+        "is_sleeping": False,
+        # server-parallel's fields
+        "user_name": names[0],
+        "assistant_name": names[1],
+        "anti_prompt": names[2],
+        "system_prompt": svc.engine.system_prompt if svc.engine else "",
+        "n_system_prompt_tokens": int(len(svc.engine.system_tokens)) if svc.engine else 0,
+    }
+
+def slots(svc: Service) -> list[dict]:
+    """GET /slots."""
+    out = []
+    for info in svc.engine.slots_info():
+        busy = info["is_processing"]
+        out.append({
+            "id": info["id"],
+            "id_task": info["id_task"],
+            "n_ctx": info["n_ctx"],
+            "speculative": False,
+            "is_processing": busy,
+            "n_prompt_tokens": info["n_prompt_tokens"],
+            "n_past": info["n_past"],
+            "n_system_tokens": info["n_system_tokens"],
+            # our addition: the slot's largest KV position when it was last released
+            # (n_system_tokens - 1 when it holds only the system prompt; -1 when empty)
+            "kv_pos_max": info["kv_pos_max"],
+            "next_token": [{
+                "has_next_token": busy,
+                "has_new_line": False,
+                "n_remain": -1,
+                "n_decoded": info["n_decoded"],
+            }],
+        })
+    return out
+
+def model_ftype(model: Model | None) -> str:
+    """The model's quantization as llama.cpp names it ("Q4_K - Medium"): the last part of
+    llama_model_desc, "<arch> <size> <ftype>"."""
+    if model is None:
+        return ""
+    parts = model.description.split(" ", 2)
+    return parts[2] if len(parts) == 3 else ""
+
+def models(svc: Service) -> dict:
+    """GET /v1/models in llama-server's shape (OpenAI's list plus Ollama's "models")."""
+    m, s = svc.model, svc.settings
+    meta = {"vocab_type": m.vocab.type,
+            "n_vocab": m.vocab.n_tokens, "n_ctx": svc.n_ctx_slot, "n_ctx_train": m.n_ctx_train,
+            "n_embd": m.n_embd, "n_params": m.n_params, "size": m.size,
+            "ftype": model_ftype(m)} if m else {}
+    aliases = list(s.aliases)
+    return {
+        "object": "list",
+        "data": [{"id": svc.model_name, "aliases": aliases, "tags": list(s.tags),
+                  "object": "model", "created": int(time.time()), "owned_by": "llamacpp",
+                  "meta": meta}],
+        "models": [{"name": svc.model_name, "model": svc.model_name, "modified_at": "",
+                    "size": "", "digest": "", "type": "model", "description": "", "tags": [""],
+                    "capabilities": ["completion"], "parameters": "",
+                    "details": {"parent_model": "", "format": "gguf", "family": "",
+                                "families": [""], "parameter_size": "",
+                                "quantization_level": ""}}],
+    }
+
+def metrics_text(svc: Service) -> str:
+    """GET /metrics: Prometheus text with llama-server's names."""
+    e, st = svc.engine, svc.engine.stats
+    m = svc.metrics_snapshot()
+    rows = [
+        ("prompt_tokens_total", "counter", "Number of prompt tokens processed, excluding cached tokens", m.n_prompt_tokens),
+        ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache", m.n_prompt_tokens_cached),
+        ("prompt_seconds_total", "counter", "Total time spent processing prompts", m.t_prompt_s),
+        ("tokens_predicted_total", "counter", "Number of generation tokens processed", m.n_predicted_tokens),
+        ("tokens_predicted_seconds_total", "counter", "Total time spent generating tokens", m.t_predicted_s),
+        ("n_decode_total", "counter", "Total number of llama_decode() calls", st.n_decode_calls),
+        ("n_tokens_max", "counter", "Largest observed sequence length (prompt + generation)", m.n_tokens_max),
+        # no speculative decoding here: llama-server's counters, always 0
+        ("spec_decode_num_draft_tokens_total", "counter", "Speculative: Total draft tokens generated", 0),
+        ("spec_decode_num_accepted_tokens_total", "counter",
+         "Speculative: Total draft tokens accepted by the target model", 0),
+        ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps", 0),
+        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s",
+         m.n_prompt_tokens / m.t_prompt_s if m.t_prompt_s else 0.0),
+        ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
+         m.n_predicted_tokens / m.t_predicted_s if m.t_predicted_s else 0.0),
+        ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
+        ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
+        ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
+         st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
+    ]
+    lines = []
+    for name, typ, help_, val in rows:
+        lines += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {typ}",
+                  f"llamacpp:{name} {val:g}" if isinstance(val, float) else f"llamacpp:{name} {val}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,309 @@
+"""Request bodies to jobs: every generation, tokenize and detokenize body is parsed here.
+
+`parse_completion` (/completion, /v1/completions) and `parse_chat` (/v1/chat/completions)
+return a `Job` (the engine's RequestParams plus how to answer) or raise `ApiError`; nothing
+here touches a socket or the model (the vocabulary comes in as a `Tokenizer`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from llama_lib import RequestParams, SamplingParams
+from llama_lib.sampler import SAMPLING_RANGES
+
+from .chat import FALLBACK_STOPS, FALLBACK_TEMPLATE, render_chat
+from .errors import bad_request
+from .fields import (
+    Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
+    get_stop, get_str,
+)
+from .structured import get_grammar
+
+# How a job answers: llama-server's /completion shape, or OpenAI's two shapes.
+KIND_COMPLETION = "completion"
+KIND_OAI_COMPLETION = "oai_completion"
+KIND_OAI_CHAT = "oai_chat"
+
+
+@dataclass
+class Defaults:
+    """Server-wide defaults a request may override (from the command line)."""
+
+    n_predict: int = -1
+    # --temp, --top-k, ..., -s and --grammar / --json-schema (the GBNF of requests with none);
+    # llama.cpp's defaults (SamplingParams') unless given
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    n_vocab: int = 1 << 30
+    ignore_eos: bool = False
+    cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
+
+    @property
+    def grammar(self) -> str | None:
+        return self.sampling.grammar
+
+
+@dataclass
+class SystemUpdate:
+    """server-parallel's fields: a new shared system prompt and the names around it."""
+
+    system_prompt: str
+    anti_prompt: str
+    assistant_name: str
+
+
+@dataclass
+class Job:
+    kind: str
+    prompt: str | list[int]
+    params: RequestParams
+    stream: bool = False
+    system_update: SystemUpdate | None = None
+    # stop strings added to the request's and the server's anti-prompts (the chat fallback's)
+    extra_stops: list[str] = field(default_factory=list)
+    strip_leading: bool = False  # chat with the transcript fallback: drop the space after "Assistant:"
+    include_usage: bool = False  # stream_options.include_usage: a chat stream ends with a usage chunk
+    verbose: bool = False        # OpenAI shapes carry "__verbose" (the /completion object)
+    return_tokens: bool = False  # /completion: the generated ids in "tokens"
+    response_fields: list[str] = field(default_factory=list)  # /completion: keep only these ("a/b" nested)
+    prompts: list[str | list[int]] = field(default_factory=list)  # several prompts: one result each
+    n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = ""
+
+
+# llama-server's sampling fields (server-schema.cpp) that set the SamplingParams field of the
+# same name, with their JSON type; their ranges are llama_lib's SAMPLING_RANGES
+SAMPLING_FIELDS: tuple[tuple[str, type], ...] = (
+    ("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
+    ("typical_p", float), ("repeat_penalty", float), ("repeat_last_n", int),
+    ("frequency_penalty", float), ("presence_penalty", float),
+)
+
+
+def _sampling_field(body: dict, name: str, kind: type, default: float) -> float:
+    allowed = SAMPLING_RANGES[name]
+    if kind is int:
+        return get_int(body, name, default, lo=allowed.lo, hi=allowed.hi)
+    return get_float(body, name, default, allowed)
+
+
+def sampling_params(body: dict, d: Defaults, tok: Tokenizer | None = None) -> SamplingParams:
+    ds, seeds = d.sampling, SAMPLING_RANGES["seed"]
+    seed = get_int(body, "seed", -1 if ds.seed is None else ds.seed, lo=seeds.lo, hi=seeds.hi)
+    values = {name: _sampling_field(body, name, kind, getattr(ds, name)) for name, kind in SAMPLING_FIELDS}
+    return SamplingParams(
+        **values,
+        seed=None if seed == -1 else seed,
+        logit_bias=get_logit_bias(body, tok),
+        grammar=_or_default(get_grammar(body), ds.grammar),
+    )
+
+
+def _or_default(value, default):
+    return default if value is None else value
+
+
+def _one_prompt(v: Any, n_vocab: int, name: str, tok: Tokenizer | None = None) -> str | list[int]:
+    """One prompt: a string, a list of token ids, a list mixing strings and token ids
+    (tokenized here), or llama-server's {"prompt_string": ...} object. Never empty:
+    llama-server would generate from BOS alone; we refuse (400)."""
+    if isinstance(v, dict):
+        if v.get("multimodal_data"):
+            raise bad_request(f"'{name}': multimodal data is not supported by this server")
+        s = v.get("prompt_string")
+        if not isinstance(s, str):
+            raise bad_request(f"'{name}'.prompt_string must be a string")
+        v = s
+    if (isinstance(v, list) and tok is not None and any(isinstance(t, str) for t in v)
+            and all(isinstance(t, str) or (isinstance(t, int) and not isinstance(t, bool)) for t in v)):
+        mixed: list[int] = []
+        for i, t in enumerate(v):
+            mixed.extend(tok.tokenize_prompt_text(t, i == 0) if isinstance(t, str) else [t])
+        v = mixed
+    if isinstance(v, str):
+        if not v:
+            raise bad_request(f"'{name}' is empty")
+        return v
+    if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        if not v:
+            raise bad_request(f"'{name}' is empty")
+        check_token_ids(v, n_vocab, f"'{name}' token id")
+        return list(v)
+    if isinstance(v, list) and any(isinstance(t, str) for t in v):
+        raise bad_request(f"'{name}': strings mixed with token ids in one prompt are not supported")
+    raise bad_request(f"'{name}' must be a string, a list of token ids, or a list of those")
+
+
+def _prompts(body: dict, n_vocab: int, name: str = "prompt",
+             tok: Tokenizer | None = None) -> list[str | list[int]]:
+    """llama-server's prompt forms: one prompt (see `_one_prompt`), or a list of them (one
+    result each). A list holding any token id is one prompt, as llama-server reads it."""
+    v = body.get(name, None)
+    if v is None:
+        raise bad_request(f"'{name}' is required")
+    if (isinstance(v, list) and v and all(isinstance(p, (str, list, dict)) for p in v)
+            and not any(isinstance(p, int) for p in v)):
+        return [_one_prompt(p, n_vocab, f"{name}[{i}]", tok) for i, p in enumerate(v)]
+    return [_one_prompt(v, n_vocab, name, tok)]
+
+
+def _n(body: dict, n_max: int) -> int:
+    """llama-server's n_cmpl (alias OpenAI's n): completions per prompt, at most the slots."""
+    return get_int(body, "n_cmpl", 1, lo=1, hi=max(1, n_max), aliases=("n",))
+
+
+def _id_slot(body: dict, n_slots: int) -> int | None:
+    """id_slot: run in this slot (waiting for it); -1 (the default): any free one."""
+    v = get_int(body, "id_slot", -1, lo=-1, hi=max(0, n_slots - 1))
+    return None if v < 0 else v
+
+
+# n_predict / max_tokens: -1 means "until EOS or the slot is full" (llama-server's meaning),
+# below -1 is refused, above an int32 is refused (llama-server reads an int32); anything in
+# between is accepted and in effect capped by the slot's context (finish reason "length").
+N_PREDICT_MAX = 2**31 - 1
+
+
+def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
+                 tok: Tokenizer | None = None) -> RequestParams:
+    first, *aliases = n_predict_names
+    n_predict = get_int(body, first, d.n_predict, lo=-1, hi=N_PREDICT_MAX, aliases=aliases)
+    sp = sampling_params(body, d, tok)
+    check_token_ids(sp.logit_bias, d.n_vocab, "'logit_bias' token")
+    ignore_eos = get_bool(body, "ignore_eos", d.ignore_eos)
+    if ignore_eos and tok is not None:
+        # llama-server bans the end-of-generation tokens (-inf, shown as null) rather than
+        # sampling through them, and lists them in generation_settings.logit_bias
+        for t in tok.eog_tokens():
+            sp.logit_bias[t] = -math.inf
+    return RequestParams(
+        n_predict=n_predict,
+        sampling=sp,
+        stop=get_stop(body),
+        ignore_eos=ignore_eos,
+        min_tokens=get_int(body, "min_tokens", 0, lo=0, hi=N_PREDICT_MAX),
+        cache_prompt=get_bool(body, "cache_prompt", d.cache_prompt),
+    )
+
+
+@dataclass
+class ServerInfo:
+    """What request parsing needs from the running server beyond `Defaults`."""
+
+    tok: Tokenizer | None = None  # logit_bias texts, ignore_eos's EOG tokens
+    verbose: bool = False         # llama-server's --verbose: "__verbose" in every answer
+    n_slots: int = 1              # n (n_cmpl) and id_slot are bounded by the slots
+
+
+def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None = None) -> Job:
+    """POST /completion (llama-server shape) or /v1/completions (OpenAI shape)."""
+    info = info or ServerInfo()
+    body = check_object(body)
+    if kind == KIND_OAI_COMPLETION:
+        if get_bool(body, "echo", False):
+            raise bad_request("'echo' is not supported")
+        params = base_params(body, d, ("max_tokens", "n_predict"), info.tok)
+    else:
+        params = base_params(body, d, ("n_predict", "max_tokens"), info.tok)
+    prompts = _prompts(body, d.n_vocab, tok=info.tok)
+    update = None
+    if kind == KIND_COMPLETION:
+        sp_fields = [get_str(body, k) for k in ("system_prompt", "anti_prompt", "assistant_name")]
+        if all(f is not None for f in sp_fields):
+            update = SystemUpdate(*sp_fields)  # type: ignore[arg-type]
+    job = Job(kind=kind, prompt=prompts[0], params=params, stream=get_bool(body, "stream", False),
+              system_update=update, prompts=prompts)
+    _common_fields(job, body, info)
+    # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
+    # alias of n_probs, on both endpoints
+    params.n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX,
+                                      aliases=("logprobs",)), d)
+    return job
+
+
+def _n_probs(n: int, d: Defaults) -> int:
+    """n_probs as the engine takes it: at most the whole vocabulary."""
+    return min(n, d.n_vocab)
+
+
+# OpenAI's bound of chat's top_logprobs
+TOP_LOGPROBS_MAX = 20
+
+
+def _chat_n_probs(body: dict, d: Defaults) -> int:
+    """Chat's logprobs (bool) + top_logprobs as llama-server maps them onto n_probs:
+    logprobs true gives top_logprobs (default 20) candidates; top_logprobs alone is refused."""
+    top = get_int(body, "top_logprobs", TOP_LOGPROBS_MAX, lo=0, hi=TOP_LOGPROBS_MAX)
+    if get_bool(body, "logprobs", False):
+        return _n_probs(top, d)
+    if body.get("top_logprobs") is not None:
+        raise bad_request("top_logprobs requires logprobs to be set to true")
+    return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX), d)
+
+
+def _common_fields(job: Job, body: dict, info: ServerInfo) -> None:
+    """The fields every generation endpoint reads (llama-server's schema)."""
+    job.n_cmpl = _n(body, info.n_slots)
+    job.params.slot = _id_slot(body, info.n_slots)
+    job.include_usage = _include_usage(body)
+    job.verbose = get_bool(body, "verbose", info.verbose)
+    job.return_tokens = get_bool(body, "return_tokens", False)
+    rf = body.get("response_fields")
+    if rf is not None:
+        if not isinstance(rf, list) or not all(isinstance(f, str) for f in rf):
+            raise bad_request("'response_fields' must be a list of strings")
+        job.response_fields = list(rf)
+
+
+def _include_usage(body: dict) -> bool:
+    """stream_options.include_usage (default false, as llama-server): only OpenAI chat streams
+    use it; /v1/completions streams always end with usage, non-streamed answers always carry it."""
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise bad_request("'stream_options' must be an object")
+    return get_bool(so, "include_usage", False)
+
+
+def parse_chat(body: Any, d: Defaults, template: str, info: ServerInfo | None = None) -> Job:
+    """POST /v1/chat/completions."""
+    info = info or ServerInfo()
+    body = check_object(body)
+    chat = render_chat(body, template)
+    params = base_params(body, d, ("max_completion_tokens", "max_tokens", "n_predict"), info.tok)
+    job = Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params,
+              stream=get_bool(body, "stream", False))
+    if template == FALLBACK_TEMPLATE:
+        job.extra_stops = list(FALLBACK_STOPS)
+        # drop the space the model writes after "Assistant:", but not inside a continued prefill
+        job.strip_leading = not chat.prefill
+    _common_fields(job, body, info)
+    params.n_probs = _chat_n_probs(body, d)
+    return job
+
+
+
+# -- tokenize / detokenize --------------------------------------------------------------------
+
+def parse_tokenize(body: Any) -> tuple[str, bool, bool, bool]:
+    """(content, add_special, parse_special, with_pieces)"""
+    body = check_object(body)
+    content = get_str(body, "content")
+    if content is None:
+        raise bad_request("'content' is required")
+    return (content, get_bool(body, "add_special", False), get_bool(body, "parse_special", True),
+            get_bool(body, "with_pieces", False))
+
+
+def parse_detokenize(body: Any, n_vocab: int) -> list[int]:
+    body = check_object(body)
+    toks = body.get("tokens", [])
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        raise bad_request("'tokens' must be a list of token ids")
+    check_token_ids(toks, n_vocab, "token id")
+    return toks

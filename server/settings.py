@@ -1,0 +1,91 @@
+"""Settings: what the server runs with, and how the parsed command line becomes them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from llama_lib import EngineConfig, SamplingParams, default_model_path
+
+from .requests import Defaults
+
+
+def _server_engine_config() -> EngineConfig:
+    # TODO(prefill_chunk): the server's own default; the command line sets --ubatch-size
+    return EngineConfig(prefill_chunk=512)
+
+
+@dataclass
+class Settings:
+    """What the command line decided (`build_settings`); the Service runs by it."""
+
+    model_path: str = ""
+    alias: str | None = None       # the model name in responses: aliases[0], else the file name
+    aliases: list[str] = field(default_factory=list)  # -a a,b,c: sorted, no duplicates (a set upstream)
+    tags: list[str] = field(default_factory=list)     # --tags: informational
+    ctx_size: int = 0              # llama-server's -c: total over all slots; 0 = training ctx
+    n_gpu_layers: int = -1
+    use_mmap: bool = True          # --no-mmap: read the model instead of mapping it
+    # the engine's slots, batches, threads, KV cache, system prompt, queue; its n_ctx is
+    # worked out from ctx_size at load
+    engine: EngineConfig = field(default_factory=_server_engine_config)
+    reverse_prompts: list[str] = field(default_factory=list)
+    # request defaults (-n, --temp, --top-k, ..., --no-cache-prompt); a request's own fields
+    # override them
+    defaults: Defaults = field(default_factory=Defaults)
+    verbose: bool = False          # -v: answers carry "__verbose" as llama-server's do
+    n_keep: int = 0                # --keep: stored only (no context shift here)
+    chat_template: str | None = None
+    slots_endpoint: bool = True
+    metrics_endpoint: bool = False
+    props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
+    webui: bool = True             # --no-webui: / answers 404
+
+    # llama-server's flag names for what the engine config holds
+    @property
+    def flash_attn(self) -> int:
+        return self.engine.flash_attn
+
+    @property
+    def cache_type_k(self) -> int:
+        return self.engine.type_k
+
+    @property
+    def cache_type_v(self) -> int:
+        return self.engine.type_v
+
+    @property
+    def slot_prompt_similarity(self) -> float:
+        return self.engine.slot_prompt_similarity
+
+
+def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Settings:
+    """The Settings the parsed command line (server.cli.parse_args) means."""
+    n_threads = args.threads or os.cpu_count() or 4
+    return Settings(
+        model_path=str(args.model or default_model_path()),
+        alias=args.aliases[0] if args.aliases else None, aliases=list(args.aliases),
+        tags=list(args.tags), ctx_size=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
+        use_mmap=args.mmap,
+        engine=EngineConfig(
+            n_parallel=args.parallel, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
+            n_threads=n_threads, n_threads_batch=args.threads_batch or n_threads,
+            cont_batching=args.cont_batching, system_prompt=system_prompt,
+            max_queue=args.max_queue, kv_unified=args.kv_unified,
+            prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio,
+            flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
+            warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity),
+        reverse_prompts=list(args.reverse_prompt),
+        defaults=Defaults(
+            n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,
+            sampling=SamplingParams(
+                seed=None if args.seed == -1 else args.seed, temperature=args.temp,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                grammar=args.grammar_text)),
+        n_keep=args.keep, chat_template=args.chat_template, verbose=args.verbose,
+        slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
+        webui=args.webui,
+    )
