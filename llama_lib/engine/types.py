@@ -6,10 +6,10 @@ it imports none of them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..context import ContextParams
 from ..sampler import SamplingParams
@@ -43,22 +43,37 @@ class EngineClosed(RuntimeError):
     """The engine is shutting down and takes no new requests."""
 
 
-@dataclass
+class _ContextSetting:
+    """An EngineConfig attribute kept in its ContextParams, so a context setting is declared once
+    (in ContextParams) and still reads and writes as `config.n_ctx`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, config: EngineConfig | None, owner: type | None = None) -> Any:
+        return self if config is None else getattr(config.context, self.name)
+
+    def __set__(self, config: EngineConfig, value: Any) -> None:
+        setattr(config.context, self.name, value)
+
+
+# ContextParams fields EngineConfig accepts and forwards; n_seq_max follows n_parallel instead.
+CONTEXT_SETTINGS = tuple(f.name for f in dataclasses.fields(ContextParams) if f.name != "n_seq_max")
+
+
+@dataclass(init=False)
 class EngineConfig:
-    """How the engine sizes its context and schedules requests (llama.cpp's names)."""
+    """How the engine sizes its context and schedules requests (llama.cpp's names).
+
+    The context settings (n_ctx, n_batch, n_ubatch, n_threads, kv_unified, flash_attn, type_k,
+    threadpool, ...) live in `context`, a ContextParams; they are accepted as keywords and read
+    and written as attributes too: `EngineConfig(n_parallel=4, n_ctx=8192).n_ctx == 8192`.
+    """
 
     n_parallel: int = 4            # slots (simultaneous requests)
-    n_ctx: int = 0                 # total KV cells; 0 = the model's training context
-    n_batch: int = 2048            # most tokens handed to one llama_decode call
-    n_ubatch: int = 512
-    n_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
-    n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 4)
     cont_batching: bool = True     # admit new requests while others generate
-    kv_unified: bool = False       # one KV buffer shared by all sequences
-    swa_full: bool = False
-    flash_attn: int = -1           # llama_flash_attn_type: -1 auto, 0 off, 1 on
-    type_k: int = 1                # ggml_type of the KV cache's K and V (1 = GGML_TYPE_F16)
-    type_v: int = 1
     system_prompt: str = ""        # text every request continues
     share_system_prompt: bool = True  # decode it once into sequence 0 and copy it to slots
     max_queue: int = 256           # requests waiting for a slot before submit() refuses
@@ -66,23 +81,39 @@ class EngineConfig:
     # prefilled in pieces instead of stalling everyone else. 0: the whole prompt at once.
     prefill_chunk: int = 0
     warmup: bool = True            # one throw-away decode at start, as llama.cpp's programs do
-    threadpool: bool = True        # a persistent ggml thread pool (see ContextParams)
-    poll: int = 50                 # busy-wait level of idle pool threads, 0-100 (llama.cpp --poll)
-    prio: int = 0                  # pool thread priority, -1..3 (llama.cpp --prio)
     # llama-server's --slot-prompt-similarity: a free slot whose cached tokens share at least
-    # this fraction of a new prompt (as a prefix) is preferred; 0 = always the least recently
-    # used free slot (whose cache is still reused as far as it matches).
+    # this fraction of a new prompt (as a prefix) is preferred; 0 = always the lowest free
+    # slot (whose cache is still reused as far as it matches).
     slot_prompt_similarity: float = 0.1
+    context: ContextParams = field(default_factory=ContextParams)
+
+    def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
+        # A copy, so that configs made from one another (dataclasses.replace) share nothing.
+        context = dataclasses.replace(context or ContextParams(),
+                                      **{k: settings.pop(k) for k in CONTEXT_SETTINGS if k in settings})
+        self.context = context
+        self.n_parallel = n_parallel
+        for f in dataclasses.fields(self):
+            if f.name in ("n_parallel", "context"):
+                continue
+            if f.name in settings:
+                setattr(self, f.name, settings.pop(f.name))
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+            else:
+                setattr(self, f.name, f.default)
+        if settings:
+            raise TypeError(f"EngineConfig() got an unexpected keyword argument {next(iter(settings))!r}")
 
     def context_params(self) -> ContextParams:
-        return ContextParams(
-            n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch,
-            n_seq_max=self.n_parallel + 1, n_threads=self.n_threads,
-            n_threads_batch=self.n_threads_batch, kv_unified=self.kv_unified,
-            swa_full=self.swa_full, flash_attn=self.flash_attn,
-            type_k=self.type_k, type_v=self.type_v,
-            threadpool=self.threadpool, poll=self.poll, prio=self.prio,
-        )
+        """The parameters of the engine's context: `context` with a sequence per slot and one
+        for the shared system prompt."""
+        return dataclasses.replace(self.context, n_seq_max=self.n_parallel + 1)
+
+
+for _name in CONTEXT_SETTINGS:
+    setattr(EngineConfig, _name, _ContextSetting(_name))
+del _name
 
 
 @dataclass
