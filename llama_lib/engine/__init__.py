@@ -23,7 +23,7 @@ from .prompt_cache import PromptCache, common_prefix
 from .request import Request
 from .slot import Slot, SlotPhase
 from .types import (
-    Chunk, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
+    DEFAULT_PREFILL_CHUNK, PREFILL_WHOLE_PROMPT, Chunk, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
     RequestParams, Timings, TokenProbs,
 )
 
@@ -33,7 +33,7 @@ _Slot = Slot
 _common_prefix = common_prefix
 
 __all__ = [
-    "Chunk", "Engine", "EngineClosed", "EngineConfig", "EngineStats", "FinishReason",
+    "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EngineConfig", "EngineStats", "FinishReason",
     "PromptCache", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
     "StopMatcher", "Timings", "TokenProbs", "common_prefix", "token_probs",
     # imported by the single-module engine, still reachable as llama_lib.engine.X

@@ -14,6 +14,13 @@ from typing import Any, Sequence
 from ..context import ContextParams
 from ..sampler import SamplingParams
 
+# EngineConfig.prefill_chunk: the most prompt tokens put in one step beside the generating
+# slots, so a long prompt is prefilled in pieces instead of stalling the streams. The default
+# is llama.cpp's default n_ubatch (the server's --prefill-chunk default, the ubatch size);
+# PREFILL_WHOLE_PROMPT puts whole prompts in one step, as llama.cpp's parallel example does.
+DEFAULT_PREFILL_CHUNK = 512
+PREFILL_WHOLE_PROMPT = 0
+
 
 class FinishReason(str, enum.Enum):
     EOS = "eos"              # the model produced an end-of-generation token
@@ -77,9 +84,7 @@ class EngineConfig:
     system_prompt: str = ""        # text every request continues
     share_system_prompt: bool = True  # decode it once into sequence 0 and copy it to slots
     max_queue: int = 256           # requests waiting for a slot before submit() refuses
-    # Most prompt tokens to put in one step beside the generating slots, so a long prompt is
-    # prefilled in pieces instead of stalling everyone else. 0: the whole prompt at once.
-    prefill_chunk: int = 0
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step (0: whole prompts)
     warmup: bool = True            # one throw-away decode at start, as llama.cpp's programs do
     # llama-server's --slot-prompt-similarity: a free slot whose cached tokens share at least
     # this fraction of a new prompt (as a prefix) is preferred; 0 = always the lowest free
