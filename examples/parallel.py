@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama_lib  # noqa: E402
 from llama_lib import Engine, EngineConfig, RequestParams, SamplingParams  # noqa: E402
+from llama_lib.engine import PREFILL_WHOLE_PROMPT  # noqa: E402
 
 SYSTEM_PROMPT = """A conversation between a curious User and an Assistant.
 The Assistant answers every question at once, clearly and correctly, in a few sentences.
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
         cont_batching=args.cont_batching, kv_unified=args.kv_unified,
         share_system_prompt=args.pps, poll=args.poll, prio=args.prio,
+        # whole prompts in one step, as llama-parallel decodes them (not the engine's default)
+        prefill_chunk=PREFILL_WHOLE_PROMPT,
     )
     engine = Engine(model, config)
     # Timing starts before the shared system prompt is decoded, as in the C++ example.

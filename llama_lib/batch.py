@@ -123,6 +123,21 @@ class Batch:
         self.n_tokens = j
         return i
 
+    def remove_sequence(self, seq_id: int, start: int = 0) -> np.ndarray:
+        """Drop the tokens from `start` on whose (first) sequence is seq_id; the others close
+        up in order. Returns every old row's new index, -1 for a dropped row."""
+        n = self.n_tokens
+        keep = self.seq_id[start:n, 0] != seq_id
+        n_kept = int(keep.sum())
+        new_index = np.full(n, -1, dtype=np.int64)
+        new_index[:start] = np.arange(start)
+        new_index[start:n][keep] = start + np.arange(n_kept)
+        for arr in (self.token, self.pos, self.n_seq_id, self.logits):
+            arr[start:start + n_kept] = arr[start:n][keep]
+        self.seq_id[start:start + n_kept, 0] = self.seq_id[start:n, 0][keep]
+        self.n_tokens = start + n_kept
+        return new_index
+
     # -- reading ------------------------------------------------------------------------------
 
     def view(self, start: int = 0, n: int | None = None) -> B.llama_batch:

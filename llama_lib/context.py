@@ -30,8 +30,8 @@ class DecodeError(RuntimeError):
         self.code = code
 
 
-# llama_decode return codes (llama.h): 0 ok, 1 no KV slot for the batch, 2 aborted, <0 error.
-DECODE_OK = 0
+# llama_decode's return code (llama.h) when the KV cache has no room for the batch; 0 is ok,
+# 2 aborted, < 0 an error (Context.decode raises DecodeError for those).
 DECODE_NO_KV_SLOT = 1
 
 
@@ -42,15 +42,15 @@ class ContextParams:
     n_ctx = 0 takes the model's training context, as llama.cpp does.
     """
 
-    n_ctx: int = 0
-    n_batch: int = 2048
-    n_ubatch: int = 512
+    n_ctx: int = 0                 # total KV cells; 0 = the model's training context
+    n_batch: int = 2048            # most tokens handed to one llama_decode call
+    n_ubatch: int = 512            # most tokens llama.cpp computes at once inside a decode
     n_seq_max: int = 1
     n_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
     n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 4)
-    kv_unified: bool = False
+    kv_unified: bool = False       # one KV buffer shared by all sequences
     swa_full: bool = False
-    flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO
+    flash_attn: int = B.LLAMA_FLASH_ATTN_TYPE_AUTO  # llama_flash_attn_type: -1 auto, 0 off, 1 on
     type_k: int = B.GGML_TYPE_F16  # ggml_type of the K cache (llama.cpp's -ctk)
     type_v: int = B.GGML_TYPE_F16  # ggml_type of the V cache (-ctv; quantized needs flash attention)
     no_perf: bool = False
@@ -224,6 +224,3 @@ class Context(OwnedPointer):
         if not ptr:
             raise IndexError(f"no logits for batch index {i} in the last decode")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def perf(self) -> B.llama_perf_context_data:
-        return lib().llama_perf_context(self.ptr)

@@ -289,16 +289,6 @@ class Sampler(OwnedPointer):
         lib().llama_sampler_apply(self.grammar, ctypes.byref(self._one_p))
         return one.logit != -math.inf
 
-    def accept(self, token: int) -> None:
-        lib().llama_sampler_accept(self.ptr, token)
-        if self.grammar is not None:
-            lib().llama_sampler_accept(self.grammar, token)
-
-    def reset(self) -> None:
-        lib().llama_sampler_reset(self.ptr)
-        if self.grammar is not None:
-            lib().llama_sampler_reset(self.grammar)
-
     def close(self) -> None:
         grammar, self.grammar = getattr(self, "grammar", None), None
         if grammar and self._free is not None:

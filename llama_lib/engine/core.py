@@ -1,0 +1,443 @@
+"""The continuous-batching engine: many requests decoded together in one llama_context.
+
+This is llama.cpp's `examples/parallel` serving loop, made reusable. One `Engine` owns one
+`Context` with `n_parallel + 1` sequences: sequence 0 holds the shared system prompt, slot i
+decodes in sequence i + 1. `step()` runs one iteration of the loop, in timed phases:
+
+1. prepare: a new shared system prompt; drop cancelled requests (their slots and KV cells
+   are freed at once);
+2. batch: put each generating slot's last sampled token in the batch;
+3. admit: waiting requests into free slots (all free slots with continuous batching, only when
+   nothing is generating without it): the free slot whose cached tokens share the longest prefix
+   with the prompt (llama-server's prompt cache, see prompt_cache.py), else the lowest free
+   one; only the part of the prompt past what the slot's KV already holds is written
+   (batch: whole prompts, or prefill_chunk tokens per step);
+4. decode_sample: decode in chunks of n_batch, halving a chunk and retrying when the KV cache
+   has no room;
+5. sample every slot whose logits are in a decoded chunk, apply stop rules, stream the text;
+6. release finished slots: their sequence keeps the request's prompt and generated tokens as a
+   cache for the next request (a cancelled or failed request's go back to the system prompt).
+
+`submit()` may be called from any thread. `start()` runs `step()` on a background thread that
+sleeps on a condition variable while there is nothing to do. Only that thread touches the
+llama_context.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..batch import Batch
+from ..context import DECODE_NO_KV_SLOT, Context
+from ..model import Model
+from ..sampler import Sampler
+from .output import StopMatcher, take_token
+from .prompt_cache import PromptCache
+from .request import Request
+from .slot import GENERATE, PREFILL, Slot, batch_generated, batch_prompts
+from .system_prompt import decode_system_prompt, warmup
+from .types import (
+    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
+    RequestParams,
+)
+
+log = logging.getLogger("llama_lib.engine")
+
+_FLUSHED_REASONS = (FinishReason.EOS, FinishReason.LENGTH)
+
+
+class Engine:
+    """Continuous batching over one llama_context. See the module docstring."""
+
+    def __init__(self, model: Model, config: EngineConfig | None = None):
+        self.model = model
+        self.vocab = model.vocab
+        self.config = cfg = config or EngineConfig()
+        if cfg.n_parallel < 1:
+            raise ValueError("n_parallel must be at least 1")
+        self.ctx = Context(model, cfg.context_params())
+        self.memory = self.ctx.memory
+        self.n_ctx = self.ctx.n_ctx
+        # Without a unified cache every sequence has its own n_ctx / n_seq_max cells.
+        self.n_ctx_slot = self.ctx.n_ctx_seq
+        self.n_batch = self.ctx.n_batch
+        self.slots = [Slot(i) for i in range(cfg.n_parallel)]
+        self.cache = PromptCache(
+            self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
+            n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
+            share_system_prompt=cfg.share_system_prompt)
+        # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
+        self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
+        self.stats = EngineStats(_ctx=self.ctx)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._next_id = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._pending_system: str | None = cfg.system_prompt if cfg.share_system_prompt else None
+        self.system_prompt = cfg.system_prompt
+        self._all: set[Request] = set()  # unfinished requests, for shutdown
+        if cfg.warmup:
+            warmup(self.ctx, self.batch, self.vocab)
+        if self._pending_system is not None:
+            self._apply_system_prompt()
+        elif cfg.system_prompt:
+            self.system_tokens = self.vocab.tokenize(cfg.system_prompt, add_special=True)
+
+    @property
+    def system_tokens(self) -> np.ndarray:
+        """The system prompt's tokens (in sequence 0 when shared, else put before each prompt)."""
+        return self.cache.system_tokens
+
+    @system_tokens.setter
+    def system_tokens(self, tokens: np.ndarray) -> None:
+        self.cache.system_tokens = tokens
+
+    # -- public API (any thread) -----------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams) -> np.ndarray:
+        """The tokens a request will decode after whatever prefix its slot holds."""
+        shared = self.config.share_system_prompt and params.use_system_prompt
+        if isinstance(prompt, str):
+            starts_sequence = not (params.use_system_prompt and self.system_prompt)
+            add_bos = params.add_bos if params.add_bos is not None else (
+                starts_sequence and self.vocab.add_bos)
+            tokens = self.vocab.tokenize(prompt, add_special=add_bos, parse_special=True)
+        else:
+            tokens = np.asarray(prompt, dtype=np.int32).reshape(-1)
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab.n_tokens):
+                raise ValueError(f"prompt token ids must be in 0..{self.vocab.n_tokens - 1}")
+        if params.use_system_prompt and not shared and len(self.system_tokens):
+            tokens = np.concatenate([self.system_tokens, tokens])
+        return tokens
+
+    def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None) -> Request:
+        """Queue a request; returns its handle at once. Thread-safe.
+
+        Raises PromptTooLong, QueueFull, EngineClosed, or ValueError for bad parameters.
+        """
+        params = params or RequestParams()
+        params.sampling.validate(self.vocab.n_tokens, self.vocab)  # parses a grammar too
+        if params.slot is not None and not 0 <= params.slot < len(self.slots):
+            raise ValueError(f"slot must be in 0..{len(self.slots) - 1}")
+        tokens = self.tokenize_prompt(prompt, params)
+        if len(tokens) == 0:
+            raise ValueError("the prompt is empty")
+        prefix = len(self.system_tokens) if (params.use_system_prompt and self.config.share_system_prompt) else 0
+        if prefix + len(tokens) >= self.n_ctx_slot:
+            raise PromptTooLong(prefix + len(tokens), self.n_ctx_slot)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            if len(self._waiting) >= self.config.max_queue and not self._has_free_slot():
+                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests wait")
+            req = Request(self._next_id, tokens, params)
+            self._next_id += 1
+            req._wake_engine = self._wake
+            self._waiting.append(req)
+            self._all.add(req)
+            self._cond.notify()
+        return req
+
+    def set_system_prompt(self, text: str) -> None:
+        """Replace the shared system prompt for requests admitted from now on.
+
+        Requests in flight keep the prefix they started with: their sequences hold their own
+        copy, so nothing waits and nothing they generate changes.
+        """
+        with self._cond:
+            self.system_prompt = text
+            if self.config.share_system_prompt:
+                self._pending_system = text
+            else:
+                self.system_tokens = self.vocab.tokenize(text, add_special=True) if text else np.zeros(0, np.int32)
+            self._cond.notify()
+
+    def start(self) -> "Engine":
+        """Run step() on a background thread until close()."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, cancel: bool = True) -> None:
+        """Stop taking requests, cancel (or with cancel=False finish) those in flight, free all."""
+        with self._cond:
+            self._closed = True
+            if cancel:
+                for r in list(self._all):
+                    r._cancel.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            while self._has_work():
+                self.step()
+        for r in list(self._all):
+            r._finish(FinishReason.CANCELLED)
+        self.batch.close()
+        for s in self.slots:
+            if s.sampler is not None:
+                s.sampler.close()
+        self.ctx.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def n_busy(self) -> int:
+        return sum(1 for s in self.slots if s.busy)
+
+    def slots_info(self) -> list[dict]:
+        """A snapshot of every slot, for monitoring (read without stopping the engine)."""
+        return [s.info(self.n_ctx_slot) for s in self.slots]
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Largest KV position of a sequence. Call only while the engine thread is idle."""
+        return self.memory.seq_pos_max(seq_id)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _has_free_slot(self) -> bool:
+        return any(s.req is None for s in self.slots)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s.busy for s in self.slots) or self._pending_system is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._has_work() and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._has_work():
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug or a llama.cpp failure: fail what runs, keep serving
+                log.exception("engine step failed")
+                for s in self.slots:
+                    if s.req is not None:
+                        self._release(s, FinishReason.ERROR, f"internal error: {e}")
+
+    def run_until_idle(self) -> None:
+        """Step until no request is waiting or running (for callers without start())."""
+        while self._has_work():
+            self.step()
+
+    def step(self) -> bool:
+        """One iteration of the serving loop. Returns False when there was nothing to do.
+
+        Its phases are timed into stats (t_prepare, t_batch, t_admit, t_decode_sample)."""
+        st = self.stats
+        t_start = time.perf_counter()
+        self._prepare()
+        t_prepared = time.perf_counter()
+        self.batch.clear()
+        batch_generated(self.slots, self.batch)
+        t_generated = time.perf_counter()
+        if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
+            self._admit()
+        t_admitted = time.perf_counter()
+        st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
+        t_batched = time.perf_counter()
+        st.t_prepare += t_prepared - t_start
+        st.t_admit += t_admitted - t_generated
+        st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
+        if self.batch.n_tokens == 0:
+            st.t_step += t_batched - t_start
+            return False
+        self._decode_and_sample()
+        t_done = time.perf_counter()
+        st.t_decode_sample += t_done - t_batched
+        st.n_steps += 1
+        st.t_step += t_done - t_start
+        return True
+
+    # -- the phases of a step ---------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """A new shared system prompt goes into sequence 0; cancelled requests go."""
+        if self._pending_system is not None:
+            self._apply_system_prompt()
+        self._drop_cancelled()
+
+    def _admit(self) -> None:
+        """Start waiting requests in free slots, first come first served. The requests and
+        their slots are taken under the lock; samplers (a grammar is parsed) and KV edits are
+        made outside it, so submit() never waits for them."""
+        free = [s for s in self.slots if s.req is None]
+        if not free:
+            return
+        with self._lock:
+            chosen = self._take_waiting(free)
+        for s, r in chosen:
+            try:
+                self._start(s, r)
+            except Exception as e:
+                log.exception("request %d could not start", r.id)
+                self._release(s, FinishReason.ERROR, f"internal error: {e}")
+
+    def _take_waiting(self, free: list[Slot]) -> list[tuple[Slot, Request]]:
+        """Pair waiting requests with free slots, reserving each slot (call with the lock)."""
+        chosen = []
+        deferred = collections.deque()
+        while self._waiting and free:
+            r = self._waiting.popleft()
+            want = r.params.slot
+            if want is None:
+                slot = self.cache.choose(r, free)
+            elif self.slots[want].req is None:
+                slot = self.slots[want]
+            else:
+                deferred.append(r)  # its slot is busy: it keeps its place in the queue
+                continue
+            free.remove(slot)
+            slot.req = r
+            chosen.append((slot, r))
+        deferred.extend(self._waiting)
+        self._waiting = deferred
+        return chosen
+
+    def _start(self, s: Slot, r: Request) -> None:
+        """Put a request in its reserved slot, reusing what the slot's cache shares."""
+        n_keep = self.cache.claim(s, r)
+        r.slot_id = s.id
+        r.n_cached_tokens = s.n_prefix + n_keep
+        r.n_prompt_tokens = len(r.prompt_tokens) - n_keep
+        self.stats.n_prompt_tokens_cached += n_keep
+        r.timings.started = time.perf_counter()
+        sampling = r.params.sampling
+        if sampling.repeat_last_n == -1:  # llama.cpp's "the whole context"
+            sampling = dataclasses.replace(sampling, repeat_last_n=self.n_ctx_slot)
+        s.begin(r, s.n_prefix + n_keep, n_keep, Sampler(sampling, self.vocab.n_tokens, self.vocab),
+                StopMatcher(r.params.stop))
+
+    def _decode_and_sample(self) -> None:
+        """Decode the batch in chunks of n_batch, halving on a full KV cache; sample as we go."""
+        batch, ctx, st = self.batch, self.ctx, self.stats
+        n_batch = self.n_batch
+        i = 0
+        while i < batch.n_tokens:
+            n = min(n_batch, batch.n_tokens - i)
+            ret = ctx.decode(batch.view(i, n))
+            if ret == DECODE_NO_KV_SLOT:
+                st.n_cache_misses += 1
+                if self.cache.evict():
+                    continue
+                if n > 1:
+                    n_batch = max(1, n // 2)
+                    log.warning("no KV room for %d tokens, retrying with n_batch = %d", n, n_batch)
+                    continue
+                self._fail_token_owner(i)
+                continue
+            self._sample_range(i, i + n)
+            i += n
+            n_batch = self.n_batch
+
+    def _fail_token_owner(self, i: int) -> None:
+        """Not even one token fits: fail the request that owns batch row i and drop its rows."""
+        batch = self.batch
+        seq = int(batch.seq_id[i, 0])
+        slot = self.slots[seq - 1]
+        log.error("KV cache full: request %s in slot %d fails (raise -c/--ctx-size)",
+                  slot.req.id if slot.req else "?", slot.id)
+        self._release(slot, FinishReason.ERROR,
+                      "the KV cache is full: no room to continue this request (context size too small)")
+        # Remove that sequence's remaining rows and re-point the other slots' logits rows.
+        new_index = batch.remove_sequence(seq, i)
+        for s in self.slots:
+            if s.i_batch >= i:
+                s.i_batch = int(new_index[s.i_batch])
+
+    def _sample_range(self, lo: int, hi: int) -> None:
+        """Sample for every slot whose logits row is in [lo, hi) of the batch just decoded."""
+        st = self.stats
+        vocab = self.vocab
+        for s in self.slots:
+            ib = s.i_batch
+            if ib < lo or ib >= hi or s.req is None:
+                continue
+            s.i_batch = -1
+            r = s.req
+            t0 = time.perf_counter()
+            tok = s.sampler.sample(self.ctx, ib - lo)
+            now = time.perf_counter()
+            st.t_sample += now - t0
+            st.n_generated_tokens += 1
+            if s.phase is PREFILL:
+                r.timings.prompt_done = now
+                s.phase = GENERATE
+            s.sampled = tok
+            reason = take_token(r, s.matcher, tok, vocab, self.ctx, ib - lo, st)
+            if reason is None and s.n_past >= self.n_ctx_slot:  # no position left for the next token
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._release(s, reason)
+
+    def _release(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:
+        """Finish the slot's request. A finished request's tokens stay in the slot's KV as a
+        prompt cache; a cancelled or failed one's cells are freed (back to the system prompt)."""
+        r = s.req
+        if r is None:
+            return
+        if reason in _FLUSHED_REASONS and s.matcher is not None:
+            r._emit(s.matcher.flush(), [])
+        s.end(time.perf_counter())
+        self.cache.on_finish(s, r, reason)
+        st = self.stats
+        if reason == FinishReason.CANCELLED:
+            st.n_requests_cancelled += 1
+        elif reason == FinishReason.ERROR:
+            st.n_requests_failed += 1
+        else:
+            st.n_requests_done += 1
+        with self._lock:
+            self._all.discard(r)
+        r._finish(reason, error)
+
+    # -- the system prompt ------------------------------------------------------------------
+
+    def _apply_system_prompt(self) -> None:
+        """Decode the pending system prompt into sequence 0 (idle slots pick it up now)."""
+        with self._lock:
+            text, self._pending_system = self._pending_system, None
+        if text is None:
+            return
+        tokens = decode_system_prompt(self.ctx, self.batch, self.vocab, text, self.n_ctx_slot)
+        self.stats.n_prompt_tokens += len(tokens)
+        self.stats.n_system_prompt_tokens = len(tokens)
+        self.cache.set_system_tokens(tokens)
+
+    def _drop_cancelled(self) -> None:
+        if self._waiting:
+            with self._lock:
+                keep = collections.deque(r for r in self._waiting if not r._cancel.is_set())
+                gone = [r for r in self._waiting if r._cancel.is_set()]
+                self._waiting = keep
+            for r in gone:
+                self.stats.n_requests_cancelled += 1
+                self._all.discard(r)
+                r._finish(FinishReason.CANCELLED)
+        for s in self.slots:
+            if s.req is not None and s.req._cancel.is_set():
+                self._release(s, FinishReason.CANCELLED)

@@ -1,0 +1,177 @@
+"""The prompt cache (llama-server's): which free slot a request gets, how much of the slot's KV
+sequence it reuses, what a finished request leaves behind, and which idle cache goes when the
+KV cache is full.
+
+Every slot's KV sequence starts with the shared system prompt (when the request continues it)
+and, while idle, holds the last request's prompt and generated tokens. `choose()` only reads
+slot state; `claim()`, `on_finish()` and `evict()` edit KV sequences (engine thread only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..context import Memory
+from .request import Request
+from .slot import Slot
+from .types import FinishReason
+
+log = logging.getLogger("llama_lib.engine")
+
+_KEPT_REASONS = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class PromptCache:
+    """The slots' KV sequences as a cache of prompts, and the shared system prompt they start with."""
+
+    def __init__(self, memory: Memory, slots: list[Slot], *, similarity: float, n_swa: int,
+                 kv_unified: bool, share_system_prompt: bool):
+        self.memory = memory
+        self.slots = slots
+        self.similarity = similarity    # llama-server's --slot-prompt-similarity
+        self.n_swa = n_swa              # sliding-window size whose old cells the KV drops; 0: none
+        self.kv_unified = kv_unified
+        self.share_system_prompt = share_system_prompt
+        self.system_tokens = np.zeros(0, dtype=np.int32)  # what sequence 0 holds
+        self.system_version = 0         # bumped for every new system prompt
+
+    # -- the system prompt -------------------------------------------------------------------
+
+    def set_system_tokens(self, tokens: np.ndarray) -> None:
+        """Sequence 0 now holds `tokens`: idle slots take them now, busy ones when they finish."""
+        self.system_tokens = tokens
+        self.system_version += 1
+        for s in self.slots:
+            if s.req is None:
+                self.reset_sequence(s, with_prefix=True)
+
+    def prefix_for(self, r: Request) -> int:
+        """System prompt tokens the request's sequence must start with."""
+        shared = r.params.use_system_prompt and self.share_system_prompt
+        return len(self.system_tokens) if shared else 0
+
+    def _prefix_fits(self, s: Slot, want_prefix: int) -> bool:
+        """Whether the slot's sequence starts with the system prompt the request continues."""
+        return s.n_prefix == want_prefix and (not want_prefix or s.prefix_version == self.system_version)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def choose(self, r: Request, free: list[Slot]) -> Slot:
+        """llama-server's slot choice: the free slot whose cache shares the largest fraction
+        of the prompt (above the similarity threshold), else the free slot with the lowest id."""
+        thold = self.similarity
+        if thold > 0 and r.params.cache_prompt:
+            want_prefix = self.prefix_for(r)
+            best, best_sim = None, 0.0
+            for s in free:
+                if not len(s.cache_tokens) or not self._prefix_fits(s, want_prefix):
+                    continue
+                sim = common_prefix(s.cache_tokens, r.prompt_tokens) / len(r.prompt_tokens)
+                if sim > best_sim and sim > thold:
+                    best, best_sim = s, sim
+            if best is not None:
+                return best
+        # Not llama-server's least recently used slot: the lowest free id keeps the decoding
+        # sequences contiguous, and llama.cpp splits a batch whose sequences have gaps into
+        # several ubatches (seen: 8 streams at -np 9, 52 ms a step contiguous, 80 ms with a gap)
+        return min(free, key=lambda s: s.id)
+
+    def claim(self, s: Slot, r: Request) -> int:
+        """Prepare the slot's sequence for the request; returns the prompt tokens it keeps.
+
+        The sequence keeps the longest prefix of its cached tokens that the prompt shares
+        (at least the last prompt token is decoded again, for its logits); everything else
+        goes, and without a usable prefix it is reset to the system prompt alone.
+        """
+        want_prefix = self.prefix_for(r)
+        cached = s.cache_tokens
+        s.cache_tokens = np.zeros(0, np.int32)
+        n_keep = 0
+        if self._prefix_fits(s, want_prefix) \
+                and self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(cached) - 1:
+            if r.params.cache_prompt and len(cached):
+                n_keep = min(common_prefix(cached, r.prompt_tokens), len(r.prompt_tokens) - 1)
+                if n_keep > 0 and not self._window_kept(s, s.n_prefix + n_keep):
+                    log.info("slot %d: %d cached tokens are past the sliding window; "
+                             "the prompt is processed again", s.id, n_keep)
+                    n_keep = 0
+            if n_keep > 0:
+                if not self.memory.seq_rm(s.seq_id, s.n_prefix + n_keep, -1):
+                    n_keep = 0
+            if n_keep == 0 and len(cached):
+                self.reset_sequence(s, with_prefix=bool(want_prefix))
+        else:
+            self.reset_sequence(s, with_prefix=bool(want_prefix))
+        return n_keep
+
+    def _window_kept(self, s: Slot, n_past: int) -> bool:
+        """Whether the slot's KV still holds what a token at position n_past attends to.
+
+        A sliding-window cache that is not full-size (Gemma 3: window 512) overwrites cells
+        that fell out of the window, so a sequence may hold only its last positions;
+        decoding from n_past needs the window before it (llama-server checks the same with
+        llama_memory_seq_pos_min and re-processes the whole prompt otherwise).
+        """
+        if self.n_swa <= 0:
+            return True
+        pos_min = self.memory.seq_pos_min(s.seq_id)
+        return 0 <= pos_min <= max(0, n_past - self.n_swa)
+
+    # -- release and eviction ----------------------------------------------------------------
+
+    def on_finish(self, s: Slot, r: Request, reason: FinishReason) -> None:
+        """Keep what a finished request leaves in its sequence as the slot's cache, or (for a
+        cancelled or failed request, a replaced system prompt, a sequence that does not hold
+        exactly those tokens) reset the sequence to the system prompt."""
+        if not self._keep(s, r, reason):
+            self.reset_sequence(s, with_prefix=self.share_system_prompt)
+        s.n_past = s.n_prefix + len(s.cache_tokens)
+        s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
+
+    def _keep(self, s: Slot, r: Request, reason: FinishReason) -> bool:
+        if reason not in _KEPT_REASONS:
+            return False
+        if s.n_prefix and s.prefix_version != self.system_version:
+            return False
+        # the last sampled token was never decoded
+        cache = np.concatenate([r.prompt_tokens, np.asarray(r.tokens[:-1], np.int32)]).astype(np.int32)
+        if s.n_prefix + len(cache) != s.n_past or self.memory.seq_pos_max(s.seq_id) != s.n_past - 1:
+            log.warning("slot %d: KV does not hold the request's tokens; cache dropped", s.id)
+            return False
+        s.cache_tokens = cache
+        return True
+
+    def evict(self) -> bool:
+        """With a unified KV cache, free the cells of the least recently used idle slot that
+        holds a prompt cache (llama-server does the same before halving the batch)."""
+        if not self.kv_unified:
+            return False  # each sequence has its own cells: evicting frees none for others
+        idle = [s for s in self.slots if s.req is None and len(s.cache_tokens)]
+        if not idle:
+            return False
+        s = min(idle, key=lambda s: s.t_last)
+        log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
+                 s.id, len(s.cache_tokens))
+        self.reset_sequence(s, with_prefix=self.share_system_prompt)
+        return True
+
+    def reset_sequence(self, s: Slot, with_prefix: bool) -> None:
+        """Empty a slot's sequence, then give it the current system prompt if asked."""
+        self.memory.seq_rm(s.seq_id, -1, -1)
+        s.n_prefix = 0
+        s.cache_tokens = np.zeros(0, np.int32)
+        if with_prefix and len(self.system_tokens):
+            self.memory.seq_cp(0, s.seq_id, -1, -1)
+            s.n_prefix = len(self.system_tokens)
+            s.prefix_version = self.system_version
+        s.n_past = s.n_prefix
+        s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)

@@ -1,0 +1,50 @@
+"""Decoding outside the slots: the shared system prompt into sequence 0, and the warm-up.
+
+Both run on the engine thread before any slot decodes; the slots then copy sequence 0's cells
+(PromptCache.reset_sequence) instead of decoding the system prompt again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..batch import Batch
+from ..context import Context
+from ..model import Vocab
+
+log = logging.getLogger("llama_lib.engine")
+
+
+def warmup(ctx: Context, batch: Batch, vocab: Vocab) -> None:
+    """Decode BOS, EOS once and forget them: the first real request then pays no one-time
+    costs (weight repacking, graph allocation)."""
+    tokens = [t for t in (vocab.bos, vocab.eos) if t >= 0] or [0]
+    batch.clear()
+    batch.add_sequence(np.array(tokens, np.int32), 0, 0)
+    ctx.decode(batch.view())
+    ctx.memory.clear(True)
+    ctx.t_decode, ctx.n_decode_calls = 0.0, 0
+    batch.clear()
+
+
+def decode_system_prompt(ctx: Context, batch: Batch, vocab: Vocab, text: str, n_ctx_slot: int) -> np.ndarray:
+    """Replace what sequence 0 holds with `text`; returns its tokens (none when it does not fit
+    a slot, which is logged and ignored)."""
+    tokens = vocab.tokenize(text, add_special=True) if text else np.zeros(0, np.int32)
+    ctx.memory.seq_rm(0, -1, -1)
+    if not len(tokens):
+        return tokens
+    if len(tokens) >= n_ctx_slot:
+        log.error("system prompt of %d tokens does not fit a slot of %d; ignored",
+                  len(tokens), n_ctx_slot)
+        return np.zeros(0, np.int32)
+    batch.clear()
+    batch.add_sequence(tokens, 0, 0, logits_last=False)
+    n_batch = ctx.n_batch
+    for start in range(0, len(tokens), n_batch):
+        n = min(n_batch, len(tokens) - start)
+        if ctx.decode(batch.view(start, n)) != 0:
+            raise RuntimeError("no KV room for the system prompt; raise -c/--ctx-size")
+    return tokens

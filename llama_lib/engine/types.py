@@ -1,0 +1,229 @@
+"""The engine's public value types: configuration, request parameters, output and statistics.
+
+Plain data with no behaviour beyond derived properties; every other engine module imports it,
+it imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..context import ContextParams
+from ..sampler import SamplingParams
+
+# EngineConfig.prefill_chunk: the most prompt tokens put in one step beside the generating
+# slots, so a long prompt is prefilled in pieces instead of stalling the streams. The default
+# is llama.cpp's default n_ubatch (the server's --prefill-chunk default, the ubatch size);
+# PREFILL_WHOLE_PROMPT puts whole prompts in one step, as llama.cpp's parallel example does.
+DEFAULT_PREFILL_CHUNK = 512
+PREFILL_WHOLE_PROMPT = 0
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"              # the model produced an end-of-generation token
+    STOP = "stop"            # a stop string (anti-prompt) was generated
+    LENGTH = "length"        # n_predict reached, or the slot's context is full
+    CANCELLED = "cancelled"  # the caller cancelled (or went away)
+    ERROR = "error"          # the request could not be served (see `error`)
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is at its limit."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit in one slot's context."""
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int):
+        super().__init__(
+            f"the request exceeds the available context size: the prompt has {n_prompt_tokens} "
+            f"tokens but a slot holds {n_ctx}"
+        )
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class _ContextSetting:
+    """An EngineConfig attribute kept in its ContextParams, so a context setting is declared once
+    (in ContextParams) and still reads and writes as `config.n_ctx`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, config: EngineConfig | None, owner: type | None = None) -> Any:
+        return self if config is None else getattr(config.context, self.name)
+
+    def __set__(self, config: EngineConfig, value: Any) -> None:
+        setattr(config.context, self.name, value)
+
+
+# ContextParams fields EngineConfig accepts and forwards; n_seq_max follows n_parallel instead.
+CONTEXT_SETTINGS = tuple(f.name for f in dataclasses.fields(ContextParams) if f.name != "n_seq_max")
+
+
+@dataclass(init=False)
+class EngineConfig:
+    """How the engine sizes its context and schedules requests (llama.cpp's names).
+
+    The context settings (n_ctx, n_batch, n_ubatch, n_threads, kv_unified, flash_attn, type_k,
+    threadpool, ...) live in `context`, a ContextParams; they are accepted as keywords and read
+    and written as attributes too: `EngineConfig(n_parallel=4, n_ctx=8192).n_ctx == 8192`.
+    """
+
+    n_parallel: int = 4            # slots (simultaneous requests)
+    cont_batching: bool = True     # admit new requests while others generate
+    system_prompt: str = ""        # text every request continues
+    share_system_prompt: bool = True  # decode it once into sequence 0 and copy it to slots
+    max_queue: int = 256           # requests waiting for a slot before submit() refuses
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step (0: whole prompts)
+    warmup: bool = True            # one throw-away decode at start, as llama.cpp's programs do
+    # llama-server's --slot-prompt-similarity: a free slot whose cached tokens share at least
+    # this fraction of a new prompt (as a prefix) is preferred; 0 = always the lowest free
+    # slot (whose cache is still reused as far as it matches).
+    slot_prompt_similarity: float = 0.1
+    context: ContextParams = field(default_factory=ContextParams)
+
+    def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
+        # A copy, so that configs made from one another (dataclasses.replace) share nothing.
+        context = dataclasses.replace(context or ContextParams(),
+                                      **{k: settings.pop(k) for k in CONTEXT_SETTINGS if k in settings})
+        self.context = context
+        self.n_parallel = n_parallel
+        for f in dataclasses.fields(self):
+            if f.name in ("n_parallel", "context"):
+                continue
+            if f.name in settings:
+                setattr(self, f.name, settings.pop(f.name))
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+            else:
+                setattr(self, f.name, f.default)
+        if settings:
+            raise TypeError(f"EngineConfig() got an unexpected keyword argument {next(iter(settings))!r}")
+
+    def context_params(self) -> ContextParams:
+        """The parameters of the engine's context: `context` with a sequence per slot and one
+        for the shared system prompt."""
+        return dataclasses.replace(self.context, n_seq_max=self.n_parallel + 1)
+
+
+for _name in CONTEXT_SETTINGS:
+    setattr(EngineConfig, _name, _ContextSetting(_name))
+del _name
+
+
+@dataclass
+class RequestParams:
+    """What one request asks for."""
+
+    n_predict: int = -1            # tokens to generate; -1: until EOS or the slot is full
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()       # stop strings (anti-prompts), never emitted
+    ignore_eos: bool = False       # keep going through end-of-generation tokens
+    use_system_prompt: bool = True # continue the shared system prompt
+    add_bos: bool | None = None    # None: BOS only when the prompt starts a sequence
+    min_tokens: int = 0            # stop rules are ignored for the first min_tokens tokens
+    slot: int | None = None        # run in this slot (waits for it); None: the free slot
+                                   # with the most similar cache, else the lowest free one
+    cache_prompt: bool = True      # reuse the prefix the slot's KV cache shares with the prompt
+    # llama-server's n_probs: with n > 0 every generated token carries its log-probability and
+    # the n most probable tokens (softmax of the raw logits row, before any sampler). 0: none.
+    n_probs: int = 0
+    tag: object = None             # free for the caller (parallel.py stores the client here)
+
+
+@dataclass
+class TokenProbs:
+    """One generated token's probabilities (llama-server's completion_token_output).
+
+    Log-probabilities of the softmax over the whole vocabulary of the raw logits (before
+    logit bias, penalties or any sampler), as llama-server without post_sampling_probs."""
+
+    token: int
+    text: str                  # the text emitted with this token ("" while held back)
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the n_probs most probable, best first
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output: whole UTF-8 text and the token ids that produced it.
+
+    `probs`: for a request with n_probs > 0, one entry per token of `tokens`; else None."""
+
+    text: str
+    tokens: list[int]
+    probs: list[TokenProbs] | None = None
+
+
+@dataclass
+class Timings:
+    """Wall-clock instants (time.perf_counter) of a request's life."""
+
+    submitted: float = 0.0
+    started: float = 0.0           # admitted into a slot
+    prompt_done: float = 0.0       # first token sampled
+    done: float = 0.0
+
+    @property
+    def queued_s(self) -> float:
+        return max(0.0, self.started - self.submitted)
+
+    @property
+    def prompt_s(self) -> float:
+        return max(0.0, self.prompt_done - self.started)
+
+    @property
+    def first_token_s(self) -> float:
+        return max(0.0, self.prompt_done - self.submitted)
+
+    @property
+    def total_s(self) -> float:
+        return max(0.0, self.done - self.submitted)
+
+
+@dataclass
+class EngineStats:
+    """Running totals since the engine started."""
+
+    n_prompt_tokens: int = 0       # prompt tokens decoded (system prompt included)
+    n_prompt_tokens_cached: int = 0  # prompt tokens found in a slot's cache, not decoded
+                                     # (besides the shared system prompt)
+    n_generated_tokens: int = 0    # tokens sampled
+    n_cache_misses: int = 0        # llama_decode found no KV room and the chunk was halved
+    n_steps: int = 0
+    n_requests_done: int = 0
+    n_requests_failed: int = 0
+    n_requests_cancelled: int = 0
+    t_sample: float = 0.0          # seconds inside sampling
+    t_step: float = 0.0            # seconds inside step() in all
+    n_system_prompt_tokens: int = 0
+    # Seconds in each phase of step() (they add up to t_step, less the bookkeeping between):
+    t_prepare: float = 0.0         # a new system prompt, cancelled requests
+    t_admit: float = 0.0           # slot choice, prompt-cache reuse, samplers of new requests
+    t_batch: float = 0.0           # filling the batch with generated tokens and prompt pieces
+    t_decode_sample: float = 0.0   # llama_decode, sampling, stop rules, streaming, releases
+    _ctx: object = field(default=None, repr=False)
+
+    @property
+    def t_decode(self) -> float:
+        """Seconds inside llama_decode."""
+        return self._ctx.t_decode if self._ctx is not None else 0.0
+
+    @property
+    def n_decode_calls(self) -> int:
+        return self._ctx.n_decode_calls if self._ctx is not None else 0
+
+    @property
+    def t_overhead(self) -> float:
+        """Seconds in step() spent neither decoding nor sampling: the Python cost."""
+        return max(0.0, self.t_step - self.t_decode - self.t_sample)
