@@ -1,9 +1,7 @@
 #!/usr/bin/env python3
-"""Diagnostics: `python -m server` with a record of every engine step, and/or without the
-persistent ggml thread pool (bench only).
+"""Diagnostics: `python -m server` with a record of every engine step (bench only).
 
     python bench/_ours_server.py --trace-steps steps.jsonl -- <python -m server flags>
-    python bench/_ours_server.py --no-threadpool -- <python -m server flags>
 
 Runs the server's own main() in this process with llama_lib.Engine.step wrapped: for every step
 that decoded something it keeps (start, end, seconds inside llama_decode, tokens in the batch),
@@ -50,35 +48,14 @@ def trace_steps(path: str) -> None:
     atexit.register(dump)
 
 
-def no_threadpool() -> None:
-    """Run without the persistent ggml thread pool that llama_lib attaches to every context
-    (ContextParams.threadpool), as the server did before it had one: the A/B of that change.
-    Without it, a libllama built without OpenMP (the prebuilt one in .llama/lib) creates and
-    joins its worker threads inside every llama_decode call."""
-    from llama_lib.engine import EngineConfig
-
-    context_params = EngineConfig.context_params
-
-    def without_pool(self):
-        p = context_params(self)
-        p.threadpool = False
-        return p
-
-    EngineConfig.context_params = without_pool
-
-
 def main() -> int:
     argv = sys.argv[1:]
     own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace-steps", metavar="FILE")
-    ap.add_argument("--no-threadpool", action="store_true",
-                    help="no persistent ggml thread pool: threads are made inside every decode")
     a = ap.parse_args(own)
     if a.trace_steps:
         trace_steps(a.trace_steps)
-    if a.no_threadpool:
-        no_threadpool()
     from server.__main__ import main as server_main
     return server_main(rest)
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["ours", "cpp", "lcp"]
 NAMES = {"ours": "ours (`python -m server`)", "cpp": "llama-server (C++)", "lcp": "llama-cpp-python"}
 SHORT = {"ours": "ours", "cpp": "llama-server", "lcp": "llama-cpp-python",
-         "ours-nopool": "ours, no thread pool (before)"}
+         "ours-pool": "ours, thread pool", "ours-nopool": "ours, no thread pool"}
 COLORS = {"ours": "tab:blue", "cpp": "tab:orange", "lcp": "tab:green"}
 TARGET_TPS, TARGET_FTT, TARGET_LCP = 0.95, 1.2, 1.7
 
@@ -372,7 +372,7 @@ def render_threadpool_ab(w, ab) -> None:
       "inter-token p50 | p95 | rounds | others (cores) |")
     w("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in concs:
-        for s in ("ours", "ours-nopool", "cpp"):
+        for s in ("ours-pool", "ours", "ours-nopool", "cpp"):
             x = ab.get((s, c))
             if not x:
                 continue

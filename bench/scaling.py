@@ -29,7 +29,7 @@ Parts (--all = --sweep --threadpool-ab --overhead --long-prompt --report; pick a
                inter-token p50, peak resident memory (VmRSS of the server process, sampled every
                0.1 s), errors, and how many cores other processes kept busy meanwhile.
 --threadpool-ab  ours, ours without the persistent ggml thread pool that llama_lib attaches to
-               every context (bench/_ours_server.py --no-threadpool: the server as it was before),
+               every context by default without OpenMP (`--threadpool` against `--no-threadpool`),
                and llama-server, alternating, at --ab-concurrency (1, 4) for --ab-rounds (4)
                rounds: the before and after of that change.
 --overhead     llama_lib.Engine in a child process at n_parallel 1, 4, 8, 16 (2 x N requests of 64
@@ -97,7 +97,7 @@ SAMPLING = {
 }
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
                  "lcp": "llama-cpp-python",
-                 "ours-nopool": "ours without the thread pool"}
+                 "ours-pool": "ours with the thread pool", "ours-nopool": "ours without the thread pool"}
 
 
 def say(msg: str = "") -> None:
@@ -272,7 +272,7 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
     t = str(a.threads)
     env = dict(os.environ)
     config = {"np": np_, "ctx_per_slot": ctx_per_slot, "threads": a.threads}
-    if kind in ("ours", "ours-nopool"):
+    if kind in ("ours", "ours-pool", "ours-nopool"):
         flags = ["-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t, "-tb", t,
                  "--port", str(port)]
         if batch:
@@ -280,10 +280,13 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
         if prefill_chunk is not None:
             flags += ["--prefill-chunk", str(prefill_chunk)]
             config["prefill_chunk"] = prefill_chunk
-        cmd = [sys.executable, "-m", "server", *flags]
         if kind == "ours-nopool":  # the A/B of the persistent ggml thread pool
-            cmd = [sys.executable, str(BENCH / "_ours_server.py"), "--no-threadpool", "--", *flags]
+            flags.append("--no-threadpool")
             config["threadpool"] = False
+        elif kind == "ours-pool":
+            flags.append("--threadpool")
+            config["threadpool"] = True
+        cmd = [sys.executable, "-m", "server", *flags]
         env = a.build.env_ours(env)
     elif kind == "cpp":
         env = a.build.env_cpp(env)
@@ -792,7 +795,7 @@ def main(argv=None) -> int:
         if a.sweep:
             sweep(a, out, servers, vocab["eog_ids"], log_dir)
         if a.threadpool_ab:
-            sweep(a, out, ["ours", "ours-nopool", "cpp"], vocab["eog_ids"], log_dir,
+            sweep(a, out, ["ours-pool", "ours-nopool", "cpp"], vocab["eog_ids"], log_dir,
                   concurrency=a.ab_concurrency, rounds=a.ab_rounds, record="threadpool_ab")
         if a.overhead:
             overhead(a, out)

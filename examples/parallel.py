@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-tb", "--threads-batch", type=int, default=None, help="threads for prompt processing (default: -t)")
     ap.add_argument("--prio", type=int, default=0, metavar="N",
                     help="thread priority: low(-1), normal(0), medium(1), high(2), realtime(3) (default: 0)")
+    ap.add_argument("--threadpool", action=argparse.BooleanOptionalAction, default=None,
+                    help="a persistent ggml thread pool per context (default: only when libllama "
+                         "was built without OpenMP)")
     ap.add_argument("--poll", type=int, default=50, metavar="<0...100>",
                     help="use polling level to wait for work (0 - no polling, default: 50)")
     ap.add_argument("-s", "--seed", type=int, default=-1,
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
         cont_batching=args.cont_batching, kv_unified=args.kv_unified,
         share_system_prompt=args.pps, poll=args.poll, prio=args.prio,
+        threadpool=args.threadpool,
         # whole prompts in one step, as llama-parallel decodes them (not the engine's default)
         prefill_chunk=PREFILL_WHOLE_PROMPT,
     )

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-tb", "--threads-batch", type=int, default=None, metavar="N", help="threads for prompt processing (default: --threads)")
     a("--prio", type=int, default=0, metavar="N",
       help="thread priority: low(-1), normal(0), medium(1), high(2), realtime(3) (default: 0)")
+    a("--threadpool", action=argparse.BooleanOptionalAction, default=None,
+      help="a persistent ggml thread pool per context (default: only when libllama was built "
+           "without OpenMP, where it keeps the workers alive between decodes)")
     a("--poll", type=int, default=50, metavar="<0...100>",
       help="use polling level to wait for work (0 - no polling, default: 50)")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, metavar="N",
@@ -320,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.prefill_chunk is None:  # TODO(prefill_chunk): the server's own default
+    if args.prefill_chunk is None:  # a prompt piece per step is one ubatch, whatever -ub is
         args.prefill_chunk = args.ubatch_size
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),
                      ("n_predict", -1), ("port", 0), ("max_queue", 0), ("threads_http", -1),

@@ -11,9 +11,6 @@ from llama_lib import EngineConfig, SamplingParams, default_model_path
 from .requests import Defaults
 
 
-def _server_engine_config() -> EngineConfig:
-    # TODO(prefill_chunk): the server's own default; the command line sets --ubatch-size
-    return EngineConfig(prefill_chunk=512)
 
 
 @dataclass
@@ -29,7 +26,7 @@ class Settings:
     use_mmap: bool = True          # --no-mmap: read the model instead of mapping it
     # the engine's slots, batches, threads, KV cache, system prompt, queue; its n_ctx is
     # worked out from ctx_size at load
-    engine: EngineConfig = field(default_factory=_server_engine_config)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     reverse_prompts: list[str] = field(default_factory=list)
     # request defaults (-n, --temp, --top-k, ..., --no-cache-prompt); a request's own fields
     # override them
@@ -73,7 +70,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             n_threads=n_threads, n_threads_batch=args.threads_batch or n_threads,
             cont_batching=args.cont_batching, system_prompt=system_prompt,
             max_queue=args.max_queue, kv_unified=args.kv_unified,
-            prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio,
+            prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio, threadpool=args.threadpool,
             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
             warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity),
         reverse_prompts=list(args.reverse_prompt),

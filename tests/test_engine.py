@@ -435,3 +435,42 @@ def test_unified_kv_drops_idle_prompt_caches_before_failing(model):
         assert b.finish_reason == FinishReason.LENGTH and b.n_generated == 300, b.error
         assert e.seq_pos_max(seq_a) == -1, "a's idle cache was dropped to make room"
         assert e.stats.n_requests_failed == 0
+
+
+def test_every_decode_and_kv_call_runs_on_the_engine_thread(model, monkeypatch):
+    """With start(), only the engine thread touches the llama_context: the warm-up, the system
+    prompt (first and replaced), every request and state reads from other threads. An OpenMP
+    libllama gives every decoding thread its own team, and two teams fight over the cores."""
+    from llama_lib.context import Context, Memory
+
+    seen: list[tuple[str, int]] = []
+
+    def spy(cls, name):
+        real = getattr(cls, name)
+
+        def wrapper(self, *a, **kw):
+            seen.append((name, threading.get_ident()))
+            return real(self, *a, **kw)
+        monkeypatch.setattr(cls, name, wrapper)
+
+    spy(Context, "decode")
+    spy(Context, "logits")
+    for name in ("clear", "seq_rm", "seq_cp", "seq_pos_max", "seq_pos_min"):
+        spy(Memory, name)
+    e = make_engine(model, system_prompt=SYSTEM, warmup=True)
+    assert not seen, f"the constructor touched the context: {seen}"
+    try:
+        e.start()
+        engine_thread = e._thread.ident
+        assert ("decode", engine_thread) in seen, "start() returns after the warm-up"
+        n_warm = len(seen)
+        e.submit(question("What is a llama?"), greedy(8)).result(60)
+        e.set_system_prompt(SYSTEM + "User:\nHi\nAssistant:\nHello.\n")
+        r = e.submit(question("Name a colour."), greedy(8))
+        r.result(60)
+        assert e.seq_pos_max(e.slots[r.slot_id].seq_id) > 0  # asked from this thread
+        assert len(seen) > n_warm
+        others = {(n, t) for n, t in seen if t != engine_thread}
+        assert not others, f"calls from other threads: {others}"
+    finally:
+        e.close()

@@ -30,7 +30,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -85,11 +86,15 @@ class Engine:
         self._pending_system: str | None = cfg.system_prompt if cfg.share_system_prompt else None
         self.system_prompt = cfg.system_prompt
         self._all: set[Request] = set()  # unfinished requests, for shutdown
-        if cfg.warmup:
-            warmup(self.ctx, self.batch, self.vocab)
-        if self._pending_system is not None:
-            self._apply_system_prompt()
-        elif cfg.system_prompt:
+        # Work for the engine thread from other threads (state reads such as seq_pos_max).
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        # The warm-up and the first system prompt are decoded by the first step(), on the thread
+        # that runs the loop: with an OpenMP libllama every thread that decodes gets an OpenMP
+        # team of its own, and a second team (say, the constructor's thread) competes with the
+        # engine's for the cores (measured: 60 ms a token instead of 44).
+        self._warmup_pending = cfg.warmup
+        self._ready = threading.Event()
+        if self._pending_system is None and cfg.system_prompt:
             self.system_tokens = self.vocab.tokenize(cfg.system_prompt, add_special=True)
 
     @property
@@ -162,16 +167,19 @@ class Engine:
             self._cond.notify()
 
     def start(self) -> "Engine":
-        """Run step() on a background thread until close()."""
+        """Run step() on a background thread until close(). Returns once that thread has done
+        the warm-up and decoded the system prompt, so the first request pays for neither."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
             self._thread.start()
+            self._ready.wait()
         return self
 
     def close(self, cancel: bool = True) -> None:
         """Stop taking requests, cancel (or with cancel=False finish) those in flight, free all."""
         with self._cond:
             self._closed = True
+            self._warmup_pending = False  # nothing will be served: no need to warm up
             if cancel:
                 for r in list(self._all):
                     r._cancel.set()
@@ -184,6 +192,8 @@ class Engine:
                 self.step()
         for r in list(self._all):
             r._finish(FinishReason.CANCELLED)
+        while self._calls:
+            self._calls.popleft()[1].set_exception(EngineClosed("the engine is shutting down"))
         self.batch.close()
         for s in self.slots:
             if s.sampler is not None:
@@ -209,8 +219,21 @@ class Engine:
         return [s.info(self.n_ctx_slot) for s in self.slots]
 
     def seq_pos_max(self, seq_id: int) -> int:
-        """Largest KV position of a sequence. Call only while the engine thread is idle."""
-        return self.memory.seq_pos_max(seq_id)
+        """Largest KV position of a sequence (read by the engine thread between steps)."""
+        return self.call(lambda: self.memory.seq_pos_max(seq_id))
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run `fn` where the context may be touched: on the engine thread between two steps
+        once start() was called, else right here. Returns what it returns (or raises)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return fut.result(timeout)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -222,9 +245,16 @@ class Engine:
         return any(s.req is None for s in self.slots)
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(s.busy for s in self.slots) or self._pending_system is not None
+        return (bool(self._waiting) or any(s.busy for s in self.slots) or self._pending_system is not None
+                or self._warmup_pending or bool(self._calls))
 
     def _run(self) -> None:
+        try:
+            self._prepare()
+        except Exception:
+            log.exception("engine warm-up failed")
+        finally:
+            self._ready.set()
         while True:
             with self._cond:
                 while not self._has_work() and not self._closed:
@@ -276,9 +306,20 @@ class Engine:
     # -- the phases of a step ---------------------------------------------------------------
 
     def _prepare(self) -> None:
-        """A new shared system prompt goes into sequence 0; cancelled requests go."""
+        """The warm-up (once), a new shared system prompt into sequence 0, the calls other
+        threads asked for; cancelled requests go."""
+        if self._warmup_pending:
+            self._warmup_pending = False
+            warmup(self.ctx, self.batch, self.vocab)
         if self._pending_system is not None:
             self._apply_system_prompt()
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
         self._drop_cancelled()
 
     def _admit(self) -> None:
