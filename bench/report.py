@@ -202,6 +202,9 @@ def render(recs, docs: Path, source: list[str]) -> str:
     else:  # results from before both sides shared a build
         w(f"| llama-server | {meta.get('llama_server') or '?'} (`.llama/cpp-build`, GGML_NATIVE, OpenMP) |")
         w(f"| our libllama | `{lib_dir}` |")
+        w("| **different builds** | ours and llama-server ran on different libllama builds in this "
+          "run (from before the sweep put both on one build); the ratios compare builds as much as "
+          "code. Same-build figures: [benchmarks-same-build.md](benchmarks-same-build.md) |")
     w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} (its own bundled libllama) |")
     w("")
     w("Workload per point: each client streams requests one after another; a request is "
