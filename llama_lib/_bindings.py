@@ -70,6 +70,11 @@ LLAMA_LAZY_MODE_AUTO = 1
 # enum llama_rope_scaling_type / llama_pooling_type / llama_attention_type
 LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED = -1
 LLAMA_POOLING_TYPE_UNSPECIFIED = -1
+LLAMA_POOLING_TYPE_NONE = 0
+LLAMA_POOLING_TYPE_MEAN = 1
+LLAMA_POOLING_TYPE_CLS = 2
+LLAMA_POOLING_TYPE_LAST = 3
+LLAMA_POOLING_TYPE_RANK = 4
 LLAMA_ATTENTION_TYPE_UNSPECIFIED = -1
 # ggml.h
 GGML_MAX_N_THREADS = 512
@@ -301,6 +306,7 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_model_get_vocab": (llama_vocab_p, [llama_model_p]),
     "llama_model_n_ctx_train": (c_int32, [llama_model_p]),
     "llama_model_n_embd": (c_int32, [llama_model_p]),
+    "llama_model_n_embd_out": (c_int32, [llama_model_p]),
     "llama_model_n_layer": (c_int32, [llama_model_p]),
     "llama_model_n_head": (c_int32, [llama_model_p]),
     "llama_model_n_swa": (c_int32, [llama_model_p]),
@@ -332,6 +338,9 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_get_logits_ith": (POINTER(c_float), [llama_context_p, c_int32]),
     "llama_get_embeddings": (POINTER(c_float), [llama_context_p]),
     "llama_get_embeddings_ith": (POINTER(c_float), [llama_context_p, c_int32]),
+    "llama_get_embeddings_seq": (POINTER(c_float), [llama_context_p, llama_seq_id]),
+    "llama_set_embeddings": (None, [llama_context_p, c_bool]),
+    "llama_pooling_type": (c_enum, [llama_context_p]),
     # memory (KV cache)
     "llama_memory_clear": (None, [llama_memory_t, c_bool]),
     "llama_memory_seq_rm": (c_bool, [llama_memory_t, llama_seq_id, llama_pos, llama_pos]),

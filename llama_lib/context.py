@@ -54,6 +54,10 @@ class ContextParams:
     type_k: int = B.GGML_TYPE_F16  # ggml_type of the K cache (llama.cpp's -ctk)
     type_v: int = B.GGML_TYPE_F16  # ggml_type of the V cache (-ctv; quantized needs flash attention)
     no_perf: bool = False
+    # Output hidden states too (llama_set_embeddings can switch it per decode), pooled by
+    # sequence as pooling_type says (llama_pooling_type; -1: the model's default).
+    embeddings: bool = False
+    pooling_type: int = B.LLAMA_POOLING_TYPE_UNSPECIFIED
     # A persistent ggml thread pool per context, as llama.cpp's own programs attach (common_init).
     # Without one, a libllama built without OpenMP (the prebuilt one) starts and joins its worker
     # threads inside every llama_decode, which costs latency and stalls under load. With OpenMP
@@ -104,9 +108,13 @@ class Context(OwnedPointer):
     """A llama_context over a Model. Only one thread may use it at a time.
     """
 
-    _threadpools: tuple[int, ...] = ()
+    _threadpools: tuple[int, ...] = ()  # the pools this context owns (freed in close())
+    _attached: tuple[int, int | None] | None = None  # (pool, batch pool) it runs on
 
-    def __init__(self, model: Model, params: ContextParams | None = None, **overrides):
+    def __init__(self, model: Model, params: ContextParams | None = None, *,
+                 threadpool_of: "Context | None" = None, **overrides):
+        """`threadpool_of`: run on that context's thread pool instead of one of its own (both
+        must then be used from one thread, and that context must outlive this one)."""
         self.model = model  # the model must outlive the context
         p = params or ContextParams()
         for k, v in overrides.items():
@@ -128,9 +136,12 @@ class Context(OwnedPointer):
         cp.type_k = p.type_k
         cp.type_v = p.type_v
         cp.no_perf = p.no_perf
+        cp.embeddings = p.embeddings
+        cp.pooling_type = p.pooling_type
         self._free = L.llama_free
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith
+        self._embeddings_on: bool = p.embeddings
         self.ptr = L.llama_init_from_model(model.ptr, cp)
         if not self.ptr:
             raise ContextError(
@@ -140,7 +151,11 @@ class Context(OwnedPointer):
                 f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
             )
         want_pool = (not library().build_info.openmp) if p.threadpool is None else p.threadpool
-        if want_pool:
+        if threadpool_of is not None:
+            if threadpool_of._attached is not None:
+                self._attached = threadpool_of._attached
+                L.llama_attach_threadpool(self.ptr, *self._attached)
+        elif want_pool:
             try:
                 self._attach_threadpools(p)
             except Exception:
@@ -153,6 +168,8 @@ class Context(OwnedPointer):
         self.n_seq_max: int = L.llama_n_seq_max(self.ptr)
         self.memory = Memory(self)
         self.n_vocab = model.vocab.n_tokens
+        self.n_embd_out: int = L.llama_model_n_embd_out(model.ptr)
+        self.pooling_type: int = L.llama_pooling_type(self.ptr)  # resolved: never -1
         # Time spent inside llama_decode, for the "share of wall time" figures.
         self.t_decode = 0.0
         self.n_decode_calls = 0
@@ -190,12 +207,13 @@ class Context(OwnedPointer):
         if not pool:
             raise ContextError(f"ggml_threadpool_new failed for {p.n_threads} threads")
         self._threadpools += (pool,)
+        self._attached = (pool, batch_pool)
         lib().llama_attach_threadpool(self.ptr, pool, batch_pool)
 
     @property
     def threadpool_attached(self) -> bool:
         """Whether this context runs on a persistent ggml thread pool (ContextParams.threadpool)."""
-        return bool(self._threadpools)
+        return self._attached is not None
 
     def close(self) -> None:
         """Free the context, then its thread pools, which it uses until llama_free (idempotent)."""
@@ -217,6 +235,37 @@ class Context(OwnedPointer):
         if ret < 0 or ret > 1:
             raise DecodeError(ret, batch.n_tokens)
         return ret
+
+    def set_embeddings(self, on: bool) -> None:
+        """Whether the next decodes output hidden states. While on, llama.cpp outputs every token
+        of a batch (and computes its logits too), so generation batches should run with it off."""
+        if on != self._embeddings_on:
+            lib().llama_set_embeddings(self.ptr, on)
+            self._embeddings_on = on
+
+    def embeddings(self, n_rows: int) -> np.ndarray:
+        """The hidden states of the last decode's first n_rows outputs (in batch order), a
+        float32 view of shape (n_rows, n_embd_out) valid until the next decode. Needs
+        embeddings on and pooling type none."""
+        ptr = lib().llama_get_embeddings(self.ptr)
+        if not ptr:
+            raise RuntimeError("the last decode produced no embeddings (embeddings off?)")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_embd_out))
+
+    def embeddings_ith(self, i: int) -> np.ndarray:
+        """The hidden state of batch row i of the last decode (pooling none), a view."""
+        ptr = lib().llama_get_embeddings_ith(self.ptr, i)
+        if not ptr:
+            raise IndexError(f"no embedding for batch index {i} in the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd_out,))
+
+    def embeddings_seq(self, seq_id: int) -> np.ndarray:
+        """The pooled embedding of a sequence in the last decode (a pooling type other than
+        none), a view."""
+        ptr = lib().llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise IndexError(f"no pooled embedding for sequence {seq_id} in the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd_out,))
 
     def logits(self, i: int) -> np.ndarray:
         """Logits of output row i of the last decode (-1: the last one), as a numpy view."""

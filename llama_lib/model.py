@@ -144,6 +144,7 @@ class Model(OwnedPointer):
         self.vocab = Vocab(self)
         self.n_ctx_train: int = L.llama_model_n_ctx_train(self.ptr)
         self.n_embd: int = L.llama_model_n_embd(self.ptr)
+        self.n_embd_out: int = L.llama_model_n_embd_out(self.ptr)  # an embedding's size
         self.n_layer: int = L.llama_model_n_layer(self.ptr)
         self.n_swa: int = L.llama_model_n_swa(self.ptr)
         self.n_params: int = L.llama_model_n_params(self.ptr)
@@ -159,6 +160,25 @@ class Model(OwnedPointer):
         buf = ctypes.create_string_buffer(4096)
         n = lib().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+    def _arch_meta(self, key: str) -> str | None:
+        return self.meta(f"{self.meta('general.architecture')}.{key}")
+
+    @property
+    def pooling_type(self) -> int:
+        """The pooling its GGUF asks for (llama_pooling_type); -1 when it names none (llama.cpp
+        then pools nothing)."""
+        v = self._arch_meta("pooling_type")
+        try:
+            return int(v) if v is not None else B.LLAMA_POOLING_TYPE_UNSPECIFIED
+        except ValueError:
+            return B.LLAMA_POOLING_TYPE_UNSPECIFIED
+
+    @property
+    def causal_attention(self) -> bool:
+        """False for models whose tokens attend to later tokens too (BERT-like embedders): their
+        inputs must be decoded whole, in one micro-batch."""
+        return (self._arch_meta("attention.causal") or "true").lower() != "false"
 
     def chat_template(self, name: str | None = None) -> str | None:
         raw = lib().llama_model_chat_template(self.ptr, name.encode() if name else None)

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,14 +38,15 @@ from ..batch import Batch
 from ..context import DECODE_NO_KV_SLOT, Context
 from ..model import Model
 from ..sampler import Sampler
+from .calls import CallQueue
+from .embedding import Embedder, EmbeddingRequest
 from .output import StopMatcher, take_token
 from .prompt_cache import PromptCache
 from .request import Request
 from .slot import GENERATE, PREFILL, Slot, batch_generated, batch_prompts
-from .system_prompt import decode_system_prompt, warmup
+from .system_prompt import decode_system_prompt, prompt_tokens, warmup
 from .types import (
-    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
-    RequestParams,
+    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull, RequestParams,
 )
 
 log = logging.getLogger("llama_lib.engine")
@@ -76,9 +76,14 @@ class Engine:
             share_system_prompt=cfg.share_system_prompt)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
-        self.stats = EngineStats(_ctx=self.ctx)
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
+        try:  # the embedding lanes' own context, on this context's thread pool
+            self.embedder = Embedder.for_engine(model, cfg, self.ctx, self.n_ctx_slot, self._lock)
+        except Exception:
+            self.ctx.close()
+            raise
+        self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder)
         self._cond = threading.Condition(self._lock)
         self._next_id = 0
         self._closed = False
@@ -87,7 +92,7 @@ class Engine:
         self.system_prompt = cfg.system_prompt
         self._all: set[Request] = set()  # unfinished requests, for shutdown
         # Work for the engine thread from other threads (state reads such as seq_pos_max).
-        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._calls = CallQueue()
         # The warm-up and the first system prompt are decoded by the first step(), on the thread
         # that runs the loop: with an OpenMP libllama every thread that decodes gets an OpenMP
         # team of its own, and a second team (say, the constructor's thread) competes with the
@@ -110,19 +115,8 @@ class Engine:
 
     def tokenize_prompt(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams) -> np.ndarray:
         """The tokens a request will decode after whatever prefix its slot holds."""
-        shared = self.config.share_system_prompt and params.use_system_prompt
-        if isinstance(prompt, str):
-            starts_sequence = not (params.use_system_prompt and self.system_prompt)
-            add_bos = params.add_bos if params.add_bos is not None else (
-                starts_sequence and self.vocab.add_bos)
-            tokens = self.vocab.tokenize(prompt, add_special=add_bos, parse_special=True)
-        else:
-            tokens = np.asarray(prompt, dtype=np.int32).reshape(-1)
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab.n_tokens):
-                raise ValueError(f"prompt token ids must be in 0..{self.vocab.n_tokens - 1}")
-        if params.use_system_prompt and not shared and len(self.system_tokens):
-            tokens = np.concatenate([self.system_tokens, tokens])
-        return tokens
+        return prompt_tokens(self.vocab, prompt, params, self.system_prompt, self.system_tokens,
+                             self.config.share_system_prompt)
 
     def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None) -> Request:
         """Queue a request; returns its handle at once. Thread-safe.
@@ -151,6 +145,28 @@ class Engine:
             self._all.add(req)
             self._cond.notify()
         return req
+
+    def submit_embedding(self, inputs: str | Sequence, normalize: int | None = None) -> EmbeddingRequest:
+        """Queue inputs to embed (a string, a token-id list, or a list of those); returns a
+        handle at once. Thread-safe. Needs EngineConfig(embeddings=True).
+
+        Raises ValueError (empty or too long input, bad token ids), QueueFull, EngineClosed."""
+        if self.embedder is None:
+            raise RuntimeError("this engine computes no embeddings: EngineConfig(embeddings=True)")
+        req = self.embedder.make_request(inputs, self.config.embd_normalize if normalize is None else normalize)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            self.embedder.enqueue(req, self.config.max_queue)
+            req._wake_engine = self._wake
+            self._cond.notify()
+        return req
+
+    def embed(self, inputs: str | Sequence, normalize: int | None = None,
+              timeout: float | None = None) -> np.ndarray | list[np.ndarray]:
+        """Embed and wait: one input (a string or a token-id list) gives its vector, a list of
+        inputs a 2-D array with rows in input order (pooling none: per-token arrays)."""
+        return self.submit_embedding(inputs, normalize).vectors_for(inputs, timeout)
 
     def set_system_prompt(self, text: str) -> None:
         """Replace the shared system prompt for requests admitted from now on.
@@ -192,8 +208,9 @@ class Engine:
                 self.step()
         for r in list(self._all):
             r._finish(FinishReason.CANCELLED)
-        while self._calls:
-            self._calls.popleft()[1].set_exception(EngineClosed("the engine is shutting down"))
+        self._calls.fail(EngineClosed("the engine is shutting down"))
+        if self.embedder is not None:
+            self.embedder.close()
         self.batch.close()
         for s in self.slots:
             if s.sampler is not None:
@@ -227,11 +244,10 @@ class Engine:
         once start() was called, else right here. Returns what it returns (or raises)."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
-        fut: Future = Future()
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
-            self._calls.append((fn, fut))
+            fut = self._calls.put(fn)
             self._cond.notify()
         return fut.result(timeout)
 
@@ -246,7 +262,8 @@ class Engine:
 
     def _has_work(self) -> bool:
         return (bool(self._waiting) or any(s.busy for s in self.slots) or self._pending_system is not None
-                or self._warmup_pending or bool(self._calls))
+                or self._warmup_pending or bool(self._calls)
+                or (self.embedder is not None and self.embedder.has_work()))
 
     def _run(self) -> None:
         try:
@@ -293,15 +310,17 @@ class Engine:
         st.t_prepare += t_prepared - t_start
         st.t_admit += t_admitted - t_generated
         st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
-        if self.batch.n_tokens == 0:
-            st.t_step += t_batched - t_start
-            return False
-        self._decode_and_sample()
+        did = self.batch.n_tokens > 0
+        if did:
+            self._decode_and_sample()
         t_done = time.perf_counter()
         st.t_decode_sample += t_done - t_batched
-        st.n_steps += 1
-        st.t_step += t_done - t_start
-        return True
+        if self.embedder is not None and self.embedder.has_work():  # the embed phase
+            did = self.embedder.step() or did
+        if did:
+            st.n_steps += 1
+        st.t_step += time.perf_counter() - t_start
+        return did
 
     # -- the phases of a step ---------------------------------------------------------------
 
@@ -311,15 +330,11 @@ class Engine:
         if self._warmup_pending:
             self._warmup_pending = False
             warmup(self.ctx, self.batch, self.vocab)
+            if self.embedder is not None:
+                self.embedder.warmup()
         if self._pending_system is not None:
             self._apply_system_prompt()
-        while self._calls:
-            fn, fut = self._calls.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except Exception as e:
-                    fut.set_exception(e)
+        self._calls.run()
         self._drop_cancelled()
 
     def _admit(self) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from ..batch import Batch
 from ..context import Context
 from ..model import Vocab
+from .types import RequestParams
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -47,4 +48,22 @@ def decode_system_prompt(ctx: Context, batch: Batch, vocab: Vocab, text: str, n_
         n = min(n_batch, len(tokens) - start)
         if ctx.decode(batch.view(start, n)) != 0:
             raise RuntimeError("no KV room for the system prompt; raise -c/--ctx-size")
+    return tokens
+
+
+def prompt_tokens(vocab: Vocab, prompt, params: RequestParams, system_prompt: str,
+                  system_tokens: np.ndarray, share_system_prompt: bool) -> np.ndarray:
+    """The tokens a request decodes after the prefix its slot holds: BOS only when the prompt
+    starts a sequence; an unshared system prompt goes in front."""
+    shared = share_system_prompt and params.use_system_prompt
+    if isinstance(prompt, str):
+        starts_sequence = not (params.use_system_prompt and system_prompt)
+        add_bos = params.add_bos if params.add_bos is not None else (starts_sequence and vocab.add_bos)
+        tokens = vocab.tokenize(prompt, add_special=add_bos, parse_special=True)
+    else:
+        tokens = np.asarray(prompt, dtype=np.int32).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab.n_tokens):
+            raise ValueError(f"prompt token ids must be in 0..{vocab.n_tokens - 1}")
+    if params.use_system_prompt and not shared and len(system_tokens):
+        tokens = np.concatenate([system_tokens, tokens])
     return tokens

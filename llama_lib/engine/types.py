@@ -20,6 +20,13 @@ from ..sampler import SamplingParams
 # PREFILL_WHOLE_PROMPT puts whole prompts in one step, as llama.cpp's parallel example does.
 DEFAULT_PREFILL_CHUNK = 512
 PREFILL_WHOLE_PROMPT = 0
+# llama.cpp's --embd-normalize default: euclidean (-1 none, 0 max-abs int16, 1 taxicab, p>2 p-norm)
+DEFAULT_EMBD_NORMALIZE = 2
+# Tokens per embedding decode when EngineConfig.embd_batch is 0. Every token of an embedding
+# decode is output, logits included (a 262k-token vocabulary makes that 1 MiB a token in
+# llama.cpp's output buffer); measured here, 64-128 tokens a decode were the fastest.
+DEFAULT_EMBD_BATCH = 128
+DEFAULT_EMBD_LANES = 16  # inputs decoded at once by default
 
 
 class FinishReason(str, enum.Enum):
@@ -66,8 +73,10 @@ class _ContextSetting:
         setattr(config.context, self.name, value)
 
 
-# ContextParams fields EngineConfig accepts and forwards; n_seq_max follows n_parallel instead.
-CONTEXT_SETTINGS = tuple(f.name for f in dataclasses.fields(ContextParams) if f.name != "n_seq_max")
+# ContextParams fields EngineConfig accepts and forwards; n_seq_max follows n_parallel instead,
+# and the embedding settings are the engine's own (its embedding lanes have a context of theirs).
+CONTEXT_SETTINGS = tuple(f.name for f in dataclasses.fields(ContextParams)
+                         if f.name not in ("n_seq_max", "embeddings", "pooling_type"))
 
 
 @dataclass(init=False)
@@ -90,6 +99,12 @@ class EngineConfig:
     # this fraction of a new prompt (as a prefix) is preferred; 0 = always the lowest free
     # slot (whose cache is still reused as far as it matches).
     slot_prompt_similarity: float = 0.1
+    # Embeddings (Engine.embed / submit_embedding), in a context of their own (embedding.py):
+    embeddings: bool = False       # llama.cpp's --embedding
+    pooling: str | None = None     # none|mean|cls|last; None: the model's (none if it names none)
+    embd_normalize: int = DEFAULT_EMBD_NORMALIZE  # --embd-normalize
+    embd_lanes: int = DEFAULT_EMBD_LANES  # inputs decoded at once (the embedding context's sequences)
+    embd_batch: int = 0            # tokens per embedding decode; 0: DEFAULT_EMBD_BATCH (<= n_ubatch)
     context: ContextParams = field(default_factory=ContextParams)
 
     def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
@@ -213,6 +228,22 @@ class EngineStats:
     t_batch: float = 0.0           # filling the batch with generated tokens and prompt pieces
     t_decode_sample: float = 0.0   # llama_decode, sampling, stop rules, streaming, releases
     _ctx: object = field(default=None, repr=False)
+    _embedder: object = field(default=None, repr=False)
+
+    @property
+    def n_embd_inputs(self) -> int:
+        """Embedding inputs computed."""
+        return self._embedder.n_inputs if self._embedder is not None else 0
+
+    @property
+    def n_embd_tokens(self) -> int:
+        """Tokens decoded for embeddings (not in n_prompt_tokens)."""
+        return self._embedder.n_tokens if self._embedder is not None else 0
+
+    @property
+    def t_embed(self) -> float:
+        """Seconds in the embedding phase of steps (decode and pooling)."""
+        return self._embedder.t_embed if self._embedder is not None else 0.0
 
     @property
     def t_decode(self) -> float:
