@@ -16,6 +16,7 @@ import os
 import sys
 
 from llama_lib import _bindings as B
+from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
 from llama_lib.sampler import SAMPLING_RANGES
 
 from .errors import ApiError
@@ -298,16 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
       help="log threshold: 0-1 errors only, 2 warnings, 3 info (default), 4 and above as --verbose")
     a("--log-disable", action="store_true", help="log nothing")
 
+    e = p.add_argument_group("embeddings").add_argument
+    e("--embedding", "--embeddings", dest="embedding", action="store_true",
+      help="serve /v1/embeddings and /embedding too (completions keep working; the inputs are "
+           "decoded in a context of their own)")
+    e("--pooling", choices=[*POOLING_TYPES, "rank"], default=None,
+      help="pooling type for embeddings (default: the model's; none when it names none); rank "
+           "(reranking) is refused")
+    e("--embd-normalize", dest="embd_normalize", type=int, default=DEFAULT_EMBD_NORMALIZE, metavar="N",
+      help=f"normalisation for embeddings (default: {DEFAULT_EMBD_NORMALIZE}) (-1=none, 0=max absolute "
+           "int16, 1=taxicab, 2=euclidean, >2=p-norm)")
+
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
-            (("--embedding", "--embeddings"), 0, "embeddings are"),
             (("--rerank", "--reranking"), 0, "reranking is"),
             (("--lora",), 1, "LoRA adapters are"),
             (("-mm", "--mmproj"), 1, "multimodal projectors are"),
             (("-mmu", "--mmproj-url"), 1, "multimodal projectors are"),
             (("--spec-draft-model", "-md", "--model-draft"), 1, "speculative decoding is"),
             (("--slot-save-path",), 1, "saving and restoring slots is"),
-            (("--pooling",), 1, "embeddings are"),
             (("--media-path",), 1, "media files (multimodal input) are"),
             (("--tools",), 1, "built-in agent tools are"),
             (("-hf", "-hfr", "--hf-repo"), 1, "downloading models is"),
@@ -333,6 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}")
     if args.port > 65535:
         p.error("--port must be <= 65535")
+    if args.pooling == "rank":
+        p.error("--pooling rank: reranking is not supported by this server")
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
     for name in ("threads", "threads_batch"):

@@ -18,6 +18,7 @@ from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 from . import info
+from .embeddings import refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request, error_body
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
 from .service import Service
@@ -52,6 +53,9 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
     "/v1/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
     "/infill": {"POST": ("h_infill", None)},
+    "/embedding": {"POST": ("h_embed", "llama")},
+    "/embeddings": {"POST": ("h_embed", "llama")},
+    "/v1/embeddings": {"POST": ("h_embed", "oai")},
 }
 
 
@@ -249,6 +253,12 @@ class Handler(Connection):
             self.send_stream(svc.stream(job, watch=self.watch_client))
         else:
             self.send_json(200, svc.complete(job, watch=self.watch_client))
+
+    def h_embed(self, kind: str) -> None:
+        svc = self.server.service
+        if svc.engine.embedder is None:  # before reading the body, as llama-server
+            raise refuse_not_enabled()
+        self.send_json(200, svc.embed(self.read_json(), kind == "oai", watch=self.watch_client))
 
     def preflight(self) -> None:
         """CORS preflight (only with --cors-origin), any path: 200 with an empty body, as

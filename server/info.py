@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from llama_lib import Model
+from llama_lib.engine.embedding import POOLING_NAMES
 
 from . import __version__
 from .requests import base_params
@@ -16,6 +17,7 @@ def props(svc: Service) -> dict:
     """GET /props."""
     s, m = svc.settings, svc.model
     v = m.vocab if m else None
+    embedder = svc.engine.embedder if svc.engine is not None else None
 
     def piece(tok: int) -> str:
         return v.token_to_piece(tok, special=True).decode("utf-8", "replace") if v and tok >= 0 else ""
@@ -44,6 +46,8 @@ def props(svc: Service) -> dict:
         "eos_token": piece(v.eos) if v else "",
         "build_info": f"pyllama-server {__version__}",
         "is_sleeping": False,
+        "embedding": embedder is not None,   # --embedding: /v1/embeddings answers
+        "pooling": POOLING_NAMES[embedder.pooling] if embedder is not None else None,
         # server-parallel's fields
         "user_name": names[0],
         "assistant_name": names[1],
@@ -94,6 +98,11 @@ def models(svc: Service) -> dict:
             "n_embd": m.n_embd, "n_params": m.n_params, "size": m.size,
             "ftype": model_ftype(m)} if m else {}
     aliases = list(s.aliases)
+    embeds = svc.engine is not None and svc.engine.embedder is not None
+    if m:
+        meta["n_embd_out"] = m.n_embd_out
+        if embeds:
+            meta["pooling"] = POOLING_NAMES[svc.engine.embedder.pooling]
     return {
         "object": "list",
         "data": [{"id": svc.model_name, "aliases": aliases, "tags": list(s.tags),
@@ -101,7 +110,8 @@ def models(svc: Service) -> dict:
                   "meta": meta}],
         "models": [{"name": svc.model_name, "model": svc.model_name, "modified_at": "",
                     "size": "", "digest": "", "type": "model", "description": "", "tags": [""],
-                    "capabilities": ["completion"], "parameters": "",
+                    "capabilities": ["completion", "embedding"] if embeds else ["completion"],
+                    "parameters": "",
                     "details": {"parent_model": "", "format": "gguf", "family": "",
                                 "families": [""], "parameter_size": "",
                                 "quantization_level": ""}}],
@@ -130,6 +140,7 @@ def metrics_text(svc: Service) -> str:
          m.n_predicted_tokens / m.t_predicted_s if m.t_predicted_s else 0.0),
         ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
         ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
+        ("embedding_inputs_total", "counter", "Number of inputs embedded (pyllama)", st.n_embd_inputs),
         ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
          st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
     ]

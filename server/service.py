@@ -21,6 +21,7 @@ from llama_lib import (
 )
 
 from . import fanout
+from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .chat import FALLBACK_TEMPLATE, render_chat
 from .errors import ApiError, ClientGone, bad_request
 from .events import no_watch, stream_one
@@ -277,6 +278,37 @@ class Service:
             raise handle_error(h, self.closing)
         text = h.text.lstrip() if job.strip_leading else h.text
         return result(self, h, job, text)
+
+    def embed(self, body, oai_route: bool, watch=no_watch) -> dict | list:
+        """POST /v1/embeddings (oai_route) or /embedding: the vectors of the body's inputs."""
+        emb = self.engine.embedder
+        if emb is None:
+            raise refuse_not_enabled()
+        job = parse_embedding(body, oai_route, emb.pooling == 0, self.model.vocab.n_tokens)
+        try:
+            h = self.engine.submit_embedding(job.inputs, job.normalize)
+        except QueueFull as e:
+            raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
+                           headers={"Retry-After": "1"}) from None
+        except EngineClosed:
+            raise ApiError(503, "unavailable_error", "the server is shutting down") from None
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        try:
+            with watch(h) as gone:
+                h.wait()
+        finally:
+            h.cancel()
+        if gone and h.cancelled:
+            raise ClientGone()
+        if h.error is not None or h.cancelled:
+            raise ApiError(503 if self.closing else 500, "unavailable_error" if self.closing else "server_error",
+                           "the server is shutting down" if self.closing else h.error or "cancelled")
+        with self._lock:
+            self.metrics.n_prompt_tokens += h.n_prompt_tokens
+            self.metrics.t_prompt_s += h.done_at - h.submitted
+            self.metrics.n_requests += 1
+        return embedding_answer(job, h.vectors, [len(t) for t in h.inputs], self.model_name)
 
     def stream(self, job: Job, watch=no_watch) -> Iterator[object]:
         """Submit now (so errors are raised before any byte is sent), stream lazily.

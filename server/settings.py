@@ -72,7 +72,8 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             max_queue=args.max_queue, kv_unified=args.kv_unified,
             prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio, threadpool=args.threadpool,
             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
-            warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity),
+            warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity,
+            embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize),
         reverse_prompts=list(args.reverse_prompt),
         defaults=Defaults(
             n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,

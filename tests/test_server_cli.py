@@ -251,8 +251,7 @@ def test_host_list(capsys):
 # -- 6. features this server lacks ---------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
-    (["--embedding"], "--embedding: embeddings are not supported by this server"),
-    (["--embeddings"], "--embeddings: embeddings are not supported by this server"),
+    (["--pooling", "rank"], "--pooling rank: reranking is not supported by this server"),
     (["--reranking"], "--reranking: reranking is not supported by this server"),
     (["--rerank"], "--rerank: reranking is not supported by this server"),
     (["--lora", "a.gguf"], "--lora: LoRA adapters are not supported by this server"),
@@ -340,10 +339,10 @@ def test_quantized_v_cache_without_flash_attn_fails_to_start(tmp_path):
 
 
 def test_cli_error_exit_code_2_from_the_real_entry_point():
-    r = subprocess.run([sys.executable, "-m", "server", "--embedding"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "server", "--reranking"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert "--embedding: embeddings are not supported by this server" in r.stderr
+    assert "--reranking: reranking is not supported by this server" in r.stderr
 
 
 def test_slot_prompt_similarity_flag(capsys):

@@ -320,3 +320,12 @@ def test_cors_preflight_before_the_key(keyed):
         status, _, body = http_json(keyed.port, "GET", path)
         assert status == 404 and body["error"]["type"] == "not_found_error"
     assert http_json(keyed.port, "GET", "/")[0] == 200
+
+
+def test_embeddings_need_the_flag(srv):
+    """Without --embedding, the embedding routes answer llama-server's 501 and nothing else changes."""
+    for path in ("/v1/embeddings", "/embedding", "/embeddings"):
+        r = srv.post(path, {"input": "hello"})
+        assert r.status_code == 501, path
+        assert r.json()["error"]["message"] == "This server does not support embeddings. Start it with `--embeddings`"
+    assert srv.get("/props").json()["embedding"] is False

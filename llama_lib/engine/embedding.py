@@ -33,13 +33,14 @@ from .types import QueueFull, DEFAULT_EMBD_BATCH, DEFAULT_EMBD_LANES, DEFAULT_EM
 
 log = logging.getLogger("llama_lib.engine")
 
-# The CPU backend multiplies the rows of a batch in groups of 4 (repacked K-quant kernels) and
-# the rest one by one, and the two paths round differently: a token's hidden state then depends
-# on where it sits in the batch (measured: cosine 0.99993 between an input alone and batched).
-# Every input piece starts at a multiple of ROW_ALIGN rows and is padded to one with tokens of a
-# scratch sequence, so its rows are grouped the same way in any batch: alone or batched, the
-# vectors come out bit-identical here.
-ROW_ALIGN = 4
+# The CPU backend multiplies a batch's rows in groups (4 for repacked K-quants, 8 for the f16
+# attention products) and the rest one by one, and the paths round differently: a token's hidden
+# state would depend on where it sits in the batch (measured: cosine 0.99992 alone vs batched).
+# So every input piece starts at a multiple of ROW_ALIGN rows and is padded to one with tokens of
+# a scratch sequence. Flash attention is off in the embedding context: ggml's CPU kernel switches
+# from a per-row path (accumulating in f16) to a tiled f32 one at 32 rows, and its tiles follow
+# the batch (measured: cosine 0.99953). Alone or batched, the vectors come out bit-identical here.
+ROW_ALIGN = 8
 
 # --pooling names (llama.cpp's) and their llama_pooling_type. "rank" needs the model's
 # classification head inside the graph, which this engine does not run.
@@ -191,7 +192,7 @@ class Embedder:
         params = dataclasses.replace(
             base, n_ctx=max(n_ctx_input, self.n_batch) + self.n_batch, n_batch=self.n_batch,
             n_ubatch=self.n_batch, n_seq_max=n_lanes + 1, kv_unified=True, embeddings=True,
-            pooling_type=B.LLAMA_POOLING_TYPE_NONE)
+            pooling_type=B.LLAMA_POOLING_TYPE_NONE, flash_attn=B.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.pad_seq = n_lanes  # the scratch sequence of the padding rows
         self.ctx = Context(model, params, threadpool_of=threadpool_of)
         self.n_ctx = self.ctx.n_ctx
@@ -406,6 +407,8 @@ def as_token_inputs(inputs: str | Sequence, tokenize) -> list[np.ndarray]:
     and/or token-id lists (many)."""
     def one(x) -> np.ndarray:
         if isinstance(x, str):
+            if not x:  # BOS alone is no content (llama-server would embed it)
+                raise ValueError("Input content cannot be empty")
             return tokenize(x)
         if not (isinstance(x, np.ndarray) or _is_token_list(x) or (isinstance(x, Sequence) and not x)):
             raise ValueError("an input must be a string or a list of token ids")
