@@ -18,6 +18,7 @@ import sys
 from llama_lib import _bindings as B
 from llama_lib.sampler import SAMPLING_RANGES
 
+from .drain import add_drain_flags, check_drain_flags
 from .errors import ApiError
 from .structured import get_grammar
 from .transport import CORS_HEADERS, CORS_METHODS
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="log threshold: 0-1 errors only, 2 warnings, 3 info (default), 4 and above as --verbose")
     a("--log-disable", action="store_true", help="log nothing")
 
+    add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
             (("--embedding", "--embeddings"), 0, "embeddings are"),
@@ -333,6 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}")
     if args.port > 65535:
         p.error("--port must be <= 65535")
+    check_drain_flags(p, args)
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
     for name in ("threads", "threads_batch"):
