@@ -26,8 +26,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server ARGS` on a free port; `url`, `get`/`post` helpers, `stop()`."""
 
-    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None):
-        self.port = free_port()
+    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.api_key = api_key
