@@ -33,7 +33,9 @@ PROMPT = "User: Write a long story about a lighthouse keeper.\nAssistant:"
 
 
 def one_round(args, tmp: Path, k: int) -> dict:
+    # no drain budget: SIGTERM cancels at once (the drain itself: tests/test_scale_out.py)
     srv = ServerProcess(["-np", str(args.parallel), "-c", str(args.ctx), "-t", args.threads,
+                         "--drain-delay", "0", "--drain-timeout", "0",
                          "-tb", args.threads], tmp / f"server-{k}.log")
     out: dict = {"round": k}
     try:

@@ -2,8 +2,9 @@
 
 Start-up order, as llama-server: bind (one listener per `--host` address) and answer HTTP
 at once (/health says 503 "Loading model"), then load the model and decode the system prompt,
-then report ready (/health 200). SIGINT/SIGTERM: stop accepting, cancel running requests (each
-stream gets a final event), free the engine and the model, exit 0.
+then report ready (/health 200). SIGTERM drains first (server.drain: out of the balancer's
+rotation, requests in flight finish); then, as on SIGINT at once: stop accepting, cancel running
+requests (each stream gets a final event), free the engine and the model, exit 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import llama_lib
 
 from .cli import _log_level, check_chat_template, parse_args
+from .drain import drain, start_agents
 from .http import make_server
 from .service import Service
 from .settings import build_settings
@@ -92,12 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         log.error("%s", e)
         return 1
+    try:  # before the model loads, so that HAProxy hears `down#loading`
+        agents = start_agents(service, args.hosts, args.agent_port)
+    except OSError as e:
+        log.error("%s", e)
+        for httpd in servers:
+            httpd.server_close()
+        return 1
     for host in args.hosts:
         if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") and not args.api_keys:
             log.warning("listening on %s without --api-key: anyone who can reach it may use it", host)
 
     def shutdown_http() -> None:
-        for httpd in servers:
+        for httpd in servers + agents:
             httpd.shutdown()
             httpd.server_close()
 
@@ -118,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     signum = signal.sigwait(stop_signals)  # returns at once if one came during loading
 
     t0 = time.perf_counter()
-    log.info("%s: shutting down: no new connections, cancelling running requests",
-             signal.Signals(signum).name)
     # a second signal ends the process at once
     for sig in stop_signals:
         signal.signal(sig, lambda *_: os._exit(1))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    if signum == signal.SIGTERM:  # what balancers and orchestrators send: leave the rotation first
+        log.info("SIGTERM: draining (a second signal stops at once)")
+        drain(service, servers, args.drain_delay, args.drain_timeout)
+    log.info("%s: shutting down: no new connections, cancelling running requests",
+             signal.Signals(signum).name)
     shutdown_http()
     service.stop_engine()
     deadline = time.monotonic() + 10.0

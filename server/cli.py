@@ -19,6 +19,7 @@ from llama_lib import _bindings as B
 from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
 from llama_lib.sampler import SAMPLING_RANGES
 
+from .drain import add_drain_flags, check_drain_flags
 from .errors import ApiError
 from .structured import get_grammar
 from .transport import CORS_HEADERS, CORS_METHODS
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"normalisation for embeddings (default: {DEFAULT_EMBD_NORMALIZE}) (-1=none, 0=max absolute "
            "int16, 1=taxicab, 2=euclidean, >2=p-norm)")
 
+    add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
             (("--rerank", "--reranking"), 0, "reranking is"),
@@ -345,6 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--port must be <= 65535")
     if args.pooling == "rank":
         p.error("--pooling rank: reranking is not supported by this server")
+    check_drain_flags(p, args)
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
     for name in ("threads", "threads_batch"):

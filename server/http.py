@@ -18,6 +18,7 @@ from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 from . import info
+from .drain import RETRY_AFTER
 from .embeddings import refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request, error_body
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
@@ -87,6 +88,9 @@ class Handler(Connection):
 
     def dispatch(self) -> None:
         self.server.begin()
+        if self.server.service.refusing:  # a draining server's 503s are not requests in flight
+            self.server.end()
+            return self._dispatch()
         try:
             self._dispatch()
         finally:
@@ -133,6 +137,10 @@ class Handler(Connection):
             raise ApiError(404, "not_found_error", "File Not Found")
         if path not in PUBLIC_PATHS and not (is_page and path in BUILTIN_PAGE_PATHS and not self.server.static_root):
             self.check_auth()
+        if svc.refusing and path not in PUBLIC_PATHS:  # the drain's second step (server.drain)
+            self.close_connection = True
+            raise ApiError(503, "unavailable_error", "the server is draining; retry on another replica",
+                           headers={"Retry-After": RETRY_AFTER})
         if not svc.ready and path not in PUBLIC_PATHS and not is_page:
             raise ApiError(503, "unavailable_error",
                            "the server is shutting down" if svc.closing else "Loading model")
@@ -173,6 +181,8 @@ class Handler(Connection):
 
     def h_health(self, _kind) -> None:
         svc = self.server.service
+        if svc.draining:  # SIGTERM: out of the balancer's rotation first (server.drain)
+            return self.send_json(503, {"status": "draining"}, {"Retry-After": RETRY_AFTER})
         if not svc.ready:
             raise ApiError(503, "unavailable_error",
                            "the server is shutting down" if svc.closing else "Loading model")

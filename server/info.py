@@ -143,9 +143,34 @@ def metrics_text(svc: Service) -> str:
         ("embedding_inputs_total", "counter", "Number of inputs embedded (pyllama)", st.n_embd_inputs),
         ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
          st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
+        *balancer_gauges(svc),
     ]
     lines = []
     for name, typ, help_, val in rows:
         lines += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {typ}",
                   f"llamacpp:{name} {val:g}" if isinstance(val, float) else f"llamacpp:{name} {val}"]
     return "\n".join(lines) + "\n"
+
+
+def balancer_gauges(svc: Service) -> list[tuple]:
+    """What a balancer or an autoscaler reads beside requests_processing / requests_deferred:
+    the KV cache's fill (older llama-server's kv_cache_tokens / kv_cache_usage_ratio names) and
+    the drain. Read from the slots' counters, never from the context (engine thread only)."""
+    e = svc.engine
+    used = kv_cells_used(e)
+    return [
+        ("kv_cache_tokens", "gauge", "KV cache cells in use (tokens held, prompt caches included)", used),
+        ("kv_cache_cells", "gauge", "KV cache cells in all (our addition)", e.n_ctx),
+        ("kv_cache_usage_ratio", "gauge", "KV cache usage, 1 means 100 percent", used / e.n_ctx if e.n_ctx else 0.0),
+        ("draining", "gauge", "1 from SIGTERM until the process exits, else 0 (our addition)", int(svc.draining)),
+    ]
+
+
+def kv_cells_used(e) -> int:
+    """Cells the sequences hold: the shared system prompt's once, and each slot's tokens after it
+    (its copy of the system prompt counts again only without a unified cache, where every
+    sequence has cells of its own)."""
+    n_sys = len(e.system_tokens) if e.config.share_system_prompt else 0
+    own = sum(i["n_past"] - (i["n_system_tokens"] if e.config.kv_unified else 0)
+              for i in e.slots_info())
+    return n_sys + own

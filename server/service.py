@@ -53,6 +53,8 @@ class Service:
         self.settings = s = settings
         self.ready = False
         self.closing = False
+        self.draining = False  # SIGTERM came: /health says so, the agent port says `drain`
+        self.refusing = False  # later in the drain: new requests get 503 (server.drain)
         self.model: Model | None = None
         self.engine: Engine | None = None
         if s.alias and not s.aliases:  # built in code with alias= only

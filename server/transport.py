@@ -36,6 +36,12 @@ log = logging.getLogger("server.http")
 MAX_BODY = 8 * 1024 * 1024        # bytes of a request body before 413
 KEEP_ALIVE_TIMEOUT = 5.0          # seconds an idle connection may wait for its next request
 ACCEPT_WAIT = 0.25                # seconds a new connection waits for a free handler thread
+# A body left unread (413, or a large body an error answered before reading) is read and
+# dropped after the answer, up to these bounds, before the connection closes: closing with
+# unread bytes would send a reset, and a client still sending (http.client sends the whole body
+# before it reads) would get a broken pipe instead of the answer.
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 8 * MAX_BODY
 # CORS defaults (llama-server's --cors-methods / --cors-headers)
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "*"
@@ -205,6 +211,13 @@ class Connection(BaseHTTPRequestHandler):
         self._reader.deadline = None  # the time-out runs from the request's first byte
         super().handle_one_request()
 
+    _linger = False  # the connection closes with a request body unread: see LINGER_SECONDS
+
+    def finish(self) -> None:
+        super().finish()  # flushes the answer
+        if self._linger:
+            linger_close(self.connection)
+
     # -- logging / errors from http.server ------------------------------------------------
 
     def log_message(self, fmt: str, *args) -> None:
@@ -256,7 +269,7 @@ class Connection(BaseHTTPRequestHandler):
                 return
             except OSError:
                 pass
-        self.close_connection = True
+        self.close_connection = self._linger = True
 
     def cors_headers(self) -> dict:
         """Access-Control-Allow-Origin only with --cors-origin(s), and only for an allowed
@@ -359,7 +372,7 @@ class Connection(BaseHTTPRequestHandler):
                 break
             total += size
             if total > MAX_BODY:
-                self.close_connection = True
+                self.close_connection = self._linger = True
                 raise ApiError(413, "invalid_request_error",
                                f"request body over the limit of {MAX_BODY} bytes")
             chunk = self.rfile.read(size)
@@ -395,7 +408,7 @@ class Connection(BaseHTTPRequestHandler):
             self.close_connection = True
             raise bad_request("Content-Length is not a valid length") from None
         if n > MAX_BODY:
-            self.close_connection = True  # the body is not read: the connection cannot go on
+            self.close_connection = self._linger = True  # the body is not read: no next request
             raise ApiError(413, "invalid_request_error",
                            f"request body of {n} bytes is over the limit of {MAX_BODY} bytes")
         data = self.rfile.read(n)
@@ -403,6 +416,26 @@ class Connection(BaseHTTPRequestHandler):
             self.close_connection = True
             raise bad_request("the request body is shorter than its Content-Length")
         return data
+
+
+def linger_close(sock: socket.socket) -> None:
+    """After the answer: say we are done writing, then read and drop what the client still
+    sends until it closes, at most LINGER_BYTES within LINGER_SECONDS (a lingering close), so
+    the answer is not lost to a reset."""
+    deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while left > 0:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            sock.settimeout(wait)
+            data = sock.recv(min(left, 262144))
+            if not data:
+                break
+            left -= len(data)
+    except OSError:
+        pass
 
 
 def origin_is_localhost(origin: str) -> bool:

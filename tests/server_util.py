@@ -26,8 +26,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server ARGS` on a free port; `url`, `get`/`post` helpers, `stop()`."""
 
-    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None):
-        self.port = free_port()
+    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.api_key = api_key
@@ -87,7 +88,8 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    def stop(self, sig=signal.SIGINT, timeout: float = 30.0) -> int | None:
+        """SIGINT by default: it stops at once, where SIGTERM drains first (--drain-delay)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -64,7 +64,9 @@ def servers(tmp_path_factory):
                                  "--path", str(site), "--max-queue", "1", "--threads-http", "4",
                                  "-to", "2"], base / "locked.log", api_key=KEY),
         "kvu": ServerProcess(["-np", "2", "-c", "256", "-kvu", *t], base / "kvu.log"),
-        "down": ServerProcess(["-np", "4", "-c", "1024", *t], base / "down.log"),
+        # no drain budget: SIGTERM then cancels at once (the drain: tests/test_scale_out.py)
+        "down": ServerProcess(["-np", "4", "-c", "1024", *t, "--drain-delay", "0", "--drain-timeout", "0"],
+                              base / "down.log"),
     }
     try:
         for p in procs.values():

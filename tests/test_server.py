@@ -52,7 +52,8 @@ def site(tmp_path_factory):
 def locked(tmp_path_factory, site):
     log = tmp_path_factory.mktemp("locked") / "server.log"
     with served(["-np", "1", "-c", "1024", "-t", THREADS, "--api-key", KEY, "--path", str(site),
-                 "--max-queue", "1", "--no-slots", "-to", "30"], log, api_key=KEY) as s:
+                 "--max-queue", "1", "--no-slots", "-to", "30", "--drain-delay", "0", "--drain-timeout", "0"],
+                log, api_key=KEY) as s:
         yield s
 
 
