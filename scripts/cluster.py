@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if find_haproxy() is None:
         print("haproxy is not installed (Debian: apt-get install haproxy)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _interrupt)  # ends the wait below as Ctrl-C does
+    # SIGTERM ends the wait below as Ctrl-C does; SIGINT is set too because a shell starts a
+    # background job with SIGINT ignored, and `kill -INT` must still stop the cluster then.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     replicas = [(f"r{i + 1}", args.first_port + i, agent0 + i) for i in range(args.replicas)]
     procs, lb = [], None
     try:

@@ -21,20 +21,21 @@ from .errors import ApiError, bad_request
 
 NOT_ENABLED = "This server does not support embeddings. Start it with `--embeddings`"
 NONE_NOT_OAI = "Pooling type 'none' is not OAI compatible. Please use a different pooling type"
-EMPTY = "Input content cannot be empty"
 
 
 @dataclass
 class EmbeddingJob:
-    inputs: list                  # strings and token-id lists, one per input
+    inputs: object                # "input"/"content" as sent: a string, token ids, a list of those
     oai: bool                     # OpenAI's answer shape
     base64: bool
     normalize: int | None         # None: --embd-normalize
     model: str | None
 
 
-def parse_embedding(body, oai_route: bool, pooling_none: bool, n_vocab: int) -> EmbeddingJob:
-    """The job a request body asks for, or ApiError (400) with llama-server's message."""
+def parse_embedding(body, oai_route: bool, pooling_none: bool) -> EmbeddingJob:
+    """The job a request body asks for, or ApiError (400) with llama-server's message. The
+    inputs' shapes (a string, token ids, a list of those) are checked by the engine's
+    submit_embedding, whose ValueError is a 400 too."""
     if oai_route and pooling_none:
         raise bad_request(NONE_NOT_OAI)
     if not isinstance(body, dict):
@@ -54,39 +55,8 @@ def parse_embedding(body, oai_route: bool, pooling_none: bool, n_vocab: int) -> 
         raise bad_request("embd_normalize must be an integer (-1 none, 0 max absolute, 1 taxicab, "
                           "2 euclidean, >2 p-norm)")
     model = body.get("model")
-    return EmbeddingJob(_inputs(raw, n_vocab), oai, fmt == "base64", norm,
+    return EmbeddingJob(raw, oai, fmt == "base64", norm,
                         model if isinstance(model, str) else None)
-
-
-def _inputs(raw, n_vocab: int) -> list:
-    """llama-server's prompt shapes: a string, a token-id list, or a list of strings and
-    token-id lists (each one input)."""
-    if isinstance(raw, str) or _is_tokens(raw):
-        items = [raw]
-    elif isinstance(raw, list):
-        items = raw
-    else:
-        raise bad_request('"input" must be a string, a list of token ids, or a list of those')
-    if not items:
-        raise bad_request(EMPTY)
-    for x in items:
-        if isinstance(x, str):
-            if not x:
-                raise bad_request(EMPTY)
-        elif _is_tokens(x):
-            bad = [t for t in x if not 0 <= t < n_vocab]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is out of range: ids must be in 0..{n_vocab - 1}")
-        elif isinstance(x, list) and not x:
-            raise bad_request(EMPTY)
-        else:
-            raise bad_request("each input must be a string or a list of token ids")
-    return items
-
-
-def _is_tokens(x) -> bool:
-    return (isinstance(x, list) and len(x) > 0
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in x))
 
 
 def answer(job: EmbeddingJob, vectors: list[np.ndarray], n_tokens: list[int], model_name: str):

@@ -7,6 +7,7 @@ the tokenizer (thread-safe, read-only) or hands a request to the engine thread w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,8 +22,9 @@ from llama_lib import (
 )
 
 from . import fanout
-from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .chat import FALLBACK_TEMPLATE, render_chat
+from .drain import RETRY_AFTER
+from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request
 from .events import no_watch, stream_one
 from .requests import (
@@ -46,6 +48,25 @@ class Metrics:
     t_predicted_s: float = 0.0
     n_tokens_max: int = 0
     n_requests: int = 0
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """The engine's refusals of a submit() as llama-server's HTTP errors."""
+    try:
+        yield
+    except PromptTooLong as e:
+        raise ApiError(400, "exceed_context_size_error",
+                       f"request ({e.n_prompt_tokens} tokens) exceeds the available context size "
+                       f"({e.n_ctx} tokens), try increasing it",
+                       {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}) from None
+    except QueueFull as e:
+        raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
+                       headers={"Retry-After": RETRY_AFTER}) from None
+    except EngineClosed:
+        raise ApiError(503, "unavailable_error", "the server is shutting down") from None
+    except ValueError as e:
+        raise bad_request(str(e)) from None
 
 
 class Service:
@@ -218,20 +239,8 @@ class Service:
         job.params.stop = stops
         if not job.id:  # the choices of one request (n > 1, several prompts) share its id
             job.id = fanout.new_job_id(job)
-        try:
+        with engine_errors():
             return self.engine.submit(job.prompt, job.params)
-        except PromptTooLong as e:
-            raise ApiError(400, "exceed_context_size_error",
-                           f"request ({e.n_prompt_tokens} tokens) exceeds the available context size "
-                           f"({e.n_ctx} tokens), try increasing it",
-                           {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}) from None
-        except QueueFull as e:
-            raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
-                           headers={"Retry-After": "1"}) from None
-        except EngineClosed:
-            raise ApiError(503, "unavailable_error", "the server is shutting down") from None
-        except ValueError as e:
-            raise bad_request(str(e)) from None
 
     def _update_system(self, u: SystemUpdate) -> None:
         """server-parallel: replace the shared system prompt and the anti-prompt. Requests in
@@ -286,16 +295,9 @@ class Service:
         emb = self.engine.embedder
         if emb is None:
             raise refuse_not_enabled()
-        job = parse_embedding(body, oai_route, emb.pooling == 0, self.model.vocab.n_tokens)
-        try:
+        job = parse_embedding(body, oai_route, emb.pooling == 0)
+        with engine_errors():
             h = self.engine.submit_embedding(job.inputs, job.normalize)
-        except QueueFull as e:
-            raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
-                           headers={"Retry-After": "1"}) from None
-        except EngineClosed:
-            raise ApiError(503, "unavailable_error", "the server is shutting down") from None
-        except ValueError as e:
-            raise bad_request(str(e)) from None
         try:
             with watch(h) as gone:
                 h.wait()

@@ -193,7 +193,7 @@ def test_bad_inputs_and_cancel(engine, model):
 
 def test_oai_route_refuses_pooling_none():
     with pytest.raises(ApiError) as e:
-        parse_embedding({"input": "x"}, True, True, 100)
+        parse_embedding({"input": "x"}, True, True)
     assert e.value.status == 400 and "not OAI compatible" in e.value.message
 
 

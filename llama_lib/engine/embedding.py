@@ -235,12 +235,11 @@ class Embedder:
     def make_request(self, inputs: str | Sequence, normalize_mode: int) -> EmbeddingRequest:
         """A request for `inputs` (see as_token_inputs), each checked; its id comes at enqueue."""
         vocab = self.model.vocab
-        tokens = as_token_inputs(inputs, lambda t: vocab.tokenize(t, add_special=True, parse_special=True))
+        tokens = as_token_inputs(inputs, lambda t: vocab.tokenize(t, add_special=True, parse_special=True),
+                                 vocab.n_tokens)
         if not tokens:
             raise ValueError("Input content cannot be empty")
         for t in tokens:
-            if t.size and (t.min() < 0 or t.max() >= vocab.n_tokens):
-                raise ValueError(f"token ids must be in 0..{vocab.n_tokens - 1}")
             self.check(t)
         return EmbeddingRequest(-1, tokens, int(normalize_mode), self.pooling)
 
@@ -402,9 +401,9 @@ class Embedder:
         req._finish(error=error, cancelled=error is None)
 
 
-def as_token_inputs(inputs: str | Sequence, tokenize) -> list[np.ndarray]:
+def as_token_inputs(inputs: str | Sequence, tokenize, n_vocab: int) -> list[np.ndarray]:
     """Inputs as token arrays: a string, a list of token ids (one input), or a list of strings
-    and/or token-id lists (many)."""
+    and/or token-id lists (many). Token ids outside 0..n_vocab-1 are a ValueError."""
     def one(x) -> np.ndarray:
         if isinstance(x, str):
             if not x:  # BOS alone is no content (llama-server would embed it)
@@ -412,7 +411,15 @@ def as_token_inputs(inputs: str | Sequence, tokenize) -> list[np.ndarray]:
             return tokenize(x)
         if not (isinstance(x, np.ndarray) or _is_token_list(x) or (isinstance(x, Sequence) and not x)):
             raise ValueError("an input must be a string or a list of token ids")
-        return np.asarray(x, dtype=np.int64).reshape(-1).astype(np.int32)
+        try:
+            ids = np.asarray(x, dtype=np.int64).reshape(-1)
+        except OverflowError:  # beyond int64: certainly out of range
+            bad = next(t for t in x if not -2**63 <= int(t) < 2**63)
+            raise ValueError(f"token id {bad} is out of range: ids must be in 0..{n_vocab - 1}") from None
+        bad = ids[(ids < 0) | (ids >= n_vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of range: ids must be in 0..{n_vocab - 1}")
+        return ids.astype(np.int32)
     if isinstance(inputs, (str, np.ndarray)) or _is_token_list(inputs):
         return [one(inputs)]
     if not isinstance(inputs, Sequence):
