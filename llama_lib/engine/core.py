@@ -38,6 +38,7 @@ from ..batch import Batch
 from ..context import DECODE_NO_KV_SLOT, Context
 from ..model import Model
 from ..sampler import Sampler
+from .callbacks import CallbackRunner, OnChunk, OnDone
 from .calls import CallQueue
 from .embedding import Embedder, EmbeddingRequest
 from .output import StopMatcher, take_token
@@ -93,6 +94,7 @@ class Engine:
         self._all: set[Request] = set()  # unfinished requests, for shutdown
         # Work for the engine thread from other threads (state reads such as seq_pos_max).
         self._calls = CallQueue()
+        self._callbacks: CallbackRunner | None = None  # started by the first submit with callbacks
         # The warm-up and the first system prompt are decoded by the first step(), on the thread
         # that runs the loop: with an OpenMP libllama every thread that decodes gets an OpenMP
         # team of its own, and a second team (say, the constructor's thread) competes with the
@@ -118,10 +120,13 @@ class Engine:
         return prompt_tokens(self.vocab, prompt, params, self.system_prompt, self.system_tokens,
                              self.config.share_system_prompt)
 
-    def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None) -> Request:
+    def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None, *,
+               on_chunk: OnChunk | None = None, on_done: OnDone | None = None) -> Request:
         """Queue a request; returns its handle at once. Thread-safe.
 
-        Raises PromptTooLong, QueueFull, EngineClosed, or ValueError for bad parameters.
+        `on_chunk(chunk)` for each Chunk and `on_done(request)` once at the end are called on a
+        callback thread (callbacks.py), never the engine's. Raises PromptTooLong, QueueFull,
+        EngineClosed, or ValueError for bad parameters (and then calls neither).
         """
         params = params or RequestParams()
         params.sampling.validate(self.vocab.n_tokens, self.vocab)  # parses a grammar too
@@ -141,6 +146,10 @@ class Engine:
             req = Request(self._next_id, tokens, params)
             self._next_id += 1
             req._wake_engine = self._wake
+            if on_chunk is not None or on_done is not None:
+                if self._callbacks is None:
+                    self._callbacks = CallbackRunner(self.config.callback_threads)
+                self._callbacks.attach(req, on_chunk, on_done)
             self._waiting.append(req)
             self._all.add(req)
             self._cond.notify()
@@ -209,6 +218,8 @@ class Engine:
         for r in list(self._all):
             r._finish(FinishReason.CANCELLED)
         self._calls.fail(EngineClosed("the engine is shutting down"))
+        if self._callbacks is not None:  # every request has ended: deliver their last callbacks
+            self._callbacks.close()
         if self.embedder is not None:
             self.embedder.close()
         self.batch.close()
@@ -491,9 +502,13 @@ class Engine:
                 gone = [r for r in self._waiting if r._cancel.is_set()]
                 self._waiting = keep
             for r in gone:
-                self.stats.n_requests_cancelled += 1
+                reason, error = r.cancel_reason
+                if reason == FinishReason.ERROR:
+                    self.stats.n_requests_failed += 1
+                else:
+                    self.stats.n_requests_cancelled += 1
                 self._all.discard(r)
-                r._finish(FinishReason.CANCELLED)
+                r._finish(reason, error)
         for s in self.slots:
             if s.req is not None and s.req._cancel.is_set():
-                self._release(s, FinishReason.CANCELLED)
+                self._release(s, *s.req.cancel_reason)

@@ -1,10 +1,14 @@
 """The handle of a submitted request: its output stream, its result and its cancellation.
 
 The engine thread writes a Request; any thread reads it, iterates its chunks or cancels it.
+Coroutines read it too (`async for chunk in request`, `await request.aresult()`) without a
+thread of their own: a reader waiting on an event loop leaves a one-shot waker, and the engine
+thread, after writing, hands it to that loop with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -45,6 +49,14 @@ class Request:
         self._done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_engine: Callable[[], None] | None = None  # set by the engine
+        # Who is told of new output: one-shot wakers of waiting coroutines (any output, or the
+        # end only) and a listener that stays (the callback runner). _lock orders a write and
+        # the wakers it takes against a reader that finds nothing and leaves a waker.
+        self._lock = threading.Lock()
+        self._wakers: list[Callable[[], None]] = []
+        self._done_wakers: list[Callable[[], None]] = []
+        self._listener: Callable[[], None] | None = None
+        self._failure: str | None = None  # set by fail(): the engine ends the request with it
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -64,6 +76,23 @@ class Request:
             self._stream.put(_END)
             return None
         return item
+
+    def __aiter__(self) -> "_AsyncChunks":
+        """`async for chunk in request` on any event loop. Cancelling the task that awaits
+        cancels the request (its slot is freed at the engine's next step)."""
+        return _AsyncChunks(self)
+
+    async def aresult(self) -> str:
+        """Await the end and return the whole text (the stream is left for others to read).
+        Cancelling the awaiting task cancels the request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._done.is_set():
+                    return self.text
+                fut = loop.create_future()
+                self._done_wakers.append(_waker(loop, fut))
+            await _await_or_cancel(self, fut)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -98,6 +127,19 @@ class Request:
         if self._wake_engine is not None:
             self._wake_engine()
 
+    def fail(self, error: str) -> None:
+        """End the request with FinishReason.ERROR and `error` (e.g. its callback raised):
+        as cancel(), but reported as a failure."""
+        self._failure = error
+        self.cancel()
+
+    @property
+    def cancel_reason(self) -> tuple[FinishReason, str | None]:
+        """How the engine ends a request whose cancel flag is set."""
+        if self._failure is not None:
+            return FinishReason.ERROR, self._failure
+        return FinishReason.CANCELLED, None
+
     # -- engine side ------------------------------------------------------------------------
 
     def _emit(self, text: str, tokens: list[int], probs: list[TokenProbs] | None = None) -> None:
@@ -106,7 +148,7 @@ class Request:
         if probs:
             self.probs.extend(probs)
         if text or tokens:
-            self._stream.put(Chunk(text, tokens, probs))
+            self._put(Chunk(text, tokens, probs))
 
     def _finish(self, reason: FinishReason, error: str | None = None) -> None:
         if self._done.is_set():
@@ -118,5 +160,70 @@ class Request:
             self.timings.prompt_done = self.timings.done
         if not self.timings.started:
             self.timings.started = self.timings.done
-        self._done.set()
-        self._stream.put(_END)
+        with self._lock:
+            self._done.set()
+            done, self._done_wakers = self._done_wakers, []
+        self._put(_END)
+        for wake in done:
+            wake()
+
+    def _put(self, item) -> None:
+        """Queue an item and wake whoever waits for one (outside the lock)."""
+        with self._lock:
+            self._stream.put(item)
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+        if self._listener is not None:
+            self._listener()
+
+
+class _AsyncChunks:
+    """The async iterator of a Request: takes what is queued, else awaits a waker."""
+
+    def __init__(self, req: Request):
+        self.req = req
+
+    def __aiter__(self) -> "_AsyncChunks":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        r = self.req
+        loop = asyncio.get_running_loop()
+        while True:
+            with r._lock:
+                try:
+                    item = r._stream.get_nowait()
+                except queue.Empty:
+                    fut = loop.create_future()
+                    r._wakers.append(_waker(loop, fut))
+                    item = None
+            if item is _END:
+                r._stream.put(_END)  # a second iteration ends at once too
+                raise StopAsyncIteration
+            if item is not None:
+                return item
+            await _await_or_cancel(r, fut)
+
+
+def _waker(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Callable[[], None]:
+    """A function for the engine thread that resolves `fut` on its own loop."""
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, fut)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+    return wake
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _await_or_cancel(req: Request, fut: asyncio.Future) -> None:
+    try:
+        await fut
+    except asyncio.CancelledError:
+        req.cancel()
+        raise

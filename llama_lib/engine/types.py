@@ -105,6 +105,9 @@ class EngineConfig:
     embd_normalize: int = DEFAULT_EMBD_NORMALIZE  # --embd-normalize
     embd_lanes: int = DEFAULT_EMBD_LANES  # inputs decoded at once (the embedding context's sequences)
     embd_batch: int = 0            # tokens per embedding decode; 0: DEFAULT_EMBD_BATCH (<= n_ubatch)
+    # Threads that run submit(on_chunk=, on_done=) callbacks (callbacks.py), started at the first
+    # such request: as many requests' callbacks can be slow at once before others wait.
+    callback_threads: int = 4
     context: ContextParams = field(default_factory=ContextParams)
 
     def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
