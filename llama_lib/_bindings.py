@@ -429,7 +429,7 @@ GGML_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "ggml_backend_reg_get_proc_address": (c_void_p, [ggml_backend_reg_t, c_char_p]),
 }
 
-# From libggml-base (ggml.h): thread pool parameters.
+# From libggml-base (ggml.h): thread pool parameters, tensor names.
 GGML_BASE_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "ggml_threadpool_params_default": (ggml_threadpool_params, [c_int]),
     "ggml_threadpool_params_init": (None, [POINTER(ggml_threadpool_params), c_int]),
@@ -437,6 +437,7 @@ GGML_BASE_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
         c_bool,
         [POINTER(ggml_threadpool_params), POINTER(ggml_threadpool_params)],
     ),
+    "ggml_get_name": (c_char_p, [c_void_p]),
 }
 
 # From the CPU backend (ggml-cpu.h). It is a plugin loaded at run time, so these are reached

@@ -58,6 +58,13 @@ class ContextParams:
     # sequence as pooling_type says (llama_pooling_type; -1: the model's default).
     embeddings: bool = False
     pooling_type: int = B.LLAMA_POOLING_TYPE_UNSPECIFIED
+    # An embeddings-only context (embeddings=True, pooling NONE): stop each decode's graph once
+    # the hidden states it extracts are computed, so the projection to the vocabulary, which
+    # llama.cpp runs for every output token even here (over half the work of the default model,
+    # 262,144 tokens by 640), never runs; the context's logits are then garbage. Done through the
+    # scheduler's eval callback, whose "stop" ends the graph cleanly: the decode succeeds and
+    # the hidden states are extracted as usual, bit for bit the same.
+    skip_output_layer: bool = False
     # A persistent ggml thread pool per context, as llama.cpp's own programs attach (common_init).
     # Without one, a libllama built without OpenMP (the prebuilt one) starts and joins its worker
     # threads inside every llama_decode, which costs latency and stalls under load. With OpenMP
@@ -66,6 +73,22 @@ class ContextParams:
     threadpool: bool | None = None
     poll: int = 50  # how long idle pool threads busy-wait for work, 0-100 (llama.cpp --poll)
     prio: int = B.GGML_SCHED_PRIO_NORMAL  # pool thread priority, -1..3 (llama.cpp --prio)
+
+
+# What llama.cpp names the hidden states an embeddings context extracts with pooling NONE: the
+# final norm's output (t_embd, "result_norm"), renamed by build_pooling in llama-graph.cpp.
+HIDDEN_STATES = b"result_embd_pooled"
+
+
+def _stop_at_hidden_callback():
+    """The eval callback of ContextParams.skip_output_layer: asked of every node whether it is
+    wanted, it wants only HIDDEN_STATES; told that one is computed, it answers "stop"."""
+    name_of = library().ggml.ggml_get_name
+
+    def cb(tensor, ask, _user):
+        return ask and name_of(tensor) == HIDDEN_STATES
+
+    return B.ggml_backend_sched_eval_callback(cb)
 
 
 class Memory:
@@ -138,6 +161,11 @@ class Context(OwnedPointer):
         cp.no_perf = p.no_perf
         cp.embeddings = p.embeddings
         cp.pooling_type = p.pooling_type
+        if p.skip_output_layer:
+            if not p.embeddings or p.pooling_type != B.LLAMA_POOLING_TYPE_NONE:
+                raise ValueError("skip_output_layer needs embeddings=True and pooling_type NONE")
+            self._stop_at_hidden = _stop_at_hidden_callback()  # kept alive with the context
+            cp.cb_eval = self._stop_at_hidden
         self._free = L.llama_free
         self._decode = L.llama_decode
         self._get_logits_ith = L.llama_get_logits_ith

@@ -55,20 +55,22 @@ def engine(model):
     e.close()
 
 
-def reference(model, tokens, pooling=B.LLAMA_POOLING_TYPE_MEAN, n_ubatch=1024) -> np.ndarray:
+def reference(model, tokens, pooling=B.LLAMA_POOLING_TYPE_MEAN, n_ubatch=1024, skip=False) -> np.ndarray:
     """llama.cpp's own pooling: one input alone, in a context that pools (llama_get_embeddings_seq),
     or per-token rows for pooling none. Flash attention off, as in the engine's embedding context
     (ggml's CPU flash attention accumulates in f16 below 32 rows: see docs/embeddings.md)."""
     ctx = Context(model, ContextParams(n_ctx=2048, n_batch=n_ubatch, n_ubatch=n_ubatch, n_seq_max=1,
                                        n_threads=THREADS, n_threads_batch=THREADS, embeddings=True,
-                                       pooling_type=pooling, flash_attn=B.LLAMA_FLASH_ATTN_TYPE_DISABLED))
+                                       pooling_type=pooling, flash_attn=B.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                       skip_output_layer=skip))
     b = Batch(len(tokens), 1)
     try:
         b.add_sequence(np.asarray(tokens, np.int32), 0, 0, logits_last=False)
         b.logits[:b.n_tokens] = 1
         assert ctx.decode(b.view()) == 0
         if pooling == B.LLAMA_POOLING_TYPE_NONE:
-            return np.stack([ctx.embeddings_ith(i).copy() for i in range(len(tokens))])
+            rows = np.stack([ctx.embeddings_ith(i).copy() for i in range(len(tokens))])
+            return rows, ctx.logits(len(tokens) - 1).copy()
         return ctx.embeddings_seq(0).copy()
     finally:
         b.close()
@@ -98,7 +100,17 @@ def test_batch_invariance_at_every_position(engine):
                "Hello", "The weather today is sunny."]
     for pos in range(5):
         batch = fillers[:pos] + [target] + fillers[pos:4]
-        assert cos(engine.embed(batch)[pos], alone) >= 0.9999, pos
+        assert np.array_equal(engine.embed(batch)[pos], alone), pos  # bit for bit
+
+
+def test_bit_identical_in_a_request_of_more_inputs_than_lanes(engine):
+    """More inputs than lanes and than one decode holds: each comes out as it does alone."""
+    words = "river mountain quiet engine library garden window market winter silver story".split()
+    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(3 + (i * 5) % 28)) + "."
+             for i in range(2 * len(engine.embedder.lanes) + 3)]
+    vecs = engine.embed(texts)
+    for i, t in enumerate(texts):
+        assert np.array_equal(vecs[i], engine.embed(t)), i
 
 
 def test_concurrent_requests_and_generation_do_not_change_vectors(engine):
@@ -136,6 +148,18 @@ def test_agrees_with_llama_cpp_pooling(engine, model):
         assert cos(engine.embed(t), ref) >= 0.999, t
 
 
+def test_skipping_the_output_layer_leaves_hidden_states_bit_identical(model):
+    """The embedding context stops each graph at the hidden states (no vocabulary projection)."""
+    t = toks(model, TEXTS[4])
+    plain, logits = reference(model, t, B.LLAMA_POOLING_TYPE_NONE)
+    skipped, no_logits = reference(model, t, B.LLAMA_POOLING_TYPE_NONE, skip=True)
+    assert plain.shape == skipped.shape == (len(t), model.n_embd_out)
+    assert np.array_equal(plain, skipped)
+    assert not np.array_equal(logits, no_logits)  # the projection did not run
+    with pytest.raises(ValueError, match="skip_output_layer"):
+        Context(model, ContextParams(n_ctx=256, embeddings=True, skip_output_layer=True))  # pools
+
+
 def test_long_input_split_across_decodes_agrees(engine, model):
     """An input longer than one embedding decode (128 tokens) goes in pieces; llama.cpp decodes
     it whole for the reference."""
@@ -150,7 +174,7 @@ def test_other_poolings_and_normalisations(model, engine):
     e = make_engine(model, pooling="none")
     try:
         rows = e.embed(TEXTS[2])
-        ref = reference(model, t, B.LLAMA_POOLING_TYPE_NONE)
+        ref, _ = reference(model, t, B.LLAMA_POOLING_TYPE_NONE)
         assert rows.shape == (len(t), model.n_embd_out)
         assert min(cos(a, b) for a, b in zip(rows, ref)) >= 0.999
         multi = e.embed(TEXTS[:2])  # pooling none: a list of per-token arrays

@@ -33,14 +33,17 @@ from .types import QueueFull, DEFAULT_EMBD_BATCH, DEFAULT_EMBD_LANES, DEFAULT_EM
 
 log = logging.getLogger("llama_lib.engine")
 
-# The CPU backend multiplies a batch's rows in groups (4 for repacked K-quants, 8 for the f16
-# attention products) and the rest one by one, and the paths round differently: a token's hidden
-# state would depend on where it sits in the batch (measured: cosine 0.99992 alone vs batched).
-# So every input piece starts at a multiple of ROW_ALIGN rows and is padded to one with tokens of
-# a scratch sequence. Flash attention is off in the embedding context: ggml's CPU kernel switches
-# from a per-row path (accumulating in f16) to a tiled f32 one at 32 rows, and its tiles follow
-# the batch (measured: cosine 0.99953). Alone or batched, the vectors come out bit-identical here.
-ROW_ALIGN = 8
+# An input's vector must not depend on its neighbours in a decode, and two things in the CPU
+# backend would make it: matrix products take a batch's rows in groups (4 for repacked K-quants)
+# and round the rest differently, and attention sums over the KV cells of a unified cache in
+# SIMD groups (8, two accumulators of them), so where an input's cells sit changes the order of
+# its sums (measured: cosine 0.99993 alone vs batched with 8-row alignment). A decode's tokens
+# take the cells from the cache's head in row order, so every input piece starts at a multiple
+# of ROW_ALIGN rows (and cells) and is padded to one with tokens of a scratch sequence. Flash
+# attention is off in the embedding context: ggml's CPU kernel switches from a per-row path
+# (accumulating in f16) to a tiled f32 one at 32 rows, and its tiles follow the batch (measured:
+# cosine 0.99953). Alone or batched, the vectors come out bit-identical.
+ROW_ALIGN = 16
 
 # --pooling names (llama.cpp's) and their llama_pooling_type. "rank" needs the model's
 # classification head inside the graph, which this engine does not run.
@@ -192,7 +195,8 @@ class Embedder:
         params = dataclasses.replace(
             base, n_ctx=max(n_ctx_input, self.n_batch) + self.n_batch, n_batch=self.n_batch,
             n_ubatch=self.n_batch, n_seq_max=n_lanes + 1, kv_unified=True, embeddings=True,
-            pooling_type=B.LLAMA_POOLING_TYPE_NONE, flash_attn=B.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            pooling_type=B.LLAMA_POOLING_TYPE_NONE, flash_attn=B.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            skip_output_layer=True)
         self.pad_seq = n_lanes  # the scratch sequence of the padding rows
         self.ctx = Context(model, params, threadpool_of=threadpool_of)
         self.n_ctx = self.ctx.n_ctx
@@ -325,8 +329,11 @@ class Embedder:
                 self._active.append(lane)
 
     def _fill_batch(self) -> None:
-        """Pieces of the active inputs, first admitted first, each aligned (see ROW_ALIGN); a
-        piece that does not end its input is a multiple of ROW_ALIGN long."""
+        """Pieces of the active inputs, first admitted first, each aligned (see ROW_ALIGN). An
+        input that fits in one decode goes whole or waits for the next one: split, its second
+        piece would attend to cells wherever the first landed, and its vector would depend on
+        its neighbours. A longer input goes in pieces, each but the last a multiple of
+        ROW_ALIGN long."""
         batch = self.batch
         batch.clear()
         budget = self.n_batch
@@ -334,7 +341,8 @@ class Embedder:
         for lane in self._active:
             lane.span = (0, 0)
             left = len(lane.tokens) - lane.pos
-            n = left if _aligned(left) <= budget else budget - budget % ROW_ALIGN
+            whole = _aligned(len(lane.tokens)) <= self.n_batch
+            n = left if _aligned(left) <= budget else 0 if whole else budget - budget % ROW_ALIGN
             if n <= 0 or (not self.causal and n < left):
                 continue
             start = batch.n_tokens
