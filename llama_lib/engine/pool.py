@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Sequence
 
@@ -135,6 +136,7 @@ class EnginePool:
         self.n_ctx_slot = min(e.n_ctx_slot for e in self.engines)
         self.stats = PoolStats(self.engines)
         self.min_prefix = min_prefix
+        _warn_oversubscribed(self.engines)
         self._lock = threading.Lock()
         self._pending = [0] * len(self.engines)  # submits chosen but not yet queued, per engine
         self.n_dispatched_cache = 0  # requests sent where a slot held their prefix
@@ -277,6 +279,19 @@ class EnginePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _warn_oversubscribed(engines: Sequence[Engine]) -> None:
+    """Pool threads poll (busy-wait) for work after each graph: with more threads than CPUs in
+    all, an engine's polling threads take the CPUs another engine is computing on (seen here: two
+    2-thread contexts on 2 cores, 52 ms a step instead of 25 with poll 0)."""
+    n_cpus = len(os.sched_getaffinity(0))
+    polling = [e for e in engines if e.ctx.threadpool_attached and e.ctx.params.poll > 0]
+    n_threads = sum(max(e.ctx.params.n_threads, e.ctx.params.n_threads_batch) for e in polling)
+    if len(polling) > 1 and n_threads > n_cpus:
+        log.warning("%d engines run %d polling pool threads on %d CPUs: they will spin on each "
+                    "other's CPUs; give each engine fewer threads (-t) or poll 0 (--poll 0)",
+                    len(polling), n_threads, n_cpus)
 
 
 def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
