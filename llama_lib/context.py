@@ -171,7 +171,8 @@ class Context(OwnedPointer):
                 f"flash_attn={p.flash_attn}; max parallel sequences is "
                 f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
             )
-        pinned = any(p.cpu_sets()[::2])
+        cpus, _, cpus_batch, _ = p.cpu_sets()
+        pinned = bool(cpus or cpus_batch)
         want_pool = (not library().build_info.openmp or pinned) if p.threadpool is None else p.threadpool
         if threadpool_of is not None:
             if threadpool_of._attached is not None:
