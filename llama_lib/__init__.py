@@ -22,11 +22,11 @@ __all__ = [
 ]
 
 from .engine import (  # noqa: E402
-    Chunk, Engine, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong,
+    Chunk, Engine, EngineClosed, EngineConfig, EnginePool, EngineStats, FinishReason, PromptTooLong,
     QueueFull, Request, RequestParams, Timings,
 )
 
 __all__ += [
-    "Chunk", "Engine", "EngineClosed", "EngineConfig", "EngineStats", "FinishReason",
+    "Chunk", "Engine", "EngineClosed", "EngineConfig", "EnginePool", "EngineStats", "FinishReason",
     "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings",
 ]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _bindings as B
+from . import cpuset
 from ._resource import OwnedPointer
 from .loader import lib, library
 from .model import Model
@@ -73,6 +75,21 @@ class ContextParams:
     threadpool: bool | None = None
     poll: int = 50  # how long idle pool threads busy-wait for work, 0-100 (llama.cpp --poll)
     prio: int = B.GGML_SCHED_PRIO_NORMAL  # pool thread priority, -1..3 (llama.cpp --prio)
+    # CPUs the context's threads run on (llama.cpp's -C/-Cr/--cpu-strict for generation,
+    # -Cb/-Crb/--cpu-strict-batch for prompt batches; llama_lib.cpuset); () = any CPU. ggml
+    # applies a set through a thread pool only (its own pool threads, or with OpenMP each thread
+    # of the team at every graph), so a set makes threadpool=None attach a pool on either build,
+    # and threadpool=False with a set is refused. strict: one CPU per thread, in turn.
+    cpumask: tuple[int, ...] = ()
+    strict_cpu: bool = False
+    cpumask_batch: tuple[int, ...] | None = None  # None: the same as cpumask
+    strict_cpu_batch: bool | None = None          # None: the same as strict_cpu
+
+    def cpu_sets(self) -> tuple[tuple[int, ...], bool, tuple[int, ...], bool]:
+        """(cpus, strict, batch cpus, batch strict) with the batch defaults resolved."""
+        batch = self.cpumask if self.cpumask_batch is None else self.cpumask_batch
+        strict_b = self.strict_cpu if self.strict_cpu_batch is None else self.strict_cpu_batch
+        return tuple(self.cpumask), self.strict_cpu, tuple(batch), strict_b
 
 
 # What llama.cpp names the hidden states an embeddings context extracts with pooling NONE: the
@@ -133,6 +150,10 @@ class Context(OwnedPointer):
 
     _threadpools: tuple[int, ...] = ()  # the pools this context owns (freed in close())
     _attached: tuple[int, int | None] | None = None  # (pool, batch pool) it runs on
+    # CPUs the thread calling llama_decode is pinned to (ggml's pool thread 0; () = not pinned)
+    # and the thread last pinned, so a decode from a new thread pins that one first.
+    pin_cpus: tuple[int, ...] = ()
+    _pinned_thread: int | None = None
 
     def __init__(self, model: Model, params: ContextParams | None = None, *,
                  threadpool_of: "Context | None" = None, **overrides):
@@ -178,11 +199,18 @@ class Context(OwnedPointer):
                 f"flash_attn={p.flash_attn}; max parallel sequences is "
                 f"{L.llama_max_parallel_sequences()}); see the llama_lib.cpp log"
             )
-        want_pool = (not library().build_info.openmp) if p.threadpool is None else p.threadpool
+        cpus, _, cpus_batch, _ = p.cpu_sets()
+        pinned = bool(cpus or cpus_batch)
+        want_pool = (not library().build_info.openmp or pinned) if p.threadpool is None else p.threadpool
         if threadpool_of is not None:
             if threadpool_of._attached is not None:
                 self._attached = threadpool_of._attached
+                self.pin_cpus = threadpool_of.pin_cpus
                 L.llama_attach_threadpool(self.ptr, *self._attached)
+        elif pinned and not want_pool:
+            self.close()
+            raise ValueError("a CPU set (cpumask) is applied through a ggml thread pool; "
+                             "threadpool=False would ignore it")
         elif want_pool:
             try:
                 self._attach_threadpools(p)
@@ -211,19 +239,47 @@ class Context(OwnedPointer):
         libr = library()
         new = libr.cpu_function("ggml_threadpool_new")
         self._free_threadpool = libr.cpu_function("ggml_threadpool_free")
+        cpus, strict, cpus_b, strict_b = p.cpu_sets()
         if new is None or self._free_threadpool is None:
+            if cpus or cpus_b:
+                raise ContextError("the CPU backend exports no thread pool functions: "
+                                   "a CPU set cannot be applied")
             log.warning("the CPU backend exports no thread pool functions; ggml will start "
                         "threads inside every decode")
             return
         g = libr.ggml
+        cpus = cpuset.available(cpus, "CPU set") if cpus else ()
+        cpus_b = cpuset.available(cpus_b, "batch CPU set") if cpus_b else ()
 
-        def pool_params(n_threads: int) -> B.ggml_threadpool_params:
+        def pool_params(n_threads: int, cpus: tuple[int, ...], strict: bool) -> B.ggml_threadpool_params:
             tpp = g.ggml_threadpool_params_default(n_threads)
             tpp.poll = p.poll
             tpp.prio = p.prio
+            if cpus:
+                cpuset.fill_mask(tpp.cpumask, cpus)
+                tpp.strict_cpu = strict
+                if len(cpus) < n_threads:  # llama.cpp's postprocess_cpu_params warns the same
+                    log.warning("%d threads on %d CPUs (%s): threads will share CPUs",
+                                n_threads, len(cpus), cpuset.format_cpus(cpus))
             return tpp
 
-        tpp, tpp_batch = pool_params(p.n_threads), pool_params(p.n_threads_batch)
+        tpp = pool_params(p.n_threads, cpus, strict)
+        tpp_batch = pool_params(p.n_threads_batch, cpus_b, strict_b)
+        openmp = libr.build_info.openmp
+        self.pin_cpus = cpuset.union(cpuset.first_worker_cpus(cpus, strict, p.n_threads, openmp),
+                                     cpuset.first_worker_cpus(cpus_b, strict_b, p.n_threads_batch, openmp))
+        # ggml pins the creating thread as pool thread 0; the context is created on one thread
+        # and decoded on another (the engine's), so give the creator its CPUs back afterwards.
+        creator_cpus = os.sched_getaffinity(0) if self.pin_cpus else None
+        try:
+            self._new_pools(new, tpp, tpp_batch, p)
+        finally:
+            if creator_cpus is not None:
+                os.sched_setaffinity(0, creator_cpus)
+
+    def _new_pools(self, new, tpp: B.ggml_threadpool_params, tpp_batch: B.ggml_threadpool_params,
+                   p: ContextParams) -> None:
+        g = library().ggml
         batch_pool = None
         if not g.ggml_threadpool_params_match(ctypes.byref(tpp), ctypes.byref(tpp_batch)):
             batch_pool = new(ctypes.byref(tpp_batch))
@@ -237,6 +293,12 @@ class Context(OwnedPointer):
         self._threadpools += (pool,)
         self._attached = (pool, batch_pool)
         lib().llama_attach_threadpool(self.ptr, pool, batch_pool)
+
+    def pin_calling_thread(self) -> None:
+        """Pin the calling thread to pool thread 0's CPUs: it computes its share of every graph
+        (ggml pins it only when it resumes a paused pool, or with OpenMP at n_threads > 1)."""
+        os.sched_setaffinity(0, self.pin_cpus)
+        self._pinned_thread = threading.get_ident()
 
     @property
     def threadpool_attached(self) -> bool:
@@ -256,6 +318,8 @@ class Context(OwnedPointer):
         if batch.n_tokens > self.n_batch:  # llama_decode GGML_ASSERTs on this: it would abort()
             raise ValueError(f"a batch of {batch.n_tokens} tokens exceeds n_batch={self.n_batch}; "
                              "split it into chunks of at most n_batch tokens")
+        if self.pin_cpus and self._pinned_thread != threading.get_ident():
+            self.pin_calling_thread()
         t0 = time.perf_counter()
         ret = self._decode(self.ptr, batch)
         self.t_decode += time.perf_counter() - t0

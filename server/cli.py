@@ -19,6 +19,7 @@ from llama_lib import _bindings as B
 from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
 from llama_lib.sampler import SAMPLING_RANGES
 
+from .cli_engines import add_engine_flags, check_engine_flags
 from .drain import add_drain_flags, check_drain_flags
 from .errors import ApiError
 from .structured import get_grammar
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill-chunk", type=int, default=None, metavar="N",
       help="most prompt tokens decoded per step beside the generating slots, so a long prompt "
            "does not stall the streams (default: --ubatch-size; 0: a whole prompt at once)")
-    a("-t", "--threads", type=int, default=None, metavar="N", help="threads for generation (default: all cores)")
+    a("-t", "--threads", type=int, default=None, metavar="N",
+      help="threads for generation, per context (default: all cores; with --engines, a share)")
     a("-tb", "--threads-batch", type=int, default=None, metavar="N", help="threads for prompt processing (default: --threads)")
     a("--prio", type=int, default=0, metavar="N",
       help="thread priority: low(-1), normal(0), medium(1), high(2), realtime(3) (default: 0)")
@@ -311,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"normalisation for embeddings (default: {DEFAULT_EMBD_NORMALIZE}) (-1=none, 0=max absolute "
            "int16, 1=taxicab, 2=euclidean, >2=p-norm)")
 
+    add_engine_flags(p)  # --engines, -C/-Cr/--cpu-strict and their -batch forms
     add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
@@ -348,6 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pooling == "rank":
         p.error("--pooling rank: reranking is not supported by this server")
     check_drain_flags(p, args)
+    check_engine_flags(p, args)
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
     for name in ("threads", "threads_batch"):

@@ -28,6 +28,7 @@ def props(svc: Service) -> dict:
     return {
         "default_generation_settings": {"params": settings, "n_ctx": svc.n_ctx_slot},
         "total_slots": s.engine.n_parallel,
+        "n_engines": s.n_engines,  # our addition: contexts over the model (--engines)
         "model_alias": svc.model_name,
         "model_ftype": model_ftype(m),
         "model_path": s.model_path,
@@ -73,6 +74,8 @@ def slots(svc: Service) -> list[dict]:
             # our addition: the slot's largest KV position when it was last released
             # (n_system_tokens - 1 when it holds only the system prompt; -1 when empty)
             "kv_pos_max": info["kv_pos_max"],
+            # our addition: the context (--engines) the slot belongs to; ids run across them
+            "engine": info.get("engine", 0),
             "next_token": [{
                 "has_next_token": busy,
                 "has_new_line": False,
@@ -173,4 +176,4 @@ def kv_cells_used(e) -> int:
     n_sys = len(e.system_tokens) if e.config.share_system_prompt else 0
     own = sum(i["n_past"] - (i["n_system_tokens"] if e.config.kv_unified else 0)
               for i in e.slots_info())
-    return n_sys + own
+    return n_sys * len(getattr(e, "engines", (e,))) + own  # every engine holds its own copy

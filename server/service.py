@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from llama_lib import (
-    Engine, EngineClosed, FinishReason, Model, PromptTooLong, QueueFull,
+    Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull,
     SamplingParams, apply_chat_template,
 )
 
@@ -77,7 +77,7 @@ class Service:
         self.draining = False  # SIGTERM came: /health says so, the agent port says `drain`
         self.refusing = False  # later in the drain: new requests get 503 (server.drain)
         self.model: Model | None = None
-        self.engine: Engine | None = None
+        self.engine: Engine | EnginePool | None = None  # an EnginePool with --engines > 1
         if s.alias and not s.aliases:  # built in code with alias= only
             s.aliases = [s.alias]
         self.model_name = s.alias or os.path.basename(s.model_path)
@@ -110,13 +110,17 @@ class Service:
         # -kvu: one buffer of N cells any slot may fill (the system prompt's cells are shared,
         # not copied), as llama-server's --kv-unified; the cache can then run out mid-generation.
         n_ctx = max(64, total) if s.engine.kv_unified else per_slot * (n_parallel + 1)
-        self.engine = Engine(model, dataclasses.replace(s.engine, n_ctx=n_ctx))
+        config = dataclasses.replace(s.engine, n_ctx=n_ctx)
+        # --engines K: K contexts over this one model; slots keep the size they have with one
+        # (each engine adds its own sequence 0 for the system prompt), see split_config
+        self.engine = Engine(model, config) if s.n_engines == 1 else EnginePool.split(model, config, s.n_engines)
         self.defaults.n_vocab = model.vocab.n_tokens
         model.vocab.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
         self.engine.start()
-        log.info("model %s loaded in %.2f s: %d slots of %d tokens, chat template: %s",
+        log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
+                 s.n_engines,
                  {"model": "the model's", "fallback": "none, using the 'User: / Assistant:' transcript"}.get(
                      self.template_source, self.template))
         self.ready = True

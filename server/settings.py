@@ -27,6 +27,9 @@ class Settings:
     # the engine's slots, batches, threads, KV cache, system prompt, queue; its n_ctx is
     # worked out from ctx_size at load
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # --engines: contexts over the one model (an EnginePool when > 1); engine.n_parallel and
+    # ctx_size are totals over them
+    n_engines: int = 1
     reverse_prompts: list[str] = field(default_factory=list)
     # request defaults (-n, --temp, --top-k, ..., --no-cache-prompt); a request's own fields
     # override them
@@ -73,7 +76,10 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio, threadpool=args.threadpool,
             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
             warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity,
-            embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize),
+            embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize,
+            cpumask=args.cpus, strict_cpu=args.cpu_strict, cpumask_batch=args.cpus_batch,
+            strict_cpu_batch=args.cpu_strict_batch),
+        n_engines=args.engines,
         reverse_prompts=list(args.reverse_prompt),
         defaults=Defaults(
             n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,

@@ -8,7 +8,8 @@ One job per module, each importing only those listed before it:
 - `slot`: a slot and its phase (idle / prefill / generate), and how slots fill a batch;
 - `prompt_cache`: slot choice, prompt reuse, what a finished request leaves, eviction;
 - `system_prompt`: the shared system prompt in sequence 0, the warm-up decode;
-- `core`: `Engine`, its public API and `step()`.
+- `core`: `Engine`, its public API and `step()`;
+- `pool`: `EnginePool`, several engines (contexts) over one model, and its dispatcher.
 
 Everything public is re-exported here, so `from llama_lib.engine import Engine` keeps working.
 """
@@ -19,6 +20,7 @@ from ..model import Model
 from ..sampler import Sampler, SamplingParams
 from .core import Engine
 from .output import StopMatcher, token_probs
+from .pool import EnginePool, split_config
 from .prompt_cache import PromptCache, common_prefix
 from .request import Request
 from .slot import Slot, SlotPhase
@@ -33,9 +35,9 @@ _Slot = Slot
 _common_prefix = common_prefix
 
 __all__ = [
-    "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EngineConfig", "EngineStats", "FinishReason",
+    "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EnginePool", "EngineConfig", "EngineStats", "FinishReason",
     "PromptCache", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
-    "StopMatcher", "Timings", "TokenProbs", "common_prefix", "token_probs",
+    "StopMatcher", "Timings", "TokenProbs", "common_prefix", "split_config", "token_probs",
     # imported by the single-module engine, still reachable as llama_lib.engine.X
     "Batch", "Context", "ContextParams", "DECODE_NO_KV_SLOT", "Model", "Sampler", "SamplingParams",
 ]

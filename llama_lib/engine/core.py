@@ -71,6 +71,7 @@ class Engine:
         self.n_ctx_slot = self.ctx.n_ctx_seq
         self.n_batch = self.ctx.n_batch
         self.slots = [Slot(i) for i in range(cfg.n_parallel)]
+        self.slot_id_base = 0  # added to the slot id a Request reports (an EnginePool numbers its slots)
         self.cache = PromptCache(
             self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
             n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
@@ -388,7 +389,7 @@ class Engine:
     def _start(self, s: Slot, r: Request) -> None:
         """Put a request in its reserved slot, reusing what the slot's cache shares."""
         n_keep = self.cache.claim(s, r)
-        r.slot_id = s.id
+        r.slot_id = s.id + self.slot_id_base
         r.n_cached_tokens = s.n_prefix + n_keep
         r.n_prompt_tokens = len(r.prompt_tokens) - n_keep
         self.stats.n_prompt_tokens_cached += n_keep
