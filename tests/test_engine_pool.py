@@ -90,6 +90,22 @@ def test_same_greedy_outputs_as_one_engine(pool, reference):
     assert pool.stats.n_generated_tokens == sum(e.stats.n_generated_tokens for e in pool.engines)
 
 
+def test_asyncio_and_callbacks_through_the_pool(pool, reference):
+    import asyncio
+    import threading
+
+    hs = [pool.submit(p, greedy()) for p in PROMPTS]
+
+    async def both():
+        return await asyncio.gather(*(h.aresult() for h in hs))
+    got_texts = asyncio.run(both())
+    assert all(h.done for h in hs) and got_texts == [h.text for h in hs] and all(got_texts)
+    done, got = threading.Event(), []
+    r = pool.submit(PROMPTS[0], greedy(), on_chunk=lambda c: got.append(c.text),
+                    on_done=lambda r: done.set())
+    assert done.wait(60) and got and "".join(got) == r.text
+
+
 def test_model_loaded_once(pool, model, reference):
     _, one_context_kb = reference
     assert all(e.model is model for e in pool.engines)

@@ -3,11 +3,16 @@
 One job per module, each importing only those listed before it:
 
 - `types`: configuration, request parameters, output chunks, timings, statistics, errors;
-- `request`: the handle of a submitted request (its stream, result, cancellation);
+- `request`: the handle of a submitted request (its stream, result, cancellation; asyncio reads);
+- `callbacks`: on_chunk / on_done callbacks of a request, on callback threads;
 - `output`: stop strings, whole UTF-8 characters, token probabilities;
 - `slot`: a slot and its phase (idle / prefill / generate), and how slots fill a batch;
 - `prompt_cache`: slot choice, prompt reuse, what a finished request leaves, eviction;
+- `waiting`: the queue of requests waiting for a slot;
 - `system_prompt`: the shared system prompt in sequence 0, the warm-up decode;
+- `calls`: functions other threads hand to the engine thread;
+- `embedding`: the embedding lanes in a context of their own;
+- `decode`: the decode phase of a step (chunks, the halving retry, sampling);
 - `core`: `Engine`, its public API and `step()`;
 - `pool`: `EnginePool`, several engines (contexts) over one model, and its dispatcher.
 

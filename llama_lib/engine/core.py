@@ -25,7 +25,6 @@ llama_context.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
@@ -35,17 +34,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..batch import Batch
-from ..context import DECODE_NO_KV_SLOT, Context
+from ..context import Context
 from ..model import Model
 from ..sampler import Sampler
 from .callbacks import CallbackRunner, OnChunk, OnDone
 from .calls import CallQueue
+from .decode import decode_and_sample
 from .embedding import Embedder, EmbeddingRequest
-from .output import StopMatcher, take_token
+from .output import StopMatcher
 from .prompt_cache import PromptCache
 from .request import Request
-from .slot import GENERATE, PREFILL, Slot, batch_generated, batch_prompts
+from .slot import Slot, batch_generated, batch_prompts
 from .system_prompt import decode_system_prompt, prompt_tokens, warmup
+from .waiting import WaitingQueue
 from .types import (
     EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull, RequestParams,
 )
@@ -78,7 +79,7 @@ class Engine:
             share_system_prompt=cfg.share_system_prompt)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting = WaitingQueue()  # guarded by _lock
         self._lock = threading.Lock()
         try:  # the embedding lanes' own context, on this context's thread pool
             self.embedder = Embedder.for_engine(model, cfg, self.ctx, self.n_ctx_slot, self._lock)
@@ -324,7 +325,7 @@ class Engine:
         st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
         did = self.batch.n_tokens > 0
         if did:
-            self._decode_and_sample()
+            decode_and_sample(self)
         t_done = time.perf_counter()
         st.t_decode_sample += t_done - t_batched
         if self.embedder is not None and self.embedder.has_work():  # the embed phase
@@ -357,34 +358,13 @@ class Engine:
         if not free:
             return
         with self._lock:
-            chosen = self._take_waiting(free)
+            chosen = self._waiting.take(free, self.slots, self.cache.choose)
         for s, r in chosen:
             try:
                 self._start(s, r)
             except Exception as e:
                 log.exception("request %d could not start", r.id)
                 self._release(s, FinishReason.ERROR, f"internal error: {e}")
-
-    def _take_waiting(self, free: list[Slot]) -> list[tuple[Slot, Request]]:
-        """Pair waiting requests with free slots, reserving each slot (call with the lock)."""
-        chosen = []
-        deferred = collections.deque()
-        while self._waiting and free:
-            r = self._waiting.popleft()
-            want = r.params.slot
-            if want is None:
-                slot = self.cache.choose(r, free)
-            elif self.slots[want].req is None:
-                slot = self.slots[want]
-            else:
-                deferred.append(r)  # its slot is busy: it keeps its place in the queue
-                continue
-            free.remove(slot)
-            slot.req = r
-            chosen.append((slot, r))
-        deferred.extend(self._waiting)
-        self._waiting = deferred
-        return chosen
 
     def _start(self, s: Slot, r: Request) -> None:
         """Put a request in its reserved slot, reusing what the slot's cache shares."""
@@ -399,68 +379,6 @@ class Engine:
             sampling = dataclasses.replace(sampling, repeat_last_n=self.n_ctx_slot)
         s.begin(r, s.n_prefix + n_keep, n_keep, Sampler(sampling, self.vocab.n_tokens, self.vocab),
                 StopMatcher(r.params.stop))
-
-    def _decode_and_sample(self) -> None:
-        """Decode the batch in chunks of n_batch, halving on a full KV cache; sample as we go."""
-        batch, ctx, st = self.batch, self.ctx, self.stats
-        n_batch = self.n_batch
-        i = 0
-        while i < batch.n_tokens:
-            n = min(n_batch, batch.n_tokens - i)
-            ret = ctx.decode(batch.view(i, n))
-            if ret == DECODE_NO_KV_SLOT:
-                st.n_cache_misses += 1
-                if self.cache.evict():
-                    continue
-                if n > 1:
-                    n_batch = max(1, n // 2)
-                    log.warning("no KV room for %d tokens, retrying with n_batch = %d", n, n_batch)
-                    continue
-                self._fail_token_owner(i)
-                continue
-            self._sample_range(i, i + n)
-            i += n
-            n_batch = self.n_batch
-
-    def _fail_token_owner(self, i: int) -> None:
-        """Not even one token fits: fail the request that owns batch row i and drop its rows."""
-        batch = self.batch
-        seq = int(batch.seq_id[i, 0])
-        slot = self.slots[seq - 1]
-        log.error("KV cache full: request %s in slot %d fails (raise -c/--ctx-size)",
-                  slot.req.id if slot.req else "?", slot.id)
-        self._release(slot, FinishReason.ERROR,
-                      "the KV cache is full: no room to continue this request (context size too small)")
-        # Remove that sequence's remaining rows and re-point the other slots' logits rows.
-        new_index = batch.remove_sequence(seq, i)
-        for s in self.slots:
-            if s.i_batch >= i:
-                s.i_batch = int(new_index[s.i_batch])
-
-    def _sample_range(self, lo: int, hi: int) -> None:
-        """Sample for every slot whose logits row is in [lo, hi) of the batch just decoded."""
-        st = self.stats
-        vocab = self.vocab
-        for s in self.slots:
-            ib = s.i_batch
-            if ib < lo or ib >= hi or s.req is None:
-                continue
-            s.i_batch = -1
-            r = s.req
-            t0 = time.perf_counter()
-            tok = s.sampler.sample(self.ctx, ib - lo)
-            now = time.perf_counter()
-            st.t_sample += now - t0
-            st.n_generated_tokens += 1
-            if s.phase is PREFILL:
-                r.timings.prompt_done = now
-                s.phase = GENERATE
-            s.sampled = tok
-            reason = take_token(r, s.matcher, tok, vocab, self.ctx, ib - lo, st)
-            if reason is None and s.n_past >= self.n_ctx_slot:  # no position left for the next token
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                self._release(s, reason)
 
     def _release(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:
         """Finish the slot's request. A finished request's tokens stay in the slot's KV as a
@@ -499,9 +417,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         if self._waiting:
             with self._lock:
-                keep = collections.deque(r for r in self._waiting if not r._cancel.is_set())
-                gone = [r for r in self._waiting if r._cancel.is_set()]
-                self._waiting = keep
+                gone = self._waiting.pop_cancelled()
             for r in gone:
                 reason, error = r.cancel_reason
                 if reason == FinishReason.ERROR:

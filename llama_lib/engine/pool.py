@@ -31,6 +31,7 @@ import numpy as np
 
 from ..cpuset import available, split_cpus
 from ..model import Model
+from .callbacks import OnChunk, OnDone
 from .core import Engine
 from .embedding import EmbeddingRequest
 from .prompt_cache import common_prefix
@@ -185,14 +186,16 @@ class EnginePool:
 
     # -- requests (any thread) --------------------------------------------------------------
 
-    def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None) -> Request:
+    def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None, *,
+               on_chunk: OnChunk | None = None, on_done: OnDone | None = None) -> Request:
         """Queue a request on the engine the dispatcher picks; returns its handle at once.
-        Thread-safe. Raises what Engine.submit raises."""
+        Thread-safe. Callbacks and raised errors as Engine.submit."""
         params = params or RequestParams()
+        callbacks = dict(on_chunk=on_chunk, on_done=on_done)
         if params.slot is not None:
             i = self.engine_of(params.slot)
             local = dataclasses.replace(params, slot=params.slot - self.engines[i].slot_id_base)
-            return self.engines[i].submit(prompt, local)
+            return self.engines[i].submit(prompt, local, **callbacks)
         first = self.engines[0]
         tokens = first.tokenize_prompt(prompt, params)
         with self._lock:
@@ -203,7 +206,7 @@ class EnginePool:
             # prompt in front of them again.
             unshared = params.use_system_prompt and not first.config.share_system_prompt \
                 and len(first.system_tokens)
-            return self.engines[i].submit(prompt if unshared else tokens, params)
+            return self.engines[i].submit(prompt if unshared else tokens, params, **callbacks)
         finally:
             with self._lock:
                 self._pending[i] -= 1
