@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Embeddings: `python -m server --embedding` against llama-server with the same flags and build.
 
-    python bench/embeddings_vs_cpp.py                       # native build, 2 rounds
+    python bench/embeddings_vs_cpp.py                       # native build, 3 rounds
     python bench/embeddings_vs_cpp.py --build prebuilt --rounds 3 --inputs 1,8,64 --clients 1,8
 
 Both servers run side by side on one libllama build (bench/_builds.py) with
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per client (default: enough for about 64 inputs per client)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-np", dest="np", type=int, default=8)
     ap.add_argument("-c", dest="ctx", type=int, default=8192)
     ap.add_argument("-t", dest="threads", type=int, default=os.cpu_count() or 2)
