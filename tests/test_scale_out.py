@@ -85,7 +85,8 @@ def stream(url: str, body: dict, headers: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory):
     base = tmp_path_factory.mktemp("solo")
-    one = start(["-np", "2", "--drain-delay", "1.5", "--drain-timeout", "6"], base / "solo.log")
+    # -c: room for the long stream below to outlive --drain-timeout on a fast machine
+    one = start(["-np", "2", "-c", "8192", "--drain-delay", "1.5", "--drain-timeout", "6"], base / "solo.log")
     two = start(["-np", "1", "--drain-delay", "60"], base / "twice.log")
     try:
         for s, _, _ in (one, two):
@@ -117,7 +118,7 @@ def test_drain_on_sigterm(solo):
     body = {"prompt": PROMPT, "temperature": 0, "ignore_eos": True}
     short, long = {}, {}
     ts = [threading.Thread(target=lambda: short.update(stream(s.url, {**body, "n_predict": 16}))),
-          threading.Thread(target=lambda: long.update(stream(s.url, {**body, "n_predict": 900})))]
+          threading.Thread(target=lambda: long.update(stream(s.url, {**body, "n_predict": 3000})))]
     for t in ts:
         t.start()
     deadline = time.monotonic() + 60
