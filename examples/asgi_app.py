@@ -11,7 +11,8 @@ HTTP request is a coroutine that submits to the engine and reads its output with
 the event loop. When a client goes away, Starlette cancels the streaming task; the cancellation
 reaches the engine request, whose slot is free at the next step.
 
-POST /generate {"prompt": str, "n_predict": int, "temperature": float, "stream": bool}
+POST /generate {"prompt": str, "n_predict": int, "temperature": float, "ignore_eos": bool,
+                "stream": bool}
   stream: text/event-stream of `data: {"text": ...}` events, then
           `data: {"done": true, "finish_reason": ..., "n_generated": ...}`
   else:   {"text", "finish_reason", "n_generated"}
@@ -56,6 +57,7 @@ def make_app(model_path: str | None, config: EngineConfig) -> Starlette:
             body = await http.json()
             prompt = body["prompt"]
             params = RequestParams(n_predict=int(body.get("n_predict", 64)),
+                                   ignore_eos=bool(body.get("ignore_eos", False)),
                                    sampling=SamplingParams(temperature=float(body.get("temperature", 0.8))))
             if not isinstance(prompt, str):
                 raise ValueError("prompt must be a string")
