@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     check_chat_template(args)
-    if args.jinja:
-        log.info("--jinja: Jinja is not executed here; chats are rendered with llama.cpp's "
-                 "built-in templates (llama_chat_apply_template)")
     if args.cache_reuse:
         log.info("--cache-reuse %d: accepted but not used (no KV shifting to reuse chunks)", args.cache_reuse)
     if args.keep:

@@ -1,4 +1,4 @@
-"""Chat messages to a prompt: llama.cpp's templates, or a plain transcript for models without one.
+"""Chat messages to a prompt with the server's template (server/templates.py).
 
 Follows llama-server's prefill rules: a final assistant message is continued (no generation
 prompt after it); two assistant messages at the end, or both `add_generation_prompt` and
@@ -8,17 +8,16 @@ prompt after it); two assistant messages at the end, or both `add_generation_pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from llama_lib import apply_chat_template
-
-from .errors import ApiError, bad_request
+from .errors import bad_request
 from .fields import check_object, get_bool
+from .templates import TranscriptTemplate
 
-FALLBACK_TEMPLATE = "transcript"
-FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-# The fallback's stops: the earliest match wins, so "\nUser:" cuts the newline before the turn.
-FALLBACK_STOPS = ["\nUser:", "User:"]
+# A message's fields other than role and content that templates read (tool calls, their ids,
+# reasoning), passed on as sent.
+PASSED_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
+FALLBACK_TEMPLATE = TranscriptTemplate()  # what a server without a chat template uses
 
 
 def _content_text(content: Any, i: int) -> str:
@@ -49,28 +48,39 @@ def parse_messages(body: dict) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise bad_request(f"messages[{i}].role must be a string")
-        out.append({"role": role, "content": _content_text(m.get("content"), i)})
+        msg = {"role": role, "content": _content_text(m.get("content"), i)}
+        msg.update((k, m[k]) for k in PASSED_FIELDS if m.get(k) is not None)
+        out.append(msg)
     return out
 
 
-def format_transcript(messages: Sequence[dict], add_assistant: bool = True) -> str:
-    """The fallback for models without a chat template (the default Gemma 3 270M base model):
-    a plain transcript in llama.cpp's parallel-example style, ending with "Assistant:"."""
-    lines = [f"{FALLBACK_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages]
-    if add_assistant:
-        lines.append("Assistant:")
-    return "\n".join(lines)
+def _tools(body: dict) -> list | None:
+    """OpenAI's `tools`, each checked enough to render (400 naming the bad field)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("tools must be an array")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise bad_request(f"tools[{i}] must be an object with type \"function\"")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise bad_request(f"tools[{i}].function must be an object")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"tools[{i}].function.name must be a non-empty string")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object")
+    return tools or None
 
 
-def format_chat(messages: Sequence[dict], template: str, add_assistant: bool = True) -> str:
-    """Messages to a prompt: llama_chat_apply_template with `template` (a built-in name or a
-    template text llama.cpp recognises), or the transcript fallback."""
-    if template == FALLBACK_TEMPLATE:
-        return format_transcript(messages, add_assistant)
-    try:
-        return apply_chat_template(template, messages, add_assistant=add_assistant)
-    except ValueError as e:
-        raise ApiError(500, "server_error", str(e)) from None
+def _template_kwargs(body: dict) -> dict:
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict):
+        raise bad_request("chat_template_kwargs must be an object")
+    return kw
 
 
 @dataclass
@@ -79,12 +89,13 @@ class ChatPrompt:
     prefill: str | None  # the final assistant message being continued, else None
 
 
-def render_chat(body: Any, template: str) -> ChatPrompt:
+def render_chat(body: Any, template) -> ChatPrompt:
     """messages + add_generation_prompt / continue_final_message to a prompt, as llama-server:
     a final assistant message is a prefill the model continues (no generation prompt after
     it); two assistant messages at the end, or both options true, are refused (400)."""
     body = check_object(body)
     messages = parse_messages(body)
+    tools, kwargs = _tools(body), _template_kwargs(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
     cfm = body.get("continue_final_message")
     # llama-server: true, "content" or "reasoning_content" continue; anything else does not
@@ -97,8 +108,8 @@ def render_chat(body: Any, template: str) -> ChatPrompt:
         raise bad_request("Cannot set both add_generation_prompt and continue_final_message to true.")
     if cont and messages[-1]["role"] == "assistant":
         prefill = messages[-1]["content"]
-        head = format_chat(messages[:-1], template, add_assistant=True)
-        if template == FALLBACK_TEMPLATE and prefill:
-            head += " "  # "Assistant: <prefill>", as the transcript writes every turn
+        head = template.render(messages[:-1], True, tools, kwargs)
+        if prefill:
+            head += template.prefill_separator
         return ChatPrompt(head + prefill, prefill)
-    return ChatPrompt(format_chat(messages, template, add_assistant=add_gen), None)
+    return ChatPrompt(template.render(messages, add_gen, tools, kwargs), None)

@@ -265,16 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="file of API keys, one per line ('#' starts a comment line), added to --api-key's")
     a("--system-prompt-file", metavar="FNAME", help="shared system prompt every request continues (decoded once)")
     a("--chat-template", action=_ChatTemplate, default=None, metavar="JINJA_TEMPLATE",
-      help="one of llama.cpp's built-in chat template names, or a template text llama.cpp recognises "
-           "(Jinja is not executed; default: the model's, else a plain 'User: ... / Assistant:' transcript)")
+      help="a Jinja chat template text, or one of llama.cpp's built-in template names "
+           "(default: the model's, else a plain 'User: ... / Assistant:' transcript)")
     a("--chat-template-file", action=_ChatTemplateFile, dest="chat_template", metavar="JINJA_TEMPLATE_FILE",
-      help="read --chat-template's text from a file (the same rules apply)")
-    a("--jinja", dest="jinja", action="store_true", default=False,
-                    help="accepted for compatibility: chats are always rendered with llama.cpp's "
-                         "built-in templates (llama_chat_apply_template); Jinja is never executed "
-                         "and a note says so")
+      help="read --chat-template's text from a file")
+    a("--jinja", dest="jinja", action="store_true", default=True,
+      help="render chat templates with Jinja (jinja2, sandboxed), as Hugging Face does (default)")
     a("--no-jinja", dest="jinja", action="store_false",
-                    help="accepted; the behaviour here (default)")
+      help="use llama.cpp's built-in template guesser instead (llama_chat_apply_template)")
     a("--slots", dest="slots", action="store_true", default=True,
                     help="expose GET /slots (default: enabled)")
     a("--no-slots", dest="slots", action="store_false", help="disable GET /slots (501)")
@@ -442,21 +440,21 @@ def _default_grammar(p: argparse.ArgumentParser, args: argparse.Namespace) -> st
 
 
 def check_chat_template(args: argparse.Namespace) -> None:
-    """--chat-template / --chat-template-file: a built-in name, or a template text llama.cpp
-    detects (llama_chat_apply_template matches known templates by their text); anything else
-    would need Jinja, which is not executed here: a CLI error (exit 2). Needs the library."""
+    """--chat-template / --chat-template-file: a template that cannot even be compiled (Jinja
+    syntax, or with --no-jinja one llama.cpp does not recognise) is a CLI error (exit 2)."""
+    from .templates import BuiltinTemplate, JinjaTemplate, TemplateError
     import llama_lib
 
-    if not args.chat_template:
-        return
-    names = llama_lib.builtin_chat_templates()
-    if args.chat_template in names:
+    text = args.chat_template
+    if not text or text in llama_lib.builtin_chat_templates():
         return
     try:
-        llama_lib.apply_chat_template(args.chat_template, [{"role": "user", "content": "hi"}])
-    except ValueError:
+        if args.jinja and "{{" not in text and "{%" not in text:  # a misspelt built-in name
+            raise TemplateError("neither one of llama.cpp's built-in template names ("
+                                f"{', '.join(llama_lib.builtin_chat_templates())}) nor a Jinja "
+                                "template (no {{ or {%)")
+        JinjaTemplate(text) if args.jinja else BuiltinTemplate(text)
+    except TemplateError as e:
         what = args.chat_template_from or "--chat-template"
-        shown = what if what != "--chat-template" else f"{what} {args.chat_template[:40]!r}"
-        args._parser.error(f"{shown}: not a chat template llama.cpp recognises (Jinja is not "
-                           f"executed here); give a template text llama.cpp detects or one of "
-                           f"the built-in names: {', '.join(names)}")
+        shown = what if what != "--chat-template" else f"{what} {text[:40]!r}"
+        args._parser.error(f"{shown}: {e}")

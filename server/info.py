@@ -39,9 +39,10 @@ def props(svc: Service) -> dict:
         "endpoint_metrics": s.metrics_endpoint,
         "ui": s.webui,
         "ui_settings": {},
-        "chat_template": svc.template,       # a template text, a built-in name, or "transcript"
-        "chat_template_source": svc.template_source,
-        "chat_template_caps": {},
+        "chat_template": svc.template.text,  # a template text, a built-in name, or "transcript"
+        "chat_template_source": svc.template.name,  # the flag that gave it, "model", or "transcript"
+        "chat_template_kind": svc.template.kind,    # "jinja", "builtin" or "transcript"
+        "chat_template_caps": svc.template_caps,
         "cors_proxy_enabled": False,
         "bos_token": piece(v.bos) if v else "",
         "eos_token": piece(v.eos) if v else "",

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
-from .chat import FALLBACK_STOPS, FALLBACK_TEMPLATE, render_chat
+from .chat import render_chat
 from .errors import bad_request
 from .fields import (
     Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
@@ -270,7 +270,7 @@ def _include_usage(body: dict) -> bool:
     return get_bool(so, "include_usage", False)
 
 
-def parse_chat(body: Any, d: Defaults, template: str, info: ServerInfo | None = None) -> Job:
+def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None) -> Job:
     """POST /v1/chat/completions."""
     info = info or ServerInfo()
     body = check_object(body)
@@ -278,8 +278,8 @@ def parse_chat(body: Any, d: Defaults, template: str, info: ServerInfo | None = 
     params = base_params(body, d, ("max_completion_tokens", "max_tokens", "n_predict"), info.tok)
     job = Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params,
               stream=get_bool(body, "stream", False))
-    if template == FALLBACK_TEMPLATE:
-        job.extra_stops = list(FALLBACK_STOPS)
+    if template.stops:  # the transcript's turn markers
+        job.extra_stops = list(template.stops)
         # drop the space the model writes after "Assistant:", but not inside a continued prefill
         job.strip_leading = not chat.prefill
     _common_fields(job, body, info)

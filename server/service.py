@@ -18,11 +18,12 @@ from typing import Iterator
 
 from llama_lib import (
     Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull,
-    SamplingParams, apply_chat_template,
+    SamplingParams,
 )
 
 from . import fanout
 from .chat import FALLBACK_TEMPLATE, render_chat
+from .templates import pick_template, template_caps
 from .drain import RETRY_AFTER
 from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request
@@ -84,8 +85,8 @@ class Service:
         self.user_name = s.reverse_prompts[0] if s.reverse_prompts else "User:"
         self.assistant_name = "Assistant:"
         self.reverse_prompts = list(s.reverse_prompts)
-        self.template = FALLBACK_TEMPLATE  # what format_chat gets: a name, a text, or the fallback
-        self.template_source = "fallback"   # "--chat-template", "model" or "fallback"
+        self.template = FALLBACK_TEMPLATE  # a Jinja, built-in or transcript template (templates.py)
+        self.template_caps: dict[str, bool] = {}
         self.defaults = dataclasses.replace(s.defaults)  # n_vocab is filled in at load
         self.metrics = Metrics()
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
@@ -121,25 +122,14 @@ class Service:
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
                  s.n_engines,
-                 {"model": "the model's", "fallback": "none, using the 'User: / Assistant:' transcript"}.get(
-                     self.template_source, self.template))
+                 {"jinja": f"{self.template.name} (Jinja)", "builtin": f"{self.template.name} (llama.cpp's, no Jinja)",
+                  "transcript": "none, using the 'User: / Assistant:' transcript"}[self.template.kind])
         self.ready = True
 
     def _pick_template(self, model: Model) -> None:
-        probe = [{"role": "user", "content": "hi"}]
-        if self.settings.chat_template:
-            self.template, self.template_source = self.settings.chat_template, "--chat-template"
-            return
-        text = model.chat_template()
-        if text:
-            try:
-                apply_chat_template(text, probe)
-                self.template, self.template_source = text, "model"
-                return
-            except ValueError:
-                log.warning("the model's chat template is not one llama.cpp recognises; "
-                            "chat uses the plain transcript fallback")
-        self.template = FALLBACK_TEMPLATE
+        st = self.settings
+        self.template = pick_template(st.chat_template, st.chat_template_from, model, st.jinja)
+        self.template_caps = template_caps(self.template)
 
     def stop_engine(self) -> None:
         """Take no more requests and cancel those running: each stream gets its final event."""

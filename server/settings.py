@@ -36,7 +36,9 @@ class Settings:
     defaults: Defaults = field(default_factory=Defaults)
     verbose: bool = False          # -v: answers carry "__verbose" as llama-server's do
     n_keep: int = 0                # --keep: stored only (no context shift here)
-    chat_template: str | None = None
+    chat_template: str | None = None       # --chat-template(-file): a built-in name or a template text
+    chat_template_from: str | None = None  # the flag that gave it, for messages
+    jinja: bool = True                     # --jinja (llama-server v0.5.0's default) / --no-jinja
     slots_endpoint: bool = True
     metrics_endpoint: bool = False
     props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
@@ -89,7 +91,8 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 grammar=args.grammar_text)),
-        n_keep=args.keep, chat_template=args.chat_template, verbose=args.verbose,
+        n_keep=args.keep, chat_template=args.chat_template, chat_template_from=args.chat_template_from,
+        jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         webui=args.webui,
     )

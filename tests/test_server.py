@@ -423,7 +423,8 @@ def test_queue_full_gets_503(locked):
     a = requests.post(locked.url + "/completion", json=body, headers=locked.headers(), stream=True, timeout=60)
     try:
         assert a.status_code == 200
-        next(line for line in a.iter_lines() if line.startswith(b"data: "))  # a holds the one slot
+        lines = a.iter_lines()  # kept: a dropped requests generator closes the connection
+        next(line for line in lines if line.startswith(b"data: "))  # a holds the one slot
         b = requests.post(locked.url + "/completion", json=body, headers=locked.headers(), stream=True, timeout=60)
         try:
             assert b.status_code == 200  # b waits in the queue (max 1)

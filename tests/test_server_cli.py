@@ -226,16 +226,24 @@ def test_chat_template_name_text_and_file(library, tmp_path, capsys):
                     "--chat-template", "chatml"])
     assert a.chat_template == "chatml"
 
+    # with --no-jinja: only what llama.cpp's guesser recognises
     bad = tmp_path / "bad.jinja"
     bad.write_text("This is not a chat template, it is {{ messages }}")
-    a = parse_args(["--chat-template-file", str(bad)])
+    a = parse_args(["--no-jinja", "--chat-template-file", str(bad)])
     with pytest.raises(SystemExit) as e:
         check_chat_template(a)
     assert e.value.code == 2
     assert f"--chat-template-file {bad}: not a chat template llama.cpp recognises" in capsys.readouterr().err
+    check_chat_template(parse_args(["--chat-template-file", str(bad)]))  # Jinja: fine
+    # Jinja (the default): a template that does not parse, or text that is neither a name nor Jinja
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(SystemExit):
+        check_chat_template(parse_args(["--chat-template-file", str(broken)]))
+    assert "does not parse" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         check_chat_template(parse_args(["--chat-template", "no-such-template"]))
-    assert "not a chat template llama.cpp recognises" in capsys.readouterr().err
+    assert "neither one of llama.cpp's built-in template names" in capsys.readouterr().err
     assert "No such file" in cli_error(capsys, ["--chat-template-file", str(tmp_path / "missing")])
 
 
