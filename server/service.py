@@ -23,7 +23,7 @@ from llama_lib import (
 
 from . import fanout
 from .chat import FALLBACK_TEMPLATE, render_chat
-from .templates import pick_template, template_caps
+from .templates import pick_template
 from .drain import RETRY_AFTER
 from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request
@@ -129,7 +129,7 @@ class Service:
     def _pick_template(self, model: Model) -> None:
         st = self.settings
         self.template = pick_template(st.chat_template, st.chat_template_from, model, st.jinja)
-        self.template_caps = template_caps(self.template)
+        self.template_caps = getattr(self.template, "caps", {})  # probed once, by the template
 
     def stop_engine(self) -> None:
         """Take no more requests and cancel those running: each stream gets its final event."""
