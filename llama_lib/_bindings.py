@@ -47,6 +47,9 @@ c_enum = c_int
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 LLAMA_TOKEN_NULL = -1
+# enum llama_token_attr (bit flags)
+LLAMA_TOKEN_ATTR_UNKNOWN = 1 << 0
+LLAMA_TOKEN_ATTR_CONTROL = 1 << 3
 
 # enum ggml_log_level
 GGML_LOG_LEVEL_NONE = 0
@@ -411,6 +414,10 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
         [c_int32, c_int32, POINTER(llama_logit_bias)],
     ),
     "llama_sampler_init_grammar": (llama_sampler_p, [llama_vocab_p, c_char_p, c_char_p]),
+    "llama_sampler_init_grammar_lazy_patterns": (
+        llama_sampler_p,
+        [llama_vocab_p, c_char_p, c_char_p, POINTER(c_char_p), c_size_t, POINTER(llama_token), c_size_t],
+    ),
     "llama_sampler_get_seed": (c_uint32, [llama_sampler_p]),
     "llama_sampler_sample": (llama_token, [llama_sampler_p, llama_context_p, c_int32]),
     # performance counters

@@ -31,11 +31,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .gbnf import gbnf_literal, int_range, regex_to_gbnf
 
-__all__ = ["schema_to_grammar", "ANY_JSON_GRAMMAR"]
+__all__ = ["schema_to_grammar", "schemas_to_grammar", "ANY_JSON_GRAMMAR"]
 
 # Keywords that restrict values and have no grammar here.
 _UNSUPPORTED = (
@@ -498,12 +498,32 @@ def schema_to_grammar(schema: Any) -> str:
 
     An empty schema ({}) is any JSON object, as llama-server has it. Raises ValueError for an
     invalid schema or an unsupported keyword (the message names it)."""
-    if isinstance(schema, dict) and not schema:
-        schema = {"type": "object"}
-    if not isinstance(schema, dict):
-        raise ValueError("the schema must be an object")
-    conv = _Converter(schema)
-    return conv.grammar(conv.visit(schema, "root-value"))
+    return schemas_to_grammar([schema], lambda names: names[0])
+
+
+def schemas_to_grammar(schemas: Sequence[Any], root: Callable[[list[str]], str]) -> str:
+    """One GBNF text holding a rule for each schema (each its own document for "$ref"), whose
+    root rule is `root(rule names)`: a GBNF body that may also use the primitives "space"
+    (optional whitespace) and "string" (any JSON string). How a tool call's arguments sit
+    inside a format's markers. Raises ValueError as schema_to_grammar (for schema i: the
+    message starts "schema i:" when there are several)."""
+    conv = _Converter(None)
+    conv.primitive("space")
+    names = []
+    for i, schema in enumerate(schemas):
+        if isinstance(schema, dict) and not schema:
+            schema = {"type": "object"}
+        try:
+            if not isinstance(schema, dict):
+                raise ValueError("the schema must be an object")
+            conv.root, conv.refs = schema, {}
+            names.append(conv.visit(schema, "root-value" if len(schemas) == 1 else f"s{i}"))
+        except ValueError as e:
+            raise ValueError(f"schema {i}: {e}" if len(schemas) > 1 else str(e)) from None
+    body = root(names)
+    if re.search(r"(?<![\w-])string(?![\w-])", re.sub(r'"(?:\\.|[^"\\])*"', "", body)):
+        conv.primitive("string")
+    return conv.grammar(body)
 
 
 def _any_json() -> str:

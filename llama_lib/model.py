@@ -55,6 +55,15 @@ class Vocab:
             cached = self._eog[token] = bool(lib().llama_vocab_is_eog(self.ptr, token))
         return cached
 
+    def attr(self, token: int) -> int:
+        """The token's llama_token_attr flags (LLAMA_TOKEN_ATTR_CONTROL, ...)."""
+        return int(lib().llama_vocab_get_attr(self.ptr, token))
+
+    def needs_parse_special(self, token: int) -> bool:
+        """Does tokenizing text give this token only with parse_special (a control or unknown
+        token; user-defined ones are matched either way)?"""
+        return bool(self.attr(token) & (B.LLAMA_TOKEN_ATTR_CONTROL | B.LLAMA_TOKEN_ATTR_UNKNOWN))
+
     def is_control(self, token: int) -> bool:
         return bool(lib().llama_vocab_is_control(self.ptr, token))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +84,11 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF text, start symbol "root"; None or "" = unconstrained
+    # A lazy grammar constrains nothing until one of these regexes matches the generated text
+    # (llama_sampler_init_grammar_lazy_patterns): from the match's first non-empty group (else
+    # the match) on, the text must follow the grammar. How a tool call can start: "<tool_call>".
+    grammar_lazy: bool = False
+    grammar_triggers: tuple[str, ...] = ()
 
     def validate(self, n_vocab: int | None = None, vocab=None) -> None:
         """Raise ValueError naming the first field outside SAMPLING_RANGES. With `vocab` (a Vocab
@@ -103,17 +109,37 @@ class SamplingParams:
                     raise ValueError(f"logit_bias token {tok} is outside the vocabulary")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise ValueError("grammar must be a string")
+        if self.grammar_lazy:
+            if not self.grammar or not self.grammar_triggers:
+                raise ValueError("a lazy grammar needs a grammar and at least one trigger pattern")
+            for pattern in self.grammar_triggers:
+                _trigger_regex(pattern)
         if self.grammar and vocab is not None:
             lib().llama_sampler_free(init_grammar(vocab, self.grammar))
 
 
-def init_grammar(vocab, text: str) -> int:
-    """A llama.cpp grammar sampler for GBNF `text` (root "root"); the caller owns it.
+def _trigger_regex(pattern: str) -> re.Pattern:
+    """A trigger as Python reads it, on bytes as std::regex does; ValueError if it does not
+    compile (std::regex would throw through the C API and end the process)."""
+    try:
+        return re.compile(pattern.encode("utf-8"))
+    except re.error as e:
+        raise ValueError(f"grammar trigger {pattern!r} is not a valid regex: {e}") from None
 
-    llama_sampler_init_grammar returns NULL when it cannot parse the text (undefined symbol,
-    no "root", left recursion, syntax); that becomes a ValueError, never a crash."""
+
+def init_grammar(vocab, text: str, triggers: tuple[str, ...] = ()) -> int:
+    """A llama.cpp grammar sampler for GBNF `text` (root "root"), lazy when `triggers` are
+    given; the caller owns it.
+
+    llama.cpp returns NULL when it cannot parse the text (undefined symbol, no "root", left
+    recursion, syntax); that becomes a ValueError, never a crash."""
     ptr = getattr(vocab, "ptr", vocab)
-    smpl = lib().llama_sampler_init_grammar(ptr, text.encode("utf-8"), b"root")
+    if triggers:
+        patterns = (ctypes.c_char_p * len(triggers))(*[t.encode("utf-8") for t in triggers])
+        smpl = lib().llama_sampler_init_grammar_lazy_patterns(
+            ptr, text.encode("utf-8"), b"root", patterns, len(triggers), None, 0)
+    else:
+        smpl = lib().llama_sampler_init_grammar(ptr, text.encode("utf-8"), b"root")
     if not smpl:
         raise ValueError("Failed to initialize samplers: failed to parse grammar")
     return smpl
@@ -143,7 +169,12 @@ class Sampler(OwnedPointer):
         if params.grammar:
             if vocab is None:
                 raise ValueError("a grammar needs the vocabulary")
-            self.grammar = init_grammar(vocab, params.grammar)
+            self.grammar = init_grammar(vocab, params.grammar, params.grammar_triggers if params.grammar_lazy else ())
+            # a lazy grammar's trigger, mirrored here (see _trigger_is_safe)
+            self._vocab = vocab
+            self._awaiting = params.grammar_lazy
+            self._triggers = [_trigger_regex(t) for t in params.grammar_triggers] if params.grammar_lazy else []
+            self._trigger_text = b""
             self._eog = [t for t in (getattr(vocab, "eos", -1), getattr(vocab, "eot", -1)) if t >= 0]
             self._n_vocab = n_vocab
             self._cur = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
@@ -232,9 +263,43 @@ class Sampler(OwnedPointer):
                 # and end-of-generation is banned): end the text rather than break the grammar.
                 log.debug("grammar: no allowed token; ending with end-of-generation")
                 return self._eog[0] if self._eog else tok
-        L.llama_sampler_accept(self.grammar, tok)
+        if self._awaiting and not self._trigger_is_safe(tok):
+            # the text from the trigger on breaks the grammar: llama.cpp would throw through
+            # its C API (the process ends); generation goes on unconstrained instead
+            log.debug("grammar: the triggered text does not follow the grammar; unconstrained from here")
+            L.llama_sampler_free(self.grammar)
+            self.grammar = None
+        else:
+            L.llama_sampler_accept(self.grammar, tok)
         L.llama_sampler_accept(self.ptr, tok)
         return tok
+
+    def _trigger_is_safe(self, tok: int) -> bool:
+        """Mirror of a lazy grammar's trigger (llama-grammar.cpp, llama_grammar_accept_impl):
+        False if accepting `tok` fires a trigger and the text from the trigger on is not
+        something the grammar accepts (a fresh copy of it is fed that text first)."""
+        self._trigger_text += self._vocab.token_to_piece(tok, special=True)
+        start = -1
+        for rx in self._triggers:
+            m = rx.search(self._trigger_text)
+            if m:
+                start = next((m.start(g) for g in range(1, (m.lastindex or 0) + 1)
+                              if m.start(g) >= 0 and m.end(g) > m.start(g)), m.start())
+                break
+        if start < 0:
+            return True
+        self._awaiting = False
+        text, self._trigger_text = self._trigger_text[start:].decode("utf-8", "ignore"), b""
+        L = lib()
+        probe = init_grammar(self._vocab, self.params.grammar)
+        try:
+            for t in self._vocab.tokenize(text, add_special=False, parse_special=True):
+                if not self._allowed(int(t), probe):
+                    return False
+                L.llama_sampler_accept(probe, int(t))
+            return True
+        finally:
+            L.llama_sampler_free(probe)
 
     def _pick(self, ctx, i: int, with_grammar: bool) -> int:
         """Run the chain (after the grammar's mask, if asked) over row i's logits; no accept."""
@@ -282,11 +347,11 @@ class Sampler(OwnedPointer):
             return -1
         return int(cp.data[cp.selected].id)
 
-    def _allowed(self, tok: int) -> bool:
+    def _allowed(self, tok: int, grammar=None) -> bool:
         one = self._one
         one.id, one.logit, one.p = tok, 1.0, 0.0
         self._one_p.selected, self._one_p.size = -1, 1
-        lib().llama_sampler_apply(self.grammar, ctypes.byref(self._one_p))
+        lib().llama_sampler_apply(grammar or self.grammar, ctypes.byref(self._one_p))
         return one.logit != -math.inf
 
     def close(self) -> None:

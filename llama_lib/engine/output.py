@@ -88,7 +88,7 @@ def take_token(r: Request, matcher: StopMatcher, tok: int, vocab: Vocab, ctx: Co
     check = len(r.tokens) > p.min_tokens
     if check and not p.ignore_eos and vocab.is_eog(tok):
         return FinishReason.EOS
-    text, stop = matcher.feed(vocab.token_to_piece(tok), check)
+    text, stop = matcher.feed(vocab.token_to_piece(tok, tok in p.preserved_tokens), check)
     if p.n_probs > 0:
         t0 = time.perf_counter()
         lp, top = token_probs(ctx.logits(row), tok, p.n_probs)

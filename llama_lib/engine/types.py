@@ -153,6 +153,9 @@ class RequestParams:
     slot: int | None = None        # run in this slot (waits for it); None: the free slot
                                    # with the most similar cache, else the lowest free one
     cache_prompt: bool = True      # reuse the prefix the slot's KV cache shares with the prompt
+    # special tokens whose text the output shows (a tool call's "[TOOL_CALLS]"): llama-server's
+    # preserved_tokens; every other special token is written as nothing
+    preserved_tokens: frozenset[int] = frozenset()
     # llama-server's n_probs: with n > 0 every generated token carries its log-probability and
     # the n most probable tokens (softmax of the raw logits row, before any sampler). 0: none.
     n_probs: int = 0
