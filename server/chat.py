@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_tools import ChatPlan, plan_chat, with_system_text
 from .errors import bad_request
 from .fields import check_object, get_bool
 from .templates import TranscriptTemplate
@@ -35,7 +36,7 @@ def _content_text(content: Any, i: int) -> str:
     raise bad_request(f"messages[{i}].content must be a string or a list of text parts")
 
 
-def parse_messages(body: dict) -> list[dict]:
+def parse_messages(body: dict, mark=None) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         raise bad_request("Expected 'messages' to be an array")
@@ -50,6 +51,10 @@ def parse_messages(body: dict) -> list[dict]:
             raise bad_request(f"messages[{i}].role must be a string")
         msg = {"role": role, "content": _content_text(m.get("content"), i)}
         msg.update((k, m[k]) for k in PASSED_FIELDS if m.get(k) is not None)
+        if mark is not None:
+            for k in ("content", "reasoning_content"):
+                if isinstance(msg.get(k), str):
+                    msg[k] = mark(msg[k])
         out.append(msg)
     return out
 
@@ -87,15 +92,26 @@ def _template_kwargs(body: dict) -> dict:
 class ChatPrompt:
     text: str
     prefill: str | None  # the final assistant message being continued, else None
+    plan: ChatPlan       # tools, tool_choice and reasoning: how the answer is constrained and read
 
 
-def render_chat(body: Any, template) -> ChatPrompt:
+def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None) -> ChatPrompt:
     """messages + add_generation_prompt / continue_final_message to a prompt, as llama-server:
     a final assistant message is a prefill the model continues (no generation prompt after
-    it); two assistant messages at the end, or both options true, are refused (400)."""
+    it); two assistant messages at the end, or both options true, are refused (400).
+    `mark(text)` marks special-token texts in what users wrote (Service.mark_special)."""
     body = check_object(body)
-    messages = parse_messages(body)
+    messages = parse_messages(body, mark)
     tools, kwargs = _tools(body), _template_kwargs(body)
+    plan = plan_chat(body, template, tools, messages, default_reasoning)
+    messages = with_system_text(messages, plan.system_text)
+    chat = _render(body, template, messages, tools, kwargs)
+    chat.plan = plan
+    plan.rendered(chat.text)
+    return chat
+
+
+def _render(body: dict, template, messages: list[dict], tools, kwargs) -> ChatPrompt:
     add_gen = get_bool(body, "add_generation_prompt", True)
     cfm = body.get("continue_final_message")
     # llama-server: true, "content" or "reasoning_content" continue; anything else does not
@@ -111,5 +127,5 @@ def render_chat(body: Any, template) -> ChatPrompt:
         head = template.render(messages[:-1], True, tools, kwargs)
         if prefill:
             head += template.prefill_separator
-        return ChatPrompt(head + prefill, prefill)
-    return ChatPrompt(template.render(messages, add_gen, tools, kwargs), None)
+        return ChatPrompt(head + prefill, prefill, ChatPlan())
+    return ChatPrompt(template.render(messages, add_gen, tools, kwargs), None, ChatPlan())

@@ -20,6 +20,7 @@ from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
 from llama_lib.sampler import SAMPLING_RANGES
 
 from .cli_engines import add_engine_flags, check_engine_flags
+from .reasoning import REASONING_FORMATS
 from .drain import add_drain_flags, check_drain_flags
 from .errors import ApiError
 from .structured import get_grammar
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="render chat templates with Jinja (jinja2, sandboxed), as Hugging Face does (default)")
     a("--no-jinja", dest="jinja", action="store_false",
       help="use llama.cpp's built-in template guesser instead (llama_chat_apply_template)")
+    a("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+      help="where a chat's thinking goes: 'none' leaves it in content, 'deepseek' / 'auto' put it in "
+           "message.reasoning_content, 'deepseek-legacy' also keeps it in content (default: auto)")
     a("--slots", dest="slots", action="store_true", default=True,
                     help="expose GET /slots (default: enabled)")
     a("--no-slots", dest="slots", action="store_false", help="disable GET /slots (501)")

@@ -14,6 +14,7 @@ from typing import Iterator, Protocol
 from llama_lib import FinishReason
 
 from . import responses as R
+from .chat_output import ChatOutput
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
 
 DONE = object()  # in a stream: write `data: [DONE]`
@@ -59,6 +60,8 @@ def handle_events(srv: Streamer, job: Job, h, index: int = 0, done: bool = True)
         yield R.oai_chat_chunk(job, model, {"role": "assistant", "content": None}, index=index)
     n = 0
     strip = job.strip_leading
+    reader = ChatOutput(job.chat) if job.kind == KIND_OAI_CHAT and job.chat is not None else None
+    said, pending_probs = "", []
     for chunk in h:
         n += len(chunk.tokens)
         text = chunk.text
@@ -70,6 +73,15 @@ def handle_events(srv: Streamer, job: Job, h, index: int = 0, done: bool = True)
             if chunk.probs:
                 ev["completion_probabilities"] = _chunk_probs(srv, chunk, text)
             yield ev
+        elif reader is not None:
+            said += text
+            pending_probs += chunk.probs or []
+            for delta in reader.deltas(said):
+                ev = R.oai_chat_chunk(job, model, delta, index=index)
+                if pending_probs:
+                    ev["choices"][0]["logprobs"] = {"content": R.probs_json(pending_probs, srv.token_piece)}
+                    pending_probs = []
+                yield ev
         elif text:
             if job.kind == KIND_OAI_CHAT:
                 ev = R.oai_chat_chunk(job, model, {"content": text}, index=index)
@@ -94,6 +106,10 @@ def handle_events(srv: Streamer, job: Job, h, index: int = 0, done: bool = True)
             yield DONE
         return
     reason = R.oai_finish_reason(h.finish_reason)
+    if reader is not None:
+        for delta in reader.deltas(said, final=True):
+            yield R.oai_chat_chunk(job, model, delta, index=index)
+        reason = R.chat_finish_reason(h, reader.has_calls(said))
     if job.kind == KIND_OAI_CHAT:
         # the finish chunk (empty delta); with stream_options.include_usage a last chunk
         # without choices carries usage; timings ride on whichever comes last

@@ -16,6 +16,7 @@ from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
 from .chat import render_chat
+from .chat_tools import ChatPlan
 from .errors import bad_request
 from .fields import (
     Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
@@ -40,6 +41,7 @@ class Defaults:
     n_vocab: int = 1 << 30
     ignore_eos: bool = False
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
+    reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
 
     @property
     def grammar(self) -> str | None:
@@ -71,6 +73,7 @@ class Job:
     response_fields: list[str] = field(default_factory=list)  # /completion: keep only these ("a/b" nested)
     prompts: list[str | list[int]] = field(default_factory=list)  # several prompts: one result each
     n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
+    chat: ChatPlan | None = None  # chat: how the answer is read (reasoning, tool calls)
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -274,10 +277,16 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     """POST /v1/chat/completions."""
     info = info or ServerInfo()
     body = check_object(body)
-    chat = render_chat(body, template)
+    chat = render_chat(body, template, d.reasoning_format, getattr(info.tok, "mark_special", None))
     params = base_params(body, d, ("max_completion_tokens", "max_tokens", "n_predict"), info.tok)
     job = Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params,
-              stream=get_bool(body, "stream", False))
+              stream=get_bool(body, "stream", False), chat=chat.plan if chat.plan.active else None)
+    plan = chat.plan
+    if plan.grammar:
+        if get_grammar(body) is not None:
+            raise bad_request("Cannot use custom grammar constraints with tools.")
+        sp = params.sampling
+        sp.grammar, sp.grammar_lazy, sp.grammar_triggers = plan.grammar, plan.lazy, plan.triggers
     if template.stops:  # the transcript's turn markers
         job.extra_stops = list(template.stops)
         # drop the space the model writes after "Assistant:", but not inside a continued prefill

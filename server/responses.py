@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 from llama_lib import FinishReason, RequestParams
 
 from . import __version__
+from .chat_output import ChatOutput
 from .errors import ApiError
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
 
@@ -148,7 +149,7 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "n_keep": 0,
         "n_discard": 0,
         "grammar": s.grammar or "",
-        "grammar_lazy": False,
+        "grammar_lazy": s.grammar_lazy,
         "grammar_triggers": [],
         "preserved_tokens": [],
         "chat_format": "Content-only",
@@ -259,11 +260,19 @@ def _oai_head(job: Job, model: str, obj: str) -> dict:
             "system_fingerprint": SYSTEM_FINGERPRINT}
 
 
-def _oai_answer(h, job: Job, model: str, obj: str, choice: dict, verbose: dict | None) -> dict:
+def chat_finish_reason(h, has_calls: bool) -> str | None:
+    """A chat's finish_reason: "tool_calls" when the answer is calls (unless cut by length)."""
+    reason = oai_finish_reason(h.finish_reason)
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
+def _oai_answer(h, job: Job, model: str, obj: str, choice: dict, verbose: dict | None,
+                finish_reason: str | None = None) -> dict:
     """A whole OpenAI answer: one choice, usage, "__verbose" (the /completion object) when the
     job asked for it, then llama-server's timings."""
     out = _oai_head(job, model, obj)
-    out["choices"] = [{**choice, "logprobs": None, "finish_reason": oai_finish_reason(h.finish_reason)}]
+    out["choices"] = [{**choice, "logprobs": None,
+                       "finish_reason": finish_reason or oai_finish_reason(h.finish_reason)}]
     out["usage"] = usage(h)
     if verbose is not None:
         out["__verbose"] = verbose
@@ -285,8 +294,12 @@ def oai_completion_chunk(job: Job, model: str, text: str, finish_reason: str | N
 
 def oai_chat(h, job: Job, model: str, text: str, verbose: dict | None = None,
              index: int = 0) -> dict:
-    message = {"role": "assistant", "content": text}
-    return _oai_answer(h, job, model, "chat.completion", {"index": index, "message": message}, verbose)
+    if job.chat is None:
+        message = {"role": "assistant", "content": text}
+        return _oai_answer(h, job, model, "chat.completion", {"index": index, "message": message}, verbose)
+    message = ChatOutput(job.chat).message(text)
+    reason = chat_finish_reason(h, "tool_calls" in message)
+    return _oai_answer(h, job, model, "chat.completion", {"index": index, "message": message}, verbose, reason)
 
 
 def oai_chat_chunk(job: Job, model: str, delta: dict, finish_reason: str | None = None,

@@ -23,6 +23,7 @@ from llama_lib import (
 
 from . import fanout
 from .chat import FALLBACK_TEMPLATE, render_chat
+from .special_text import OPEN, SpecialText
 from .templates import pick_template
 from .drain import RETRY_AFTER
 from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
@@ -118,6 +119,7 @@ class Service:
         self.defaults.n_vocab = model.vocab.n_tokens
         model.vocab.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
+        self.special = SpecialText(model.vocab)
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
@@ -195,6 +197,23 @@ class Service:
         bos = first and self.model.vocab.add_bos and not (self.engine and self.engine.system_prompt)
         return [int(t) for t in self.model.vocab.tokenize(text, add_special=bos, parse_special=True)]
 
+    def mark_special(self, text: str) -> str:
+        """Wrap the special-token texts of a user's string (server/special_text.py)."""
+        return self.special.mark(text)
+
+    def _chat_tokens(self, prompt: str) -> list[int]:
+        # BOS only where it starts the sequence: not after a shared system prompt
+        return self.special.tokenize(prompt, add_bos=not (self.engine and self.engine.system_prompt))
+
+    def _preserved(self, texts) -> frozenset[int]:
+        """The special tokens among a chat plan's marker texts (each one token, else none)."""
+        out = set()
+        for t in texts:
+            toks = self.model.vocab.tokenize(t, add_special=False, parse_special=True)
+            if len(toks) == 1 and self.model.vocab.needs_parse_special(int(toks[0])):
+                out.add(int(toks[0]))
+        return frozenset(out)
+
     def parse(self, body, kind: str) -> Job:
         # llama-server's --verbose makes every answer carry "__verbose"
         info = ServerInfo(tok=self, verbose=self.settings.verbose, n_slots=self.settings.engine.n_parallel)
@@ -204,20 +223,19 @@ class Service:
 
     def apply_template(self, body) -> dict:
         """POST /apply-template: the prompt a chat request would decode, nothing generated."""
-        return {"prompt": render_chat(body, self.template).text}
+        return {"prompt": SpecialText.unmark(render_chat(body, self.template, mark=self.mark_special).text)}
 
     def count_input_tokens(self, body) -> dict:
         """POST /v1/chat/completions/input_tokens: the rendered chat's tokens, BOS and special
         tokens included, as llama-server counts them."""
-        prompt = render_chat(body, self.template).text
-        n = len(self.model.vocab.tokenize(prompt, add_special=True, parse_special=True))
+        n = len(self.special.tokenize(render_chat(body, self.template, mark=self.mark_special).text, True))
         return {"input_tokens": n, "object": "response.input_tokens"}
 
     def prompt_text(self, h, job: Job) -> str:
         """The prompt as decoded, special tokens written out (llama-server's "prompt" field)."""
         toks = h.prompt_tokens
         if toks is None or len(toks) == 0:
-            return job.prompt if isinstance(job.prompt, str) else ""
+            return SpecialText.unmark(job.prompt) if isinstance(job.prompt, str) else ""
         return self.model.vocab.detokenize(toks, unparse_special=True)
 
     def submit(self, job: Job):
@@ -231,6 +249,10 @@ class Service:
             if s and s not in stops:
                 stops.append(s)
         job.params.stop = stops
+        if isinstance(job.prompt, str) and OPEN in job.prompt:  # a chat with users' special-token text
+            job.prompt = self._chat_tokens(job.prompt)
+        if job.chat is not None and job.chat.preserved:
+            job.params.preserved_tokens = self._preserved(job.chat.preserved)
         if not job.id:  # the choices of one request (n > 1, several prompts) share its id
             job.id = fanout.new_job_id(job)
         with engine_errors():
