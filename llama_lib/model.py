@@ -88,6 +88,10 @@ class Vocab:
                 raise ValueError(f"tokenization failed ({n}) for {len(data)} bytes of text")
         return out[:n].copy() if n < cap // 2 else out[:n]
 
+    def token_text(self, token: int) -> str:
+        """A token as text with special tokens written out ("<bos>"); "" for no token (-1)."""
+        return self.token_to_piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
     def token_to_piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token. A piece may be part of a multi-byte UTF-8 character."""
         key = (token, special)

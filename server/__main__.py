@@ -18,7 +18,8 @@ import time
 
 import llama_lib
 
-from .cli import _log_level, check_chat_template, parse_args
+from .cli import _log_level, parse_args
+from .cli_chat import check_chat_template
 from .drain import drain, start_agents
 from .http import make_server
 from .service import Service

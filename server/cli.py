@@ -20,7 +20,7 @@ from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
 from llama_lib.sampler import SAMPLING_RANGES
 
 from .cli_engines import add_engine_flags, check_engine_flags
-from .reasoning import REASONING_FORMATS
+from .cli_chat import add_chat_flags
 from .drain import add_drain_flags, check_drain_flags
 from .errors import ApiError
 from .structured import get_grammar
@@ -77,25 +77,6 @@ class _Refuse(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string}: {self.const}")
-
-
-class _ChatTemplateFile(argparse.Action):
-    """--chat-template-file FNAME: read the file now; like llama-server, the last of
-    --chat-template / --chat-template-file wins."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        try:
-            with open(values, encoding="utf-8") as f:
-                namespace.chat_template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"{option_string}: {e}")
-        namespace.chat_template_from = f"{option_string} {values}"
-
-
-class _ChatTemplate(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.chat_template = values
-        namespace.chat_template_from = option_string
 
 
 class _Version(argparse.Action):
@@ -265,18 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-key-file", metavar="FNAME",
       help="file of API keys, one per line ('#' starts a comment line), added to --api-key's")
     a("--system-prompt-file", metavar="FNAME", help="shared system prompt every request continues (decoded once)")
-    a("--chat-template", action=_ChatTemplate, default=None, metavar="JINJA_TEMPLATE",
-      help="a Jinja chat template text, or one of llama.cpp's built-in template names "
-           "(default: the model's, else a plain 'User: ... / Assistant:' transcript)")
-    a("--chat-template-file", action=_ChatTemplateFile, dest="chat_template", metavar="JINJA_TEMPLATE_FILE",
-      help="read --chat-template's text from a file")
-    a("--jinja", dest="jinja", action="store_true", default=True,
-      help="render chat templates with Jinja (jinja2, sandboxed), as Hugging Face does (default)")
-    a("--no-jinja", dest="jinja", action="store_false",
-      help="use llama.cpp's built-in template guesser instead (llama_chat_apply_template)")
-    a("--reasoning-format", choices=REASONING_FORMATS, default="auto",
-      help="where a chat's thinking goes: 'none' leaves it in content, 'deepseek' / 'auto' put it in "
-           "message.reasoning_content, 'deepseek-legacy' also keeps it in content (default: auto)")
+    add_chat_flags(p)  # --chat-template(-file), --jinja/--no-jinja, --reasoning-format
     a("--slots", dest="slots", action="store_true", default=True,
                     help="expose GET /slots (default: enabled)")
     a("--no-slots", dest="slots", action="store_false", help="disable GET /slots (501)")
@@ -441,24 +411,3 @@ def _default_grammar(p: argparse.ArgumentParser, args: argparse.Namespace) -> st
         return get_grammar({"json_schema": schema})
     except ApiError as e:
         p.error(f"{flag}: {e.message}")
-
-
-def check_chat_template(args: argparse.Namespace) -> None:
-    """--chat-template / --chat-template-file: a template that cannot even be compiled (Jinja
-    syntax, or with --no-jinja one llama.cpp does not recognise) is a CLI error (exit 2)."""
-    from .templates import BuiltinTemplate, JinjaTemplate, TemplateError
-    import llama_lib
-
-    text = args.chat_template
-    if not text or text in llama_lib.builtin_chat_templates():
-        return
-    try:
-        if args.jinja and "{{" not in text and "{%" not in text:  # a misspelt built-in name
-            raise TemplateError("neither one of llama.cpp's built-in template names ("
-                                f"{', '.join(llama_lib.builtin_chat_templates())}) nor a Jinja "
-                                "template (no {{ or {%)")
-        JinjaTemplate(text) if args.jinja else BuiltinTemplate(text)
-    except TemplateError as e:
-        what = args.chat_template_from or "--chat-template"
-        shown = what if what != "--chat-template" else f"{what} {text[:40]!r}"
-        args._parser.error(f"{shown}: {e}")

@@ -19,9 +19,6 @@ def props(svc: Service) -> dict:
     v = m.vocab if m else None
     embedder = svc.engine.embedder if svc.engine is not None else None
 
-    def piece(tok: int) -> str:
-        return v.token_to_piece(tok, special=True).decode("utf-8", "replace") if v and tok >= 0 else ""
-
     defaults = base_params({}, svc.defaults, ("n_predict",))
     settings = generation_settings(defaults, svc.n_ctx_slot, False)
     names = svc.names()
@@ -44,8 +41,8 @@ def props(svc: Service) -> dict:
         "chat_template_kind": svc.template.kind,    # "jinja", "builtin" or "transcript"
         "chat_template_caps": svc.template_caps,
         "cors_proxy_enabled": False,
-        "bos_token": piece(v.bos) if v else "",
-        "eos_token": piece(v.eos) if v else "",
+        "bos_token": v.token_text(v.bos) if v else "",
+        "eos_token": v.token_text(v.eos) if v else "",
         "build_info": f"pyllama-server {__version__}",
         "is_sleeping": False,
         "embedding": embedder is not None,   # --embedding: /v1/embeddings answers

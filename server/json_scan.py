@@ -9,6 +9,7 @@ cannot: it only reads complete texts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 _WS = " \t\n\r"
@@ -52,20 +53,19 @@ def skip_ws(text: str, i: int) -> int:
     return i
 
 
+_STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"', re.S)
+_STRING_OPEN = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*\\?\Z', re.S)
+
+
 def _string_end(text: str, i: int) -> int:
-    """text[i] is '"': the index after the closing quote."""
-    j, n = i + 1, len(text)
-    while j < n:
-        c = text[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        if c < " ":
-            raise Invalid("control character in a string")
-        j += 1
-    raise Incomplete
+    """text[i] is '"': the index after the closing quote (a regex: strings are most of the
+    text, and the stream rescans it at every token)."""
+    m = _STRING.match(text, i)
+    if m:
+        return m.end()
+    if _STRING_OPEN.match(text, i):
+        raise Incomplete
+    raise Invalid("control character in a string")
 
 
 def value_end(text: str, i: int) -> int:

@@ -36,8 +36,7 @@ class SpecialText:
         if len(parsed) == len(v.tokenize(text, add_special=False, parse_special=False)) and \
                 not any(self._gated(int(t)) for t in parsed):
             return text
-        found = {v.token_to_piece(int(t), special=True).decode("utf-8", "replace")
-                 for t in parsed if self._gated(int(t))}
+        found = {v.token_text(int(t)) for t in parsed if self._gated(int(t))}
         found.discard("")
         if not found:
             return text

@@ -244,11 +244,8 @@ def pick_template(text: str | None, source: str | None, model, jinja: bool):
     else the model's; Jinja unless --no-jinja (or a built-in name). Raises TemplateError."""
     vocab = model.vocab
 
-    def piece(tok: int) -> str:
-        return vocab.token_to_piece(tok, special=True).decode("utf-8", "replace") if tok >= 0 else ""
-
     def jinja_of(t: str, name: str, tool_use: str | None = None) -> JinjaTemplate:
-        return JinjaTemplate(t, name, bos_token=piece(vocab.bos), eos_token=piece(vocab.eos),
+        return JinjaTemplate(t, name, bos_token=vocab.token_text(vocab.bos), eos_token=vocab.token_text(vocab.eos),
                              add_bos=vocab.add_bos, tool_use_text=tool_use)
 
     if text:

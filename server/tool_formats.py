@@ -207,10 +207,8 @@ class ToolFormat:
                     args = inner
                 except ValueError:
                     pass
-        done = scan.end is not None
-        if final and not done:
-            raise NotACall
-        return ParsedCall(name, args, done), scan.end
+        # cut off (finish_reason "length"): still a call, as the stream already showed it
+        return ParsedCall(name, args, scan.end is not None), scan.end
 
     def read_array(self, text: str, i: int, final: bool) -> tuple[list[ParsedCall], int | None]:
         """`[call, call, ...]` at text[i] (after whitespace)."""
@@ -330,8 +328,6 @@ class MistralArgs(ToolFormat):
         try:
             end = value_end(text, j)
         except Incomplete:
-            if final:
-                raise NotACall from None
             return [ParsedCall(name, text[j:].rstrip())], None
         except Invalid:
             raise NotACall from None

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from server import api
-from server.cli import KV_CACHE_TYPES, check_chat_template, parse_args
+from server.cli import KV_CACHE_TYPES, parse_args
+from server.cli_chat import check_chat_template
 from server.settings import build_settings
 from server.service import Service
 from server_util import ROOT, ServerProcess

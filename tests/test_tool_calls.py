@@ -78,6 +78,18 @@ def test_parsers_on_fixed_outputs_and_every_prefix(fmt, text, content, calls):
             assert a.name == name and args.startswith(a.arguments)
 
 
+@pytest.mark.parametrize("fmt,text", [
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {"tz": "11111'),
+    ("mistral-args", '[TOOL_CALLS]get_time[ARGS]{"tz": "x'),
+    ("generic", '{"tool_call": {"name": "get_time", "arguments": {"tz": 1'),
+])
+def test_a_call_cut_by_the_token_limit_stays_a_call(fmt, text):
+    # the stream already sent its name and arguments: the final message must not turn it into content
+    p = FORMATS[fmt].parse(text, True)
+    assert p.content == "" and [(c.name, c.complete) for c in p.calls] == [("get_time", False)]
+    assert text.endswith(p.calls[0].arguments)
+
+
 def test_streamed_deltas_add_up_to_the_message():
     plan = ChatPlan(fmt=FORMATS["hermes"], tool_names=("get_weather", "get_time"))
     text = OUTPUTS[0][1]
