@@ -36,6 +36,17 @@ def _content_text(content: Any, i: int) -> str:
     raise bad_request(f"messages[{i}].content must be a string or a list of text parts")
 
 
+def marked(value: Any, mark) -> Any:
+    """Every string in a JSON value passed through `mark` (keys too: a template may print them)."""
+    if isinstance(value, str):
+        return mark(value)
+    if isinstance(value, list):
+        return [marked(v, mark) for v in value]
+    if isinstance(value, dict):
+        return {marked(k, mark): marked(v, mark) for k, v in value.items()}
+    return value
+
+
 def parse_messages(body: dict, mark=None) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list):
@@ -52,9 +63,7 @@ def parse_messages(body: dict, mark=None) -> list[dict]:
         msg = {"role": role, "content": _content_text(m.get("content"), i)}
         msg.update((k, m[k]) for k in PASSED_FIELDS if m.get(k) is not None)
         if mark is not None:
-            for k in ("content", "reasoning_content"):
-                if isinstance(msg.get(k), str):
-                    msg[k] = mark(msg[k])
+            msg = marked(msg, mark)
         out.append(msg)
     return out
 
@@ -105,6 +114,8 @@ def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None)
     tools, kwargs = _tools(body), _template_kwargs(body)
     plan = plan_chat(body, template, tools, messages, default_reasoning)
     messages = with_system_text(messages, plan.system_text)
+    if mark is not None and tools:
+        tools = marked(tools, mark)  # descriptions are users' text too (the grammar used the originals)
     chat = _render(body, template, messages, tools, kwargs)
     chat.plan = plan
     plan.rendered(chat.text)

@@ -22,6 +22,18 @@ class SpecialText:
 
     def __init__(self, vocab):
         self.vocab = vocab
+        self._first_chars: frozenset[str] | None = None
+
+    @property
+    def _firsts(self) -> frozenset[str]:
+        """The first characters of the special-token texts (Gemma 3: only "<"): a string without
+        any of them needs no tokenizer call. One vocabulary scan (~0.3 s for 262k tokens), at
+        the first chat request; two threads racing here compute the same set."""
+        if self._first_chars is None:
+            v = self.vocab
+            self._first_chars = frozenset(t[0] for t in (v.token_text(i) for i in range(v.n_tokens)
+                                                         if v.needs_parse_special(i)) if t)
+        return self._first_chars
 
     def _gated(self, tok: int) -> bool:
         return self.vocab.needs_parse_special(tok)
@@ -31,6 +43,8 @@ class SpecialText:
         user sent are replaced first, so they cannot fake a wrap)."""
         if OPEN in text or CLOSE in text:
             text = text.replace(OPEN, "\ufffd").replace(CLOSE, "\ufffd")
+        if not any(c in text for c in self._firsts):
+            return text
         v = self.vocab
         parsed = v.tokenize(text, add_special=False, parse_special=True)
         if len(parsed) == len(v.tokenize(text, add_special=False, parse_special=False)) and \
