@@ -246,10 +246,9 @@ class Sampler(OwnedPointer):
         (and the grammar)."""
         if self._argmax:  # the greedy chain keeps no state to accept
             row = ctx.logits(i)
-            if self._bias_ids is not None:
-                row = row.copy()
-                row[self._bias_ids] += self._bias  # llama_sampler_logit_bias: logit += bias
-            return int(np.argmax(row))
+            if self._bias_ids is None:
+                return int(np.argmax(row))
+            return self._biased_argmax(row)
         if self.grammar is None:
             return self._sample(self.ptr, ctx.ptr, i)
         L = lib()
@@ -273,6 +272,27 @@ class Sampler(OwnedPointer):
             L.llama_sampler_accept(self.grammar, tok)
         L.llama_sampler_accept(self.ptr, tok)
         return tok
+
+    def _biased_argmax(self, row: np.ndarray) -> int:
+        """argmax of row + bias (llama_sampler_logit_bias then greedy: the first of equal
+        maxima) without copying the 262k-float row: the biased entries are set aside for the
+        argmax of the rest, then put back (the row is the context's logits, read later for
+        n_probs), and the best of them competes with it."""
+        ids = self._bias_ids
+        saved = row[ids].copy()
+        row[ids] = -np.inf
+        try:
+            m = int(np.argmax(row))
+            best = row[m]
+        finally:
+            row[ids] = saved
+        biased = saved + self._bias
+        top = biased.max()
+        if top > best or (top == best and top > -np.inf):
+            k = int(ids[biased == top].min())
+            if top > best or k < m:
+                return k
+        return m
 
     def _trigger_is_safe(self, tok: int) -> bool:
         """Mirror of a lazy grammar's trigger (llama-grammar.cpp, llama_grammar_accept_impl):

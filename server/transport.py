@@ -209,7 +209,11 @@ class Connection(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._reader.deadline = None  # the time-out runs from the request's first byte
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except (ConnectionResetError, BrokenPipeError):
+            # the client dropped its (kept-alive) connection: nothing to answer, nothing to log
+            self.close_connection = True
 
     _linger = False  # the connection closes with a request body unread: see LINGER_SECONDS
 

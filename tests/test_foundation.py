@@ -540,15 +540,23 @@ def test_plain_greedy_takes_the_argmax_shortcut(ctx, batch, vocab):
         for i in range(len(toks)):
             assert fast.sample(ctx, i) == chain.sample(ctx, i)
     # with biases: a ban (-inf) of each row's top token and a boost, as the chain applies them
+    # (the biased argmax never copies the row, and must leave the context's logits as they were)
     for i in range(len(toks)):
         top = int(np.argmax(ctx.logits(i)))
-        bias = {top: -math.inf, 1000 + i: 5.0}
-        with Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as fast, \
-             Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as chain:
-            assert fast._argmax
-            chain._argmax = False
-            got = fast.sample(ctx, i)
-            assert got != top and got == chain.sample(ctx, i)
+        before = ctx.logits(i).copy()
+        second = int(np.argsort(before)[-2])
+        tie = float(before[top] - before[second])  # lifts the runner-up to exactly the top's logit
+        for bias in ({top: -math.inf, 1000 + i: 5.0}, {1000 + i: 100.0}, {top: 0.0},
+                     {second: tie}, {top: -math.inf, second: -math.inf}):
+            with Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as fast, \
+                 Sampler(SamplingParams(temperature=0, logit_bias=bias), ctx.n_vocab) as chain:
+                assert fast._argmax
+                chain._argmax = False
+                got = fast.sample(ctx, i)
+                assert np.array_equal(ctx.logits(i), before)
+                assert got == chain.sample(ctx, i), (i, bias)
+                if bias.get(top) == -math.inf:
+                    assert got != top
     for p in (SamplingParams(temperature=0, repeat_penalty=1.1), SamplingParams(temperature=0.5),
               SamplingParams(temperature=0, grammar='root ::= "a"')):
         with Sampler(p, ctx.n_vocab, vocab) as s:

@@ -261,6 +261,22 @@ def test_malformed_bodies_and_framing(srv):
     still_serving(srv)
 
 
+def test_a_reset_keep_alive_connection_is_not_an_error(srv):
+    """A client that drops its kept-alive connection with a reset (RST) between requests is
+    normal traffic: the server neither logs a traceback nor stops serving."""
+    import struct
+    before = srv.log_path.read_text(errors="replace").count("Traceback")
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        s.close()
+    time.sleep(0.5)
+    assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+    assert srv.log_path.read_text(errors="replace").count("Traceback") == before
+
+
 def test_slow_client_is_cut_off_by_timeout(srv):
     """A body sent one byte a second, and a head sent one byte a second: -to 2 bounds both."""
     body = json.dumps({"prompt": PROMPT, "n_predict": 2}).encode()
