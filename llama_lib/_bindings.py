@@ -353,6 +353,10 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_memory_seq_pos_min": (llama_pos, [llama_memory_t, llama_seq_id]),
     "llama_memory_seq_pos_max": (llama_pos, [llama_memory_t, llama_seq_id]),
     "llama_memory_can_shift": (c_bool, [llama_memory_t]),
+    # state of one sequence, to and from a file (slot save / restore)
+    "llama_state_seq_save_file": (c_size_t, [llama_context_p, c_char_p, llama_seq_id, POINTER(llama_token), c_size_t]),
+    "llama_state_seq_load_file": (
+        c_size_t, [llama_context_p, c_char_p, llama_seq_id, POINTER(llama_token), c_size_t, POINTER(c_size_t)]),
     # batch and decode
     "llama_batch_get_one": (llama_batch, [POINTER(llama_token), c_int32]),
     "llama_batch_init": (llama_batch, [c_int32, c_int32, c_int32]),

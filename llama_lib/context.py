@@ -312,6 +312,29 @@ class Context(OwnedPointer):
         for pool in pools:
             self._free_threadpool(pool)
 
+    def seq_save_file(self, path: str, seq_id: int, tokens: np.ndarray) -> int:
+        """Write one sequence's KV state and its tokens to a file (llama_state_seq_save_file);
+        returns the bytes written. Raises ContextError if nothing could be written."""
+        toks = np.ascontiguousarray(tokens, dtype=np.int32)
+        n = lib().llama_state_seq_save_file(self.ptr, os.fsencode(path), seq_id,
+                                            toks.ctypes.data_as(ctypes.POINTER(B.llama_token)), len(toks))
+        if not n:
+            raise ContextError(f"could not save sequence {seq_id} to {path}")
+        return int(n)
+
+    def seq_load_file(self, path: str, seq_id: int, max_tokens: int) -> tuple[np.ndarray, int]:
+        """Load a file written by seq_save_file into sequence `seq_id`: (its tokens, bytes read).
+        Raises ContextError when the file is not a sequence state of this model and context,
+        holds more than max_tokens tokens, or the KV cache has no room."""
+        out = np.zeros(max(1, max_tokens), dtype=np.int32)
+        count = ctypes.c_size_t(0)
+        n = lib().llama_state_seq_load_file(self.ptr, os.fsencode(path), seq_id,
+                                            out.ctypes.data_as(ctypes.POINTER(B.llama_token)), len(out),
+                                            ctypes.byref(count))
+        if not n:
+            raise ContextError("no available space in the KV cache, or not a valid slot save file")
+        return out[:count.value].copy(), int(n)
+
     def decode(self, batch: B.llama_batch) -> int:
         """Run llama_decode. Returns 0, or 1 when the KV cache has no room for the batch
         (the caller may retry with a smaller batch); raises DecodeError on real failures."""

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="file of API keys, one per line ('#' starts a comment line), added to --api-key's")
     a("--system-prompt-file", metavar="FNAME", help="shared system prompt every request continues (decoded once)")
     add_chat_flags(p)  # --chat-template(-file), --jinja/--no-jinja, --reasoning-format
+    a("--slot-save-path", metavar="PATH", default=None,
+      help="folder for POST /slots/{id}?action=save|restore (made if missing); without it those are 501")
     a("--slots", dest="slots", action="store_true", default=True,
                     help="expose GET /slots (default: enabled)")
     a("--no-slots", dest="slots", action="store_false", help="disable GET /slots (501)")
@@ -294,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
             (("-mm", "--mmproj"), 1, "multimodal projectors are"),
             (("-mmu", "--mmproj-url"), 1, "multimodal projectors are"),
             (("--spec-draft-model", "-md", "--model-draft"), 1, "speculative decoding is"),
-            (("--slot-save-path",), 1, "saving and restoring slots is"),
             (("--media-path",), 1, "media files (multimodal input) are"),
             (("--tools",), 1, "built-in agent tools are"),
             (("-hf", "-hfr", "--hf-repo"), 1, "downloading models is"),
@@ -326,6 +327,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_engine_flags(p, args)
     if args.timeout <= 0:
         p.error("--timeout must be > 0")
+    if args.slot_save_path:
+        try:
+            os.makedirs(args.slot_save_path, exist_ok=True)
+        except OSError as e:
+            p.error(f"--slot-save-path {args.slot_save_path}: {e.strerror}")
     for name in ("threads", "threads_batch"):
         v = getattr(args, name)
         if v is not None and v < 1:

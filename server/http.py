@@ -15,9 +15,9 @@ import socket
 import time
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import info
+from . import info, slot_files
 from .drain import RETRY_AFTER
 from .embeddings import refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request, error_body
@@ -58,6 +58,7 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/embeddings": {"POST": ("h_embed", "llama")},
     "/v1/embeddings": {"POST": ("h_embed", "oai")},
 }
+SLOT_ACTION_ROUTE = {"POST": ("h_slot_action", None)}  # /slots/{id}?action=save|restore|erase
 
 
 class Handler(Connection):
@@ -120,7 +121,7 @@ class Handler(Connection):
 
     def route(self, path: str) -> None:
         svc = self.server.service
-        route = ROUTES.get(path)
+        route = ROUTES.get(path) or (SLOT_ACTION_ROUTE if path.startswith("/slots/") else None)
         if self.command == "OPTIONS":
             # browsers send no credentials with a preflight: answered before the key check
             if self.server.cors_origins:
@@ -224,6 +225,18 @@ class Handler(Connection):
         if "fail_on_no_slot=1" in q.split("&") and all(s["is_processing"] for s in slots):
             raise ApiError(503, "unavailable_error", "no slot available")
         self.send_json(200, slots)
+
+    def h_slot_action(self, _kind) -> None:
+        svc = self.server.service
+        save_dir = svc.settings.slot_save_path
+        if not save_dir:  # before reading the body, as llama-server
+            raise ApiError(501, "not_supported_error",
+                           "This server does not support slots action. Start it with `--slot-save-path`")
+        url = urlsplit(self.path)
+        id_slot = slot_files.parse_slot_id(unquote(url.path[len("/slots/"):]))
+        action = parse_qs(url.query).get("action", [""])[0]
+        body = self.read_json() if action in ("save", "restore") else None
+        self.send_json(200, slot_files.slot_action(svc.engine, save_dir, id_slot, action, body))
 
     def h_metrics(self, _kind) -> None:
         svc = self.server.service

@@ -40,6 +40,7 @@ class Settings:
     chat_template_from: str | None = None  # the flag that gave it, for messages
     jinja: bool = True                     # --jinja (llama-server v0.5.0's default) / --no-jinja
     slots_endpoint: bool = True
+    slot_save_path: str = ""       # --slot-save-path: where POST /slots/{id}?action=save writes
     metrics_endpoint: bool = False
     props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
     webui: bool = True             # --no-webui: / answers 404
@@ -95,5 +96,6 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         n_keep=args.keep, chat_template=args.chat_template, chat_template_from=args.chat_template_from,
         jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
+        slot_save_path=args.slot_save_path or "",
         webui=args.webui,
     )

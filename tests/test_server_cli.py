@@ -267,7 +267,7 @@ def test_host_list(capsys):
     (["--mmproj", "p.gguf"], "--mmproj: multimodal projectors are not supported by this server"),
     (["-md", "d.gguf"], "-md: speculative decoding is not supported by this server"),
     (["--model-draft", "d.gguf"], "--model-draft: speculative decoding is not supported"),
-    (["--slot-save-path", "/tmp"], "--slot-save-path: saving and restoring slots is not supported"),
+    (["--slot-save-path", "/proc/no/such/dir"], "--slot-save-path /proc/no/such/dir: No such file or directory"),
     (["--tools", "all"], "--tools: built-in agent tools are not supported by this server"),
     (["--hf-repo", "ggml-org/x"], "--hf-repo: downloading models is not supported by this server"),
 ])

@@ -45,6 +45,7 @@ from .output import StopMatcher
 from .prompt_cache import PromptCache
 from .request import Request
 from .slot import Slot, batch_generated, batch_prompts
+from . import slot_files
 from .system_prompt import decode_system_prompt, prompt_tokens, warmup
 from .waiting import WaitingQueue
 from .types import (
@@ -247,6 +248,20 @@ class Engine:
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""
         return [s.info(self.n_ctx_slot) for s in self.slots]
+
+    # -- slot files (llama-server's /slots/{id}?action=...): on the engine thread, slot idle --
+
+    def save_slot(self, slot_id: int, path: str) -> slot_files.SlotFile:
+        """Save the slot's KV sequence and tokens to `path` (waits for the slot to be idle)."""
+        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.save(self, s, path))
+
+    def restore_slot(self, slot_id: int, path: str) -> slot_files.SlotFile:
+        """Load a saved sequence into the slot, as its prompt cache. ValueError if it cannot."""
+        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.restore(self, s, path))
+
+    def erase_slot(self, slot_id: int) -> int:
+        """Drop the slot's prompt cache; returns the tokens it held."""
+        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.erase(self, s))
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest KV position of a sequence (read by the engine thread between steps)."""

@@ -179,6 +179,18 @@ class EnginePool:
                 return i
         raise ValueError(f"slot must be in 0..{self.n_slots - 1}")
 
+    def save_slot(self, slot_id: int, path: str):
+        i = self.engine_of(slot_id)
+        return self.engines[i].save_slot(slot_id - self.engines[i].slot_id_base, path)
+
+    def restore_slot(self, slot_id: int, path: str):
+        i = self.engine_of(slot_id)
+        return self.engines[i].restore_slot(slot_id - self.engines[i].slot_id_base, path)
+
+    def erase_slot(self, slot_id: int) -> int:
+        i = self.engine_of(slot_id)
+        return self.engines[i].erase_slot(slot_id - self.engines[i].slot_id_base)
+
     def slots_info(self) -> list[dict]:
         """Every engine's slots with pool-wide ids and an `engine` field (its engine's index)."""
         return [dict(info, id=info["id"] + e.slot_id_base, engine=i)
