@@ -23,6 +23,7 @@ from ctypes import (
     c_int32,
     c_int64,
     c_size_t,
+    c_uint8,
     c_uint32,
     c_uint64,
     c_void_p,
@@ -353,7 +354,10 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_memory_seq_pos_min": (llama_pos, [llama_memory_t, llama_seq_id]),
     "llama_memory_seq_pos_max": (llama_pos, [llama_memory_t, llama_seq_id]),
     "llama_memory_can_shift": (c_bool, [llama_memory_t]),
-    # state of one sequence, to and from a file (slot save / restore)
+    # state of one sequence, in memory (the prompt cache's RAM tier) and in a file (slot save / restore)
+    "llama_state_seq_get_size": (c_size_t, [llama_context_p, llama_seq_id]),
+    "llama_state_seq_get_data": (c_size_t, [llama_context_p, POINTER(c_uint8), c_size_t, llama_seq_id]),
+    "llama_state_seq_set_data": (c_size_t, [llama_context_p, POINTER(c_uint8), c_size_t, llama_seq_id]),
     "llama_state_seq_save_file": (c_size_t, [llama_context_p, c_char_p, llama_seq_id, POINTER(llama_token), c_size_t]),
     "llama_state_seq_load_file": (
         c_size_t, [llama_context_p, c_char_p, llama_seq_id, POINTER(llama_token), c_size_t, POINTER(c_size_t)]),

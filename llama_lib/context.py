@@ -312,6 +312,20 @@ class Context(OwnedPointer):
         for pool in pools:
             self._free_threadpool(pool)
 
+    def seq_state(self, seq_id: int) -> bytes:
+        """One sequence's KV state as bytes (llama_state_seq_get_data)."""
+        L = lib()
+        size = L.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * max(1, size))()
+        n = L.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        return bytes(memoryview(buf)[:n])
+
+    def set_seq_state(self, seq_id: int, data: bytes) -> bool:
+        """Load bytes from seq_state into sequence `seq_id` (emptied first by the caller);
+        False when llama.cpp refuses them (no KV room, another model or context)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return lib().llama_state_seq_set_data(self.ptr, buf, len(data), seq_id) == len(data)
+
     def seq_save_file(self, path: str, seq_id: int, tokens: np.ndarray) -> int:
         """Write one sequence's KV state and its tokens to a file (llama_state_seq_save_file);
         returns the bytes written. Raises ContextError if nothing could be written."""

@@ -17,6 +17,7 @@ import sys
 
 from llama_lib import _bindings as B
 from llama_lib.engine.embedding import DEFAULT_EMBD_NORMALIZE, POOLING_TYPES
+from llama_lib.engine.types import DEFAULT_CACHE_RAM_MIB
 from llama_lib.sampler import SAMPLING_RANGES
 
 from .cli_engines import add_engine_flags, check_engine_flags
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-sps", "--slot-prompt-similarity", type=float, default=0.1, metavar="SIMILARITY",
       help="how much the prompt of a request must match the prompt of a slot in order to use "
            "that slot (default: 0.10, 0.0 = disabled)")
+    a("-cram", "--cache-ram", type=int, default=DEFAULT_CACHE_RAM_MIB, metavar="N",
+      help="MiB of host RAM for slot prompt caches about to be overwritten, loaded back when a later "
+           f"prompt suits them better (default: {DEFAULT_CACHE_RAM_MIB}, -1 = no limit, 0 = off)")
     a("--cache-reuse", type=int, default=0, metavar="N",
       help="min chunk size to reuse from the cache via KV shifting; accepted but not used (default: 0)")
     a("--offline", action="store_true",
@@ -338,6 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not -1 <= args.prio <= 3:
         p.error("--prio must be in -1..3")
+    if args.cache_ram < -1:
+        p.error("--cache-ram must be -1 (no limit), 0 (off) or a size in MiB")
     if not 0.0 <= args.slot_prompt_similarity <= 1.0:
         p.error("--slot-prompt-similarity must be in 0..1")
     if not 0 <= args.poll <= 100:

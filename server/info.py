@@ -145,12 +145,25 @@ def metrics_text(svc: Service) -> str:
         ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call",
          st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
         *balancer_gauges(svc),
+        *ram_cache_rows(e.ram_cache_stats()),
     ]
     lines = []
     for name, typ, help_, val in rows:
         lines += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {typ}",
                   f"llamacpp:{name} {val:g}" if isinstance(val, float) else f"llamacpp:{name} {val}"]
     return "\n".join(lines) + "\n"
+
+
+def ram_cache_rows(r: dict[str, int]) -> list[tuple]:
+    """The prompt cache's host-RAM tier (--cache-ram; our addition)."""
+    return [
+        ("cache_ram_bytes", "gauge", "Bytes of KV state held in host RAM by the prompt cache", r["bytes"]),
+        ("cache_ram_entries", "gauge", "Sequences held in host RAM by the prompt cache", r["entries"]),
+        ("cache_ram_saved_total", "counter", "Slot caches saved to host RAM before being overwritten", r["saved"]),
+        ("cache_ram_loaded_total", "counter", "Slot caches loaded back from host RAM", r["loaded"]),
+        ("cache_ram_tokens_loaded_total", "counter", "Cached tokens loaded back from host RAM", r["tokens_loaded"]),
+        ("cache_ram_evicted_total", "counter", "Host-RAM cache entries evicted, least recently used first", r["evicted"]),
+    ]
 
 
 def balancer_gauges(svc: Service) -> list[tuple]:

@@ -43,6 +43,7 @@ from .decode import decode_and_sample
 from .embedding import Embedder, EmbeddingRequest
 from .output import StopMatcher
 from .prompt_cache import PromptCache
+from .ram_cache import summary
 from .request import Request
 from .slot import Slot, batch_generated, batch_prompts
 from . import slot_files
@@ -77,7 +78,8 @@ class Engine:
         self.cache = PromptCache(
             self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
             n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
-            share_system_prompt=cfg.share_system_prompt)
+            share_system_prompt=cfg.share_system_prompt,
+            state=self.ctx, ram_limit_bytes=(1 << 62) if cfg.cache_ram_mib < 0 else cfg.cache_ram_mib << 20)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
         self._waiting = WaitingQueue()  # guarded by _lock
@@ -244,6 +246,10 @@ class Engine:
     @property
     def n_busy(self) -> int:
         return sum(1 for s in self.slots if s.busy)
+
+    def ram_cache_stats(self) -> dict[str, int]:
+        """The host-RAM tier's counters (ram_cache.RamCache.summary), read without stopping the engine."""
+        return summary(self.cache.ram)
 
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""

@@ -191,6 +191,14 @@ class EnginePool:
         i = self.engine_of(slot_id)
         return self.engines[i].erase_slot(slot_id - self.engines[i].slot_id_base)
 
+    def ram_cache_stats(self) -> dict[str, int]:
+        """The engines' RAM tiers summed (each has its own --cache-ram budget)."""
+        out: dict[str, int] = {}
+        for e in self.engines:
+            for k, v in e.ram_cache_stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def slots_info(self) -> list[dict]:
         """Every engine's slots with pool-wide ids and an `engine` field (its engine's index)."""
         return [dict(info, id=info["id"] + e.slot_id_base, engine=i)

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from ..context import Memory
+from .ram_cache import RamCache
 from .request import Request
 from .slot import Slot
 from .types import FinishReason
@@ -34,8 +35,12 @@ class PromptCache:
     """The slots' KV sequences as a cache of prompts, and the shared system prompt they start with."""
 
     def __init__(self, memory: Memory, slots: list[Slot], *, similarity: float, n_swa: int,
-                 kv_unified: bool, share_system_prompt: bool):
+                 kv_unified: bool, share_system_prompt: bool, state=None, ram_limit_bytes: int = 0):
         self.memory = memory
+        # the host-RAM tier (ram_cache.py): sequences' states read and written through `state`
+        # (the Context: seq_state / set_seq_state); None when off (--cache-ram 0)
+        self.state = state
+        self.ram = RamCache(ram_limit_bytes) if state is not None and ram_limit_bytes > 0 else None
         self.slots = slots
         self.similarity = similarity    # llama-server's --slot-prompt-similarity
         self.n_swa = n_swa              # sliding-window size whose old cells the KV drops; 0: none
@@ -93,6 +98,8 @@ class PromptCache:
         goes, and without a usable prefix it is reset to the system prompt alone.
         """
         want_prefix = self.prefix_for(r)
+        if self.ram is not None and r.params.cache_prompt:
+            self._swap_with_ram(s, r, want_prefix)
         cached = s.cache_tokens
         s.cache_tokens = np.zeros(0, np.int32)
         n_keep = 0
@@ -112,6 +119,47 @@ class PromptCache:
         else:
             self.reset_sequence(s, with_prefix=bool(want_prefix))
         return n_keep
+
+    def _holds_cache(self, s: Slot, want_prefix: int | None = None) -> bool:
+        """Does the slot's sequence hold exactly its prefix and cached tokens (and, if given,
+        the prefix the request wants)?"""
+        if want_prefix is not None and not self._prefix_fits(s, want_prefix):
+            return False
+        if s.n_prefix and s.prefix_version != self.system_version:
+            return False
+        return bool(len(s.cache_tokens)) and \
+            self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(s.cache_tokens) - 1
+
+    def save_to_ram(self, s: Slot) -> None:
+        """Keep the slot's cache in the RAM tier before its sequence is overwritten."""
+        if self.ram is not None and self._holds_cache(s):
+            self.ram.put(s.cache_tokens, s.n_prefix, s.prefix_version, self.state.seq_state(s.seq_id))
+
+    def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> None:
+        """llama-server's prompt-cache update: the slot's cache goes to RAM when the request
+        would lose most of it, and a RAM entry that suits the prompt better comes back."""
+        own = self._holds_cache(s, want_prefix)
+        keep = common_prefix(s.cache_tokens, r.prompt_tokens) if own else 0
+        entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, keep,
+                              len(s.cache_tokens) if own else 0)
+        if entry is not None or keep < len(s.cache_tokens) // 2:
+            self.save_to_ram(s)
+        if entry is None:
+            return
+        self.memory.seq_rm(s.seq_id, -1, -1)
+        loaded = self.state.set_seq_state(s.seq_id, entry.data) and \
+            self.memory.seq_pos_max(s.seq_id) == entry.n_prefix + len(entry.tokens) - 1
+        if not loaded:
+            log.warning("slot %d: a RAM cache entry did not load; dropped", s.id)
+            self.ram.remove(entry)
+            self.reset_sequence(s, with_prefix=bool(want_prefix))
+            return
+        s.cache_tokens = entry.tokens.copy()
+        s.n_prefix, s.prefix_version = entry.n_prefix, entry.prefix_version
+        s.n_past = s.n_prefix + len(s.cache_tokens)
+        s.kv_pos_max = s.n_past - 1
+        self.ram.stats.n_loaded += 1
+        self.ram.stats.n_tokens_loaded += len(entry.tokens)
 
     def _window_kept(self, s: Slot, n_past: int) -> bool:
         """Whether the slot's KV still holds what a token at position n_past attends to.
@@ -161,6 +209,7 @@ class PromptCache:
         s = min(idle, key=lambda s: s.t_last)
         log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
                  s.id, len(s.cache_tokens))
+        self.save_to_ram(s)
         self.reset_sequence(s, with_prefix=self.share_system_prompt)
         return True
 

@@ -18,6 +18,7 @@ from ..sampler import SamplingParams
 # slots, so a long prompt is prefilled in pieces instead of stalling the streams. The default
 # is llama.cpp's default n_ubatch (the server's --prefill-chunk default, the ubatch size);
 # PREFILL_WHOLE_PROMPT puts whole prompts in one step, as llama.cpp's parallel example does.
+DEFAULT_CACHE_RAM_MIB = 8192  # llama-server's default
 DEFAULT_PREFILL_CHUNK = 512
 PREFILL_WHOLE_PROMPT = 0
 # llama.cpp's --embd-normalize default: euclidean (-1 none, 0 max-abs int16, 1 taxicab, p>2 p-norm)
@@ -99,6 +100,9 @@ class EngineConfig:
     # this fraction of a new prompt (as a prefix) is preferred; 0 = always the lowest free
     # slot (whose cache is still reused as far as it matches).
     slot_prompt_similarity: float = 0.1
+    # llama-server's --cache-ram: MiB of host RAM for slot caches about to be overwritten,
+    # loaded back when a later prompt suits them better (ram_cache.py); 0 off, -1 no limit
+    cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
     # Embeddings (Engine.embed / submit_embedding), in a context of their own (embedding.py):
     embeddings: bool = False       # llama.cpp's --embedding
     pooling: str | None = None     # none|mean|cls|last; None: the model's (none if it names none)

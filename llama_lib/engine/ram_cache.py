@@ -1,0 +1,109 @@
+"""The prompt cache's host-RAM tier (llama-server's --cache-ram): KV sequences that a slot is
+about to overwrite are kept as bytes (llama_state_seq_get_data) and put back into a slot
+(llama_state_seq_set_data) when a later prompt shares more with them than with the slot's own
+cache. Bounded in bytes, least recently used out. Engine thread only.
+
+The choice follows llama-server's server_prompt_cache: an entry must keep at least a quarter of
+its tokens (large prompts are not trashed for a short match), and beat the slot's own cache both
+in the share of the entry kept and in the share of the prompt covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MIN_KEEP = 0.25  # of an entry's tokens a prompt must share to load it
+MIN_TOKENS = 16  # shorter caches are cheaper to recompute than to keep
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+@dataclass(eq=False)  # entries are compared by identity
+class RamEntry:
+    tokens: np.ndarray      # the cached tokens after the system prompt prefix
+    n_prefix: int           # system prompt tokens the sequence starts with
+    prefix_version: int
+    data: bytes             # llama_state_seq_get_data of the whole sequence
+    t_used: int = 0
+
+
+@dataclass
+class RamStats:
+    n_saved: int = 0            # sequences stored
+    n_loaded: int = 0           # sequences put back into a slot
+    n_tokens_loaded: int = 0    # cached tokens those brought back (before trimming to the prompt)
+    n_evicted: int = 0
+
+
+@dataclass
+class RamCache:
+    limit_bytes: int
+    entries: list[RamEntry] = field(default_factory=list)
+    n_bytes: int = 0
+    stats: RamStats = field(default_factory=RamStats)
+    _clock: int = 0
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def best(self, prompt: np.ndarray, n_prefix: int, version: int, keep: int, cached: int) -> RamEntry | None:
+        """The entry worth loading for `prompt`, given that the slot's own cache of `cached`
+        tokens keeps `keep` of them; None if the slot's cache is as good."""
+        f_keep = keep / cached if cached else -1.0
+        f_sim = keep / len(prompt) if len(prompt) else 0.0
+        best = None
+        for e in self.entries:
+            if e.n_prefix != n_prefix or (n_prefix and e.prefix_version != version):
+                continue
+            lcp = common_prefix(e.tokens, prompt)
+            k, s = lcp / len(e.tokens), lcp / len(prompt) if len(prompt) else 0.0
+            if k >= MIN_KEEP and k > f_keep and s > f_sim:
+                best, f_keep, f_sim = e, k, s
+        if best is not None:
+            best.t_used = self._tick()
+        return best
+
+    def put(self, tokens: np.ndarray, n_prefix: int, version: int, data: bytes) -> bool:
+        """Keep a sequence's state; False when it does not fit the limit or is already kept."""
+        if len(tokens) < MIN_TOKENS or len(data) > self.limit_bytes:
+            return False
+        for e in self.entries:
+            if e.n_prefix == n_prefix and common_prefix(e.tokens, tokens) == len(tokens):
+                e.t_used = self._tick()
+                return False  # an entry holds all of it (and maybe more)
+        # entries this one contains are no longer needed
+        kept = [e for e in self.entries
+                if not (e.n_prefix == n_prefix and common_prefix(e.tokens, tokens) == len(e.tokens))]
+        self.n_bytes -= sum(len(e.data) for e in self.entries if e not in kept)
+        self.entries = kept
+        while self.entries and self.n_bytes + len(data) > self.limit_bytes:
+            old = min(self.entries, key=lambda e: e.t_used)
+            self.entries.remove(old)
+            self.n_bytes -= len(old.data)
+            self.stats.n_evicted += 1
+        self.entries.append(RamEntry(tokens.copy(), n_prefix, version, data, self._tick()))
+        self.n_bytes += len(data)
+        self.stats.n_saved += 1
+        return True
+
+    def remove(self, entry: RamEntry) -> None:
+        if entry in self.entries:
+            self.entries.remove(entry)
+            self.n_bytes -= len(entry.data)
+
+
+def summary(ram: RamCache | None) -> dict[str, int]:
+    """Bytes and entries held; sequences saved, loaded back and evicted; cached tokens loaded.
+    All 0 when the tier is off."""
+    if ram is None:
+        return dict.fromkeys(("bytes", "entries", "saved", "loaded", "tokens_loaded", "evicted"), 0)
+    st = ram.stats
+    return {"bytes": ram.n_bytes, "entries": len(ram.entries), "saved": st.n_saved, "loaded": st.n_loaded,
+            "tokens_loaded": st.n_tokens_loaded, "evicted": st.n_evicted}
