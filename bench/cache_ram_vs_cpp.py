@@ -29,6 +29,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _builds  # noqa: E402
+from templates_vs_cpp import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".llama/models/gemma-3-270m-q4_k_m.gguf"
@@ -44,18 +45,10 @@ QUESTIONS = ["Can you help me with {t}?", "Where in the building is that?", "How
 
 
 def start(cmd: list[str], env: dict, port: int, log: Path) -> subprocess.Popen:
-    p = subprocess.Popen([*cmd, "--port", str(port)], cwd=ROOT, env=env, stdout=log.open("w"),
-                         stderr=subprocess.STDOUT)
-    for _ in range(600):
-        if p.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited; see {log}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return p
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{cmd[0]} not ready; see {log}")
+    p = launch(cmd, env, port, log, tries=600)
+    if p.poll() is not None:
+        raise RuntimeError(f"{cmd[0]} exited; see {log}")
+    return p
 
 
 def own_text(u: int) -> str:

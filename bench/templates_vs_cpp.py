@@ -56,9 +56,14 @@ SETS = {
 
 
 def start(cmd: list[str], env: dict, port: int, log: Path) -> subprocess.Popen:
-    p = subprocess.Popen([*cmd, "-m", str(MODEL), "--port", str(port), "-np", "1", "-c", "1024",
-                          "--jinja"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(300):
+    return launch([*cmd, "-m", str(MODEL), "-np", "1", "-c", "1024", "--jinja"], env, port, log)
+
+
+def launch(cmd: list[str], env: dict, port: int, log: Path, tries: int = 300) -> subprocess.Popen:
+    """A server `cmd --port PORT`, once /health answers 200 (or it exited: check poll())."""
+    p = subprocess.Popen([*cmd, "--port", str(port)], cwd=ROOT, env=env, stdout=log.open("w"),
+                         stderr=subprocess.STDOUT)
+    for _ in range(tries):
         if p.poll() is not None:
             return p
         try:

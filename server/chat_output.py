@@ -89,5 +89,7 @@ class ChatOutput:
                                   "id": self._id(i)} for i, c in enumerate(parsed.calls)]
         return msg
 
-    def has_calls(self, text: str) -> bool:
-        return bool(self.parts(text, True)[1].calls)
+    @property
+    def sent_calls(self) -> bool:
+        """Did the deltas so far carry a tool call?"""
+        return bool(self._ids)

@@ -137,16 +137,18 @@ def plan_chat(body: dict, template, tools: list | None, messages: list[dict],
     parallel = get_bool(body, "parallel_tool_calls", default_parallel)
     chosen = tools if choice in ("auto", "required") else [t for t in tools if tool_name(t) == choice]
     forced = choice != "auto"
-    lenient = []  # "auto": schemas we cannot express (not invalid ones) allow any object
-    for i, t in enumerate(tools):
-        if t in chosen:
-            try:
-                schemas_to_grammar([tool_parameters(t)], lambda n: n[0])
-            except (ValueError, RecursionError) as e:
-                if forced or not _unsupported(e):
-                    raise bad_request(f"tools[{i}].function.parameters: {e or 'nested too deeply'}") from None
-                lenient.append(i)
-    grammar = fmt.grammar(chosen, parallel, lenient=bool(lenient), auto=not forced)
+    schemas = []  # "auto": a schema we cannot express (not an invalid one) allows any object
+    for t in chosen:
+        schema = tool_parameters(t)
+        try:
+            schemas_to_grammar([schema], lambda n: n[0])
+        except (ValueError, RecursionError) as e:
+            if forced or not _unsupported(e):
+                i = next(k for k, u in enumerate(tools) if u is t)
+                raise bad_request(f"tools[{i}].function.parameters: {e or 'nested too deeply'}") from None
+            schema = {"type": "object"}
+        schemas.append(schema)
+    grammar = fmt.grammar(chosen, parallel, auto=not forced, schemas=schemas)
     plan.fmt, plan.tool_names, plan.parallel, plan.grammar = fmt, tuple(tool_name(t) for t in chosen), parallel, grammar
     if not forced and fmt.lazy:
         plan.lazy, plan.triggers = True, tuple(fmt.triggers)

@@ -109,7 +109,7 @@ def handle_events(srv: Streamer, job: Job, h, index: int = 0, done: bool = True)
     if reader is not None:
         for delta in reader.deltas(said, final=True):
             yield R.oai_chat_chunk(job, model, delta, index=index)
-        reason = R.chat_finish_reason(h, reader.has_calls(said))
+        reason = R.chat_finish_reason(h, reader.sent_calls)
     if job.kind == KIND_OAI_CHAT:
         # the finish chunk (empty delta); with stream_options.include_usage a last chunk
         # without choices carries usage; timings ride on whichever comes last

@@ -120,6 +120,7 @@ class Service:
         model.vocab.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
         self.special = SpecialText(model.vocab)
+        self._preserved_sets: dict[tuple[str, ...], frozenset[int]] = {}
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
@@ -205,14 +206,18 @@ class Service:
         # BOS only where it starts the sequence: not after a shared system prompt
         return self.special.tokenize(prompt, add_bos=not (self.engine and self.engine.system_prompt))
 
-    def _preserved(self, texts) -> frozenset[int]:
-        """The special tokens among a chat plan's marker texts (each one token, else none)."""
-        out = set()
-        for t in texts:
-            toks = self.model.vocab.tokenize(t, add_special=False, parse_special=True)
-            if len(toks) == 1 and self.model.vocab.needs_parse_special(int(toks[0])):
-                out.add(int(toks[0]))
-        return frozenset(out)
+    def _preserved(self, texts: tuple[str, ...]) -> frozenset[int]:
+        """The special tokens among a chat plan's marker texts (each one token, else none);
+        a format's markers are few, so each set is worked out once."""
+        got = self._preserved_sets.get(texts)
+        if got is None:
+            out = set()
+            for t in texts:
+                toks = self.model.vocab.tokenize(t, add_special=False, parse_special=True)
+                if len(toks) == 1 and self.model.vocab.needs_parse_special(int(toks[0])):
+                    out.add(int(toks[0]))
+            got = self._preserved_sets[texts] = frozenset(out)
+        return got
 
     def parse(self, body, kind: str) -> Job:
         # llama-server's --verbose makes every answer carry "__verbose"

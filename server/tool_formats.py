@@ -81,11 +81,13 @@ class ToolFormat:
     markers: tuple[str, ...] = ()  # texts that start a call: held back while they may be one
     lazy = True                    # "auto" can leave the text free until a trigger
 
+    shown: tuple[str, ...] = ()   # further texts of the format the output must show
+
     @property
     def preserved(self) -> tuple[str, ...]:
         """Texts the output must show even when they are special tokens (llama-server's
         preserved_tokens): the format's markers."""
-        return self.markers + tuple(getattr(self, "end_marker", "") and (self.end_marker,))
+        return self.markers + self.shown
 
     @property
     def triggers(self) -> list[str]:
@@ -103,19 +105,12 @@ class ToolFormat:
         model may also answer without a call, where the format is not lazy)."""
         raise NotImplementedError
 
-    def grammar(self, tools: list, parallel: bool, lenient: bool = False, auto: bool = False) -> str:
-        """GBNF for one call (or, with `parallel`, one or more) of these tools. A parameters
-        schema the converter refuses raises ValueError naming the tool, unless `lenient`
-        (tool_choice "auto"): that tool's arguments are then any JSON object."""
-        schemas = []
-        for i, t in enumerate(tools):
-            s = tool_parameters(t)
-            if lenient:
-                try:
-                    schemas_to_grammar([s], lambda n: n[0])
-                except (ValueError, RecursionError):
-                    s = {"type": "object"}
-            schemas.append(s)
+    def grammar(self, tools: list, parallel: bool, auto: bool = False, schemas: list | None = None) -> str:
+        """GBNF for one call (or, with `parallel`, one or more) of these tools, whose arguments
+        follow `schemas` (default: each tool's parameters). Raises ValueError for a schema the
+        converter refuses."""
+        if schemas is None:
+            schemas = [tool_parameters(t) for t in tools]
         try:
             return schemas_to_grammar(schemas, lambda rules: self.calls_rule(tools, rules, parallel, auto))
         except RecursionError:
@@ -248,6 +243,7 @@ class Hermes(ToolFormat):
     name = "hermes"
     markers = ("<tool_call>",)
     end_marker = "</tool_call>"
+    shown = (end_marker,)
 
     def calls_rule(self, tools, rules, parallel, auto=False):
         one = " | ".join(self.call_object(tool_name(t), r) for t, r in zip(tools, rules))
@@ -307,7 +303,7 @@ class Mistral(ToolFormat):
 class MistralArgs(ToolFormat):
     name = "mistral-args"
     markers = ("[TOOL_CALLS]",)
-    end_marker = "[ARGS]"  # not an end: what follows the name; preserved as the markers
+    shown = ("[ARGS]",)  # between a call's name and its arguments
 
     def calls_rule(self, tools, rules, parallel, auto=False):
         one = " | ".join(f'{gbnf_literal(tool_name(t))} "[ARGS]" {r}' for t, r in zip(tools, rules))

@@ -287,3 +287,15 @@ def served(args: list[str], log_path: Path, api_key: str | None = None, show_log
         code = s.stop()
         if show_log:
             print(f"\nserver exit code {code}; log tail:\n{s.log_tail(10)}")
+
+
+TEMPLATES = ROOT / ".llama" / "src" / "llama.cpp" / "models" / "templates"  # the fetched source's
+
+
+@contextlib.contextmanager
+def served_with_template(tmp_path_factory, template: str, ctx: int = 2048):
+    """`served` for a module fixture: -np 2 and the chat template file `template` of the
+    fetched llama.cpp source."""
+    log = tmp_path_factory.mktemp(template.split("-")[0].lower()) / "server.log"
+    with served(["-np", "2", "-c", str(ctx), "--chat-template-file", str(TEMPLATES / template)], log) as s:
+        yield s

@@ -8,13 +8,11 @@ from datetime import datetime
 import pytest
 import requests
 
-from conftest import ROOT
 from server.chat import render_chat
 from server.errors import ApiError
 from server.templates import JinjaTemplate, TemplateError, template_caps
-from server_util import served
+from server_util import TEMPLATES, served_with_template
 
-TEMPLATES = ROOT / ".llama" / "src" / "llama.cpp" / "models" / "templates"
 USER = [{"role": "user", "content": "Hello"}]
 SYSTEM = [{"role": "system", "content": "Be brief."}, *USER]
 WEATHER = {"type": "function", "function": {
@@ -124,9 +122,7 @@ def test_prefill_and_tool_messages_reach_the_template():
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    log = tmp_path_factory.mktemp("tmpl") / "server.log"
-    with served(["-np", "2", "-c", "2048", "--chat-template-file",
-                 str(TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja")], log) as s:
+    with served_with_template(tmp_path_factory, "Qwen-Qwen2.5-7B-Instruct.jinja") as s:
         yield s
 
 

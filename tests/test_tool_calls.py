@@ -14,16 +14,14 @@ import json
 import pytest
 import requests
 
-from conftest import ROOT
 from llama_lib import Engine, EngineConfig, RequestParams, SamplingParams
 from server.chat_output import ChatOutput
 from server.chat_tools import ChatPlan
 from server.special_text import SpecialText
 from server.tool_formats import FORMATS, detect_format
-from server_util import served
+from server_util import TEMPLATES, served, served_with_template
 from test_structured import grammar_accepts
 
-TEMPLATES = ROOT / ".llama" / "src" / "llama.cpp" / "models" / "templates"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
@@ -205,9 +203,7 @@ def test_user_text_never_becomes_special_tokens(vocab):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    log = tmp_path_factory.mktemp("tools") / "server.log"
-    with served(["-np", "2", "-c", "4096", "--chat-template-file",
-                 str(TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja")], log) as s:
+    with served_with_template(tmp_path_factory, "Qwen-Qwen2.5-7B-Instruct.jinja", ctx=4096) as s:
         yield s
 
 
@@ -345,9 +341,7 @@ def test_special_token_text_from_users_is_plain_text(plain):
 
 @pytest.fixture(scope="module")
 def r1(tmp_path_factory):
-    log = tmp_path_factory.mktemp("r1") / "server.log"
-    with served(["-np", "2", "-c", "2048", "--chat-template-file",
-                 str(TEMPLATES / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja")], log) as s:
+    with served_with_template(tmp_path_factory, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja") as s:
         yield s
 
 

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from ..context import Memory
-from .ram_cache import RamCache
+from .ram_cache import RamCache, common_prefix
 from .request import Request
 from .slot import Slot
 from .types import FinishReason
@@ -22,13 +22,6 @@ from .types import FinishReason
 log = logging.getLogger("llama_lib.engine")
 
 _KEPT_REASONS = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two token arrays."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 class PromptCache:
@@ -120,7 +113,7 @@ class PromptCache:
             self.reset_sequence(s, with_prefix=bool(want_prefix))
         return n_keep
 
-    def _holds_cache(self, s: Slot, want_prefix: int | None = None) -> bool:
+    def holds_cache(self, s: Slot, want_prefix: int | None = None) -> bool:
         """Does the slot's sequence hold exactly its prefix and cached tokens (and, if given,
         the prefix the request wants)?"""
         if want_prefix is not None and not self._prefix_fits(s, want_prefix):
@@ -132,13 +125,13 @@ class PromptCache:
 
     def save_to_ram(self, s: Slot) -> None:
         """Keep the slot's cache in the RAM tier before its sequence is overwritten."""
-        if self.ram is not None and self._holds_cache(s):
+        if self.ram is not None and self.holds_cache(s):
             self.ram.put(s.cache_tokens, s.n_prefix, s.prefix_version, self.state.seq_state(s.seq_id))
 
     def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> None:
         """llama-server's prompt-cache update: the slot's cache goes to RAM when the request
         would lose most of it, and a RAM entry that suits the prompt better comes back."""
-        own = self._holds_cache(s, want_prefix)
+        own = self.holds_cache(s, want_prefix)
         keep = common_prefix(s.cache_tokens, r.prompt_tokens) if own else 0
         entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, keep,
                               len(s.cache_tokens) if own else 0)
@@ -154,12 +147,17 @@ class PromptCache:
             self.ram.remove(entry)
             self.reset_sequence(s, with_prefix=bool(want_prefix))
             return
-        s.cache_tokens = entry.tokens.copy()
-        s.n_prefix, s.prefix_version = entry.n_prefix, entry.prefix_version
-        s.n_past = s.n_prefix + len(s.cache_tokens)
-        s.kv_pos_max = s.n_past - 1
+        self.adopt(s, entry.tokens, entry.n_prefix, entry.prefix_version)
         self.ram.stats.n_loaded += 1
         self.ram.stats.n_tokens_loaded += len(entry.tokens)
+
+    def adopt(self, s: Slot, tokens: np.ndarray, n_prefix: int, prefix_version: int) -> None:
+        """The slot's sequence was just loaded with a prefix of n_prefix system prompt tokens
+        then `tokens`: they are its cache now."""
+        s.cache_tokens = tokens.copy()
+        s.n_prefix, s.prefix_version = n_prefix, prefix_version
+        s.n_past = n_prefix + len(tokens)
+        s.kv_pos_max = s.n_past - 1
 
     def _window_kept(self, s: Slot, n_past: int) -> bool:
         """Whether the slot's KV still holds what a token at position n_past attends to.

@@ -19,6 +19,7 @@ MIN_TOKENS = 16  # shorter caches are cheaper to recompute than to keep
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n

@@ -55,12 +55,9 @@ def sequence_tokens(e: "Engine", s: Slot) -> np.ndarray:
 
 def save(e: "Engine", s: Slot, path: str) -> SlotFile:
     t0 = time.perf_counter()
-    if s.n_prefix and s.prefix_version != e.cache.system_version:
-        e.cache.reset_sequence(s, with_prefix=e.cache.share_system_prompt)  # an outdated prefix
-    tokens = sequence_tokens(e, s)
-    if e.memory.seq_pos_max(s.seq_id) != len(tokens) - 1:
+    if not e.cache.holds_cache(s):  # nothing cached, an outdated prefix, or other cells
         e.cache.reset_sequence(s, with_prefix=e.cache.share_system_prompt)
-        tokens = sequence_tokens(e, s)
+    tokens = sequence_tokens(e, s)
     try:
         n = e.ctx.seq_save_file(path, s.seq_id, tokens)
     except ContextError as err:
@@ -82,13 +79,8 @@ def restore(e: "Engine", s: Slot, path: str) -> SlotFile:
         cache.reset_sequence(s, with_prefix=cache.share_system_prompt)
         raise ValueError(f"Unable to restore slot: {err}") from None
     system = cache.system_tokens
-    if len(system) and len(tokens) >= len(system) and np.array_equal(tokens[:len(system)], system):
-        s.n_prefix, s.prefix_version = len(system), cache.system_version
-    else:
-        s.n_prefix = 0
-    s.cache_tokens = tokens[s.n_prefix:].copy()
-    s.n_past = len(tokens)
-    s.kv_pos_max = len(tokens) - 1
+    n_prefix = len(system) if len(system) and np.array_equal(tokens[:len(system)], system) else 0
+    cache.adopt(s, tokens[n_prefix:], n_prefix, cache.system_version)
     s.t_last = time.perf_counter()
     return SlotFile(len(tokens), n, (time.perf_counter() - t0) * 1000.0)
 
