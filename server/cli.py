@@ -268,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("-cram", "--cache-ram", type=int, default=DEFAULT_CACHE_RAM_MIB, metavar="N",
       help="MiB of host RAM for slot prompt caches about to be overwritten, loaded back when a later "
            f"prompt suits them better (default: {DEFAULT_CACHE_RAM_MIB}, -1 = no limit, 0 = off)")
+    a("--prefix-share", dest="prefix_share", action="store_true", default=True,
+      help="a request copies the longest prompt prefix any slot's KV holds (an idle cache or a "
+           "live request's prompt) and waits for one still being decoded, instead of decoding it "
+           "again (default: enabled; our addition)")
+    a("--no-prefix-share", dest="prefix_share", action="store_false",
+      help="a slot reuses only its own cache and the shared system prompt (as llama-server)")
     a("--cache-reuse", type=int, default=0, metavar="N",
       help="min chunk size to reuse from the cache via KV shifting; accepted but not used (default: 0)")
     a("--offline", action="store_true",

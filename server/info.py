@@ -146,6 +146,7 @@ def metrics_text(svc: Service) -> str:
          st.n_generated_tokens / st.n_steps if st.n_steps else 0.0),
         *balancer_gauges(svc),
         *ram_cache_rows(e.ram_cache_stats()),
+        *prefix_share_rows(e.share_stats()),
     ]
     lines = []
     for name, typ, help_, val in rows:
@@ -163,6 +164,17 @@ def ram_cache_rows(r: dict[str, int]) -> list[tuple]:
         ("cache_ram_loaded_total", "counter", "Slot caches loaded back from host RAM", r["loaded"]),
         ("cache_ram_tokens_loaded_total", "counter", "Cached tokens loaded back from host RAM", r["tokens_loaded"]),
         ("cache_ram_evicted_total", "counter", "Host-RAM cache entries evicted, least recently used first", r["evicted"]),
+    ]
+
+
+def prefix_share_rows(s: dict[str, int]) -> list[tuple]:
+    """Prompt prefixes taken from other KV sequences (--prefix-share; our addition)."""
+    return [
+        ("prefix_copies_total", "counter", "Prompt prefixes copied from another KV sequence", s["n_copies"]),
+        ("prompt_tokens_shared_total", "counter", "Prompt tokens copied from another KV sequence, not decoded",
+         s["n_tokens_copied"]),
+        ("prefix_waits_total", "counter", "Requests that waited for a live request to decode the prefix they share",
+         s["n_waits"]),
     ]
 
 

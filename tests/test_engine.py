@@ -72,7 +72,9 @@ def test_shared_system_prompt_decoded_once_same_output(model, vocab):
     n_sys = len(vocab.tokenize(SYSTEM, add_special=True))
     outs = {}
     for shared in (True, False):
-        with make_engine(model, n_parallel=3, system_prompt=SYSTEM, share_system_prompt=shared) as e:
+        # prefix sharing off: it would share an unshared system prompt's tokens as well
+        with make_engine(model, n_parallel=3, system_prompt=SYSTEM, share_system_prompt=shared,
+                         prefix_share=False) as e:
             handles = [e.submit(question(q), greedy(16)) for q in qs]
             e.run_until_idle()
             n_req_tokens = sum(h.n_prompt_tokens for h in handles)

@@ -19,7 +19,9 @@ SEED_BODY = {"prompt": PROMPT, "n_predict": 12, "temperature": 0, "cache_prompt"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     base = tmp_path_factory.mktemp("slots")
-    with served(["-np", "2", "-c", "2048", "--slot-save-path", str(base / "saved")], base / "server.log") as s:
+    # --no-prefix-share: an erased slot would otherwise copy the prompt from the other slot
+    with served(["-np", "2", "-c", "2048", "--slot-save-path", str(base / "saved"), "--no-prefix-share"],
+                base / "server.log") as s:
         s.save_dir = base / "saved"
         yield s
 

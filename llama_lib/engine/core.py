@@ -10,8 +10,9 @@ decodes in sequence i + 1. `step()` runs one iteration of the loop, in timed pha
 3. admit: waiting requests into free slots (all free slots with continuous batching, only when
    nothing is generating without it): the free slot whose cached tokens share the longest prefix
    with the prompt (llama-server's prompt cache, see prompt_cache.py), else the lowest free
-   one; only the part of the prompt past what the slot's KV already holds is written
-   (batch: whole prompts, or prefill_chunk tokens per step);
+   one; the longest prefix any sequence holds is copied, one still being decoded is waited for
+   (prefix_share.py); only the rest of the prompt is written (batch: whole prompts, or
+   prefill_chunk tokens per step);
 4. decode_sample: decode in chunks of n_batch, halving a chunk and retrying when the KV cache
    has no room;
 5. sample every slot whose logits are in a decoded chunk, apply stop rules, stream the text;
@@ -45,9 +46,10 @@ from .output import StopMatcher
 from .prompt_cache import PromptCache
 from .ram_cache import summary
 from .request import Request
-from .slot import Slot, batch_generated, batch_prompts
+from .prefix_share import join_ready
+from .slot import WAIT, Slot, batch_generated, batch_prompts
 from . import slot_files
-from .system_prompt import decode_system_prompt, prompt_tokens, warmup
+from .system_prompt import apply_system_prompt, prompt_tokens, warmup
 from .waiting import WaitingQueue
 from .types import (
     EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull, RequestParams,
@@ -78,7 +80,7 @@ class Engine:
         self.cache = PromptCache(
             self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
             n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
-            share_system_prompt=cfg.share_system_prompt,
+            share_system_prompt=cfg.share_system_prompt, share_prefixes=cfg.prefix_share,
             state=self.ctx, ram_limit_bytes=(1 << 62) if cfg.cache_ram_mib < 0 else cfg.cache_ram_mib << 20)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
@@ -251,6 +253,10 @@ class Engine:
         """The host-RAM tier's counters (ram_cache.RamCache.summary), read without stopping the engine."""
         return summary(self.cache.ram)
 
+    def share_stats(self) -> dict[str, int]:
+        """Prefixes copied from other KV sequences and requests that waited for one (prefix_share.py)."""
+        return dataclasses.asdict(self.cache.share_stats)
+
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""
         return [s.info(self.n_ctx_slot) for s in self.slots]
@@ -338,6 +344,8 @@ class Engine:
         t_generated = time.perf_counter()
         if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
             self._admit()
+        if any(s.phase is WAIT or s.hold_at for s in self.slots):
+            join_ready(self)
         t_admitted = time.perf_counter()
         st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
         t_batched = time.perf_counter()
@@ -367,7 +375,7 @@ class Engine:
             if self.embedder is not None:
                 self.embedder.warmup()
         if self._pending_system is not None:
-            self._apply_system_prompt()
+            apply_system_prompt(self)
         self._calls.run()
         self._drop_cancelled()
 
@@ -390,6 +398,8 @@ class Engine:
     def _start(self, s: Slot, r: Request) -> None:
         """Put a request in its reserved slot, reusing what the slot's cache shares."""
         n_keep = self.cache.claim(s, r)
+        if n_keep is None:  # waits for another slot's prefill (prefix_share.join_ready)
+            return
         r.slot_id = s.id + self.slot_id_base
         r.n_cached_tokens = s.n_prefix + n_keep
         r.n_prompt_tokens = len(r.prompt_tokens) - n_keep
@@ -409,8 +419,10 @@ class Engine:
             return
         if reason in _FLUSHED_REASONS and s.matcher is not None:
             r._emit(s.matcher.flush(), [])
+        waited = s.phase is WAIT  # never started: the sequence still holds the slot's cache
         s.end(time.perf_counter())
-        self.cache.on_finish(s, r, reason)
+        if not waited:
+            self.cache.on_finish(s, r, reason)
         st = self.stats
         if reason == FinishReason.CANCELLED:
             st.n_requests_cancelled += 1
@@ -421,19 +433,6 @@ class Engine:
         with self._lock:
             self._all.discard(r)
         r._finish(reason, error)
-
-    # -- the system prompt ------------------------------------------------------------------
-
-    def _apply_system_prompt(self) -> None:
-        """Decode the pending system prompt into sequence 0 (idle slots pick it up now)."""
-        with self._lock:
-            text, self._pending_system = self._pending_system, None
-        if text is None:
-            return
-        tokens = decode_system_prompt(self.ctx, self.batch, self.vocab, text, self.n_ctx_slot)
-        self.stats.n_prompt_tokens += len(tokens)
-        self.stats.n_system_prompt_tokens = len(tokens)
-        self.cache.set_system_tokens(tokens)
 
     def _drop_cancelled(self) -> None:
         if self._waiting:

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -193,9 +193,16 @@ class EnginePool:
 
     def ram_cache_stats(self) -> dict[str, int]:
         """The engines' RAM tiers summed (each has its own --cache-ram budget)."""
+        return self._summed(Engine.ram_cache_stats)
+
+    def share_stats(self) -> dict[str, int]:
+        """The engines' prefix sharing summed (a prefix is shared within one engine's KV)."""
+        return self._summed(Engine.share_stats)
+
+    def _summed(self, read: Callable[[Engine], dict[str, int]]) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.engines:
-            for k, v in e.ram_cache_stats().items():
+            for k, v in read(e).items():
                 out[k] = out.get(k, 0) + v
         return out
 

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from ..context import Memory
+from . import prefix_share
 from .ram_cache import RamCache, common_prefix
 from .request import Request
 from .slot import Slot
@@ -28,8 +29,12 @@ class PromptCache:
     """The slots' KV sequences as a cache of prompts, and the shared system prompt they start with."""
 
     def __init__(self, memory: Memory, slots: list[Slot], *, similarity: float, n_swa: int,
-                 kv_unified: bool, share_system_prompt: bool, state=None, ram_limit_bytes: int = 0):
+                 kv_unified: bool, share_system_prompt: bool, state=None, ram_limit_bytes: int = 0,
+                 share_prefixes: bool = True):
         self.memory = memory
+        # other sequences' prefixes copied into a new request's (prefix_share.py)
+        self.share_prefixes = share_prefixes
+        self.share_stats = prefix_share.ShareStats()
         # the host-RAM tier (ram_cache.py): sequences' states read and written through `state`
         # (the Context: seq_state / set_seq_state); None when off (--cache-ram 0)
         self.state = state
@@ -57,7 +62,7 @@ class PromptCache:
         shared = r.params.use_system_prompt and self.share_system_prompt
         return len(self.system_tokens) if shared else 0
 
-    def _prefix_fits(self, s: Slot, want_prefix: int) -> bool:
+    def prefix_fits(self, s: Slot, want_prefix: int) -> bool:
         """Whether the slot's sequence starts with the system prompt the request continues."""
         return s.n_prefix == want_prefix and (not want_prefix or s.prefix_version == self.system_version)
 
@@ -71,7 +76,7 @@ class PromptCache:
             want_prefix = self.prefix_for(r)
             best, best_sim = None, 0.0
             for s in free:
-                if not len(s.cache_tokens) or not self._prefix_fits(s, want_prefix):
+                if not len(s.cache_tokens) or not self.prefix_fits(s, want_prefix):
                     continue
                 sim = common_prefix(s.cache_tokens, r.prompt_tokens) / len(r.prompt_tokens)
                 if sim > best_sim and sim > thold:
@@ -83,24 +88,30 @@ class PromptCache:
         # several ubatches (seen: 8 streams at -np 9, 52 ms a step contiguous, 80 ms with a gap)
         return min(free, key=lambda s: s.id)
 
-    def claim(self, s: Slot, r: Request) -> int:
-        """Prepare the slot's sequence for the request; returns the prompt tokens it keeps.
+    def claim(self, s: Slot, r: Request) -> int | None:
+        """Prepare the slot's sequence for the request; returns the prompt tokens it keeps, or
+        None when the request waits for a live request to decode the prefix they share (the
+        slot is then in phase WAIT and its sequence untouched; prefix_share.join_ready).
 
-        The sequence keeps the longest prefix of its cached tokens that the prompt shares
-        (at least the last prompt token is decoded again, for its logits); everything else
-        goes, and without a usable prefix it is reset to the system prompt alone.
+        The sequence gets the longest prefix of the prompt found in its own cache, in another
+        KV sequence (prefix_share.py) or in the host-RAM tier (at least the last prompt token
+        is decoded again, for its logits); without one it is reset to the system prompt alone.
         """
         want_prefix = self.prefix_for(r)
+        if self.share_prefixes and r.params.cache_prompt:
+            n_keep = self._claim_shared(s, r, want_prefix)
+            if n_keep != 0:
+                return n_keep
         if self.ram is not None and r.params.cache_prompt:
             self._swap_with_ram(s, r, want_prefix)
         cached = s.cache_tokens
         s.cache_tokens = np.zeros(0, np.int32)
         n_keep = 0
-        if self._prefix_fits(s, want_prefix) \
+        if self.prefix_fits(s, want_prefix) \
                 and self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(cached) - 1:
             if r.params.cache_prompt and len(cached):
                 n_keep = min(common_prefix(cached, r.prompt_tokens), len(r.prompt_tokens) - 1)
-                if n_keep > 0 and not self._window_kept(s, s.n_prefix + n_keep):
+                if n_keep > 0 and not self.window_kept(s.seq_id, s.n_prefix + n_keep):
                     log.info("slot %d: %d cached tokens are past the sliding window; "
                              "the prompt is processed again", s.id, n_keep)
                     n_keep = 0
@@ -113,10 +124,42 @@ class PromptCache:
             self.reset_sequence(s, with_prefix=bool(want_prefix))
         return n_keep
 
+    def _own_keep(self, s: Slot, r: Request, want_prefix: int) -> int:
+        """Prompt tokens the slot's own cache gives the request (read only)."""
+        if not self.holds_cache(s, want_prefix):
+            return 0
+        n = min(common_prefix(s.cache_tokens, r.prompt_tokens), len(r.prompt_tokens) - 1)
+        return n if n > 0 and self.window_kept(s.seq_id, s.n_prefix + n) else 0
+
+    def _claim_shared(self, s: Slot, r: Request, want_prefix: int) -> int | None:
+        """Wait for, or copy, another sequence's prefix when it beats the slot's own cache and
+        the RAM tier by prefix_share.MIN_SHARED tokens; 0 when neither is worth it."""
+        own = self._own_keep(s, r, want_prefix)
+        now, later = prefix_share.sources(self, s, r, want_prefix)
+        best_now = now.n_keep if now is not None else 0
+        margin = prefix_share.MIN_SHARED
+        if later is not None and later.n_keep >= max(own, best_now) + margin:
+            s.wait_for(r, later.slot, later.n_keep)
+            self.share_stats.n_waits += 1
+            return None
+        if now is None or best_now < own + margin:
+            return 0
+        if self.ram is not None:
+            entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, own,
+                                  len(s.cache_tokens) if own else 0)
+            if entry is not None and common_prefix(entry.tokens, r.prompt_tokens) > best_now:
+                return 0  # the RAM entry gives more
+        if own < len(s.cache_tokens) // 2:
+            self.save_to_ram(s)  # about to be overwritten
+        if prefix_share.copy_prefix(self, now.slot, s, best_now):
+            return best_now
+        self.reset_sequence(s, with_prefix=bool(want_prefix))
+        return 0
+
     def holds_cache(self, s: Slot, want_prefix: int | None = None) -> bool:
         """Does the slot's sequence hold exactly its prefix and cached tokens (and, if given,
         the prefix the request wants)?"""
-        if want_prefix is not None and not self._prefix_fits(s, want_prefix):
+        if want_prefix is not None and not self.prefix_fits(s, want_prefix):
             return False
         if s.n_prefix and s.prefix_version != self.system_version:
             return False
@@ -159,8 +202,8 @@ class PromptCache:
         s.n_past = n_prefix + len(tokens)
         s.kv_pos_max = s.n_past - 1
 
-    def _window_kept(self, s: Slot, n_past: int) -> bool:
-        """Whether the slot's KV still holds what a token at position n_past attends to.
+    def window_kept(self, seq_id: int, n_past: int) -> bool:
+        """Whether the sequence's KV still holds what a token at position n_past attends to.
 
         A sliding-window cache that is not full-size (Gemma 3: window 512) overwrites cells
         that fell out of the window, so a sequence may hold only its last positions;
@@ -169,7 +212,7 @@ class PromptCache:
         """
         if self.n_swa <= 0:
             return True
-        pos_min = self.memory.seq_pos_min(s.seq_id)
+        pos_min = self.memory.seq_pos_min(seq_id)
         return 0 <= pos_min <= max(0, n_past - self.n_swa)
 
     # -- release and eviction ----------------------------------------------------------------

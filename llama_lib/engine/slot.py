@@ -1,7 +1,8 @@
 """A slot: one of the engine's n_parallel places a request runs in, with its KV sequence, and
 what slots put in a step's batch.
 
-A slot is in one of three phases: idle (no request; its sequence may hold a prompt cache),
+A slot is in one of four phases: idle (no request; its sequence may hold a prompt cache),
+wait (its request waits for another slot to decode the prefix they share, prefix_share.py),
 prefill (a request's prompt is going into the batch, piece by piece) and generate (its
 last sampled token goes into the next batch).
 """
@@ -20,11 +21,12 @@ from .request import Request
 
 class SlotPhase(enum.Enum):
     IDLE = "idle"          # no request
+    WAIT = "wait"          # the request waits for `follow` to decode a shared prefix
     PREFILL = "prefill"    # the prompt is not all decoded and sampled from yet
     GENERATE = "generate"  # `sampled` is the token to decode next
 
 
-IDLE, PREFILL, GENERATE = SlotPhase.IDLE, SlotPhase.PREFILL, SlotPhase.GENERATE
+IDLE, WAIT, PREFILL, GENERATE = SlotPhase.IDLE, SlotPhase.WAIT, SlotPhase.PREFILL, SlotPhase.GENERATE
 
 
 class Slot:
@@ -32,7 +34,7 @@ class Slot:
 
     __slots__ = ("id", "seq_id", "phase", "req", "sampler", "matcher", "n_past", "n_prefix",
                  "prefix_version", "prompt_pos", "i_batch", "sampled", "t_last",
-                 "kv_pos_max", "cache_tokens")
+                 "kv_pos_max", "cache_tokens", "follow", "follow_req", "follow_n", "hold_at")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -53,6 +55,13 @@ class Slot:
         self.cache_tokens = np.zeros(0, np.int32)
         self.kv_pos_max = -1     # seq_pos_max of the sequence, read by the engine thread when
                                  # the slot was last released or reset (for monitoring)
+        # WAIT: the slot whose request (follow_req) is decoding the first follow_n prompt
+        # tokens this request shares; hold_at: prompt tokens this slot's prefill stops at for
+        # now, so that slots waiting for it copy exactly there (0: no stop)
+        self.follow: Slot | None = None
+        self.follow_req: Request | None = None
+        self.follow_n = 0
+        self.hold_at = 0
 
     @property
     def busy(self) -> bool:
@@ -93,10 +102,18 @@ class Slot:
         self.sampler = sampler
         self.matcher = matcher
 
+    def wait_for(self, req: Request, leader: "Slot", n_shared: int) -> None:
+        """Hold `req` until `leader` has decoded the first n_shared prompt tokens."""
+        self.req = req
+        self.phase = WAIT
+        self.follow, self.follow_req, self.follow_n = leader, leader.req, n_shared
+
     def end(self, now: float) -> Request | None:
         """Forget the request (returned); the sequence is left as it is."""
         req, self.req = self.req, None
         self.phase = IDLE
+        self.follow = self.follow_req = None
+        self.hold_at = 0
         self.matcher = None
         self.sampled = -1
         self.i_batch = -1
@@ -129,7 +146,8 @@ def batch_prompts(slots: list[Slot], batch: Batch, prefill_chunk: int) -> int:
         if s.phase is not PREFILL or budget <= 0:
             continue
         r = s.req
-        n = min(len(r.prompt_tokens) - s.prompt_pos, budget, batch.capacity - batch.n_tokens)
+        end = s.hold_at or len(r.prompt_tokens)
+        n = min(end - s.prompt_pos, budget, batch.capacity - batch.n_tokens)
         if n <= 0:
             continue
         last = s.prompt_pos + n == len(r.prompt_tokens)

@@ -7,6 +7,7 @@ Both run on the engine thread before any slot decodes; the slots then copy seque
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from ..batch import Batch
 from ..context import Context
 from ..model import Vocab
 from .types import RequestParams
+
+if TYPE_CHECKING:
+    from .core import Engine
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -49,6 +53,18 @@ def decode_system_prompt(ctx: Context, batch: Batch, vocab: Vocab, text: str, n_
         if ctx.decode(batch.view(start, n)) != 0:
             raise RuntimeError("no KV room for the system prompt; raise -c/--ctx-size")
     return tokens
+
+
+def apply_system_prompt(e: "Engine") -> None:
+    """Decode the engine's pending system prompt into sequence 0 (idle slots pick it up now)."""
+    with e._lock:
+        text, e._pending_system = e._pending_system, None
+    if text is None:
+        return
+    tokens = decode_system_prompt(e.ctx, e.batch, e.vocab, text, e.n_ctx_slot)
+    e.stats.n_prompt_tokens += len(tokens)
+    e.stats.n_system_prompt_tokens = len(tokens)
+    e.cache.set_system_tokens(tokens)
 
 
 def prompt_tokens(vocab: Vocab, prompt, params: RequestParams, system_prompt: str,

@@ -103,6 +103,9 @@ class EngineConfig:
     # llama-server's --cache-ram: MiB of host RAM for slot caches about to be overwritten,
     # loaded back when a later prompt suits them better (ram_cache.py); 0 off, -1 no limit
     cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB
+    # A request copies the longest prompt prefix any KV sequence holds (another slot's cache or
+    # a live request's) and waits for one still being decoded, instead of decoding it again
+    prefix_share: bool = True
     # Embeddings (Engine.embed / submit_embedding), in a context of their own (embedding.py):
     embeddings: bool = False       # llama.cpp's --embedding
     pooling: str | None = None     # none|mean|cls|last; None: the model's (none if it names none)
