@@ -166,3 +166,17 @@ def test_the_server_reports_sharing_and_can_turn_it_off(tmp_path):
     assert on["llamacpp:prefix_copies_total"] == 2 and on["llamacpp:prompt_tokens_shared_total"] > 300
     off = counters(["--no-prefix-share"])
     assert off["llamacpp:prefix_copies_total"] == 0 and off["llamacpp:prefix_waits_total"] == 0
+
+
+def test_a_pool_sends_requests_that_share_a_document_to_one_engine(model):
+    from llama_lib import EnginePool
+
+    cfg = EngineConfig(n_parallel=4, n_ctx=2048 * 5, n_threads=1, n_threads_batch=1, cache_ram_mib=0)
+    with EnginePool.split(model, cfg, 2) as pool:
+        hs = [pool.submit(ask(SHORT_DOC, q), GREEDY) for q in QUESTIONS[:2]]
+        while pool.step():
+            pass
+        assert [h.error for h in hs] == [None, None]
+        # both on the engine the first went to (least loaded would have split them)
+        assert {pool.engine_of(h.slot_id) for h in hs} == {0}
+        assert pool.engines[0].share_stats()["n_waits"] == 1

@@ -10,7 +10,8 @@ each engine adds only a context (KV cache, compute buffers, output buffer).
 1. a request for a given slot goes to the engine that owns it (slot ids run across the pool:
    engine i's slots are numbered from the sum of the slot counts before it);
 2. else, with prompt caching on, the engine whose idle slots hold the longest cached prefix of
-   the prompt (read from the slots' token arrays in Python, never from a context), if that
+   the prompt (read from the slots' token arrays in Python, never from a context; with prefix
+   sharing, its running and queued requests' prompts count as well), if that
    prefix is more than the engine's slot_prompt_similarity of the prompt and at least
    `min_prefix` tokens, and the engine has a slot free beyond the requests already waiting;
 3. else the least loaded engine: (busy slots + waiting requests) per slot, lowest index first.
@@ -326,11 +327,20 @@ def _warn_oversubscribed(engines: Sequence[Engine]) -> None:
 
 def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
     """The most prompt tokens an idle slot of the engine holds as a prefix, after the system
-    prompt the request continues (the slots' arrays, read without the engine's thread)."""
+    prompt the request continues (the slots' arrays, read without the engine's thread). With
+    prefix sharing, the prompts of its running and queued requests count too: the request will
+    copy or wait for what they decode (prefix_share.py), so requests sent together stay together."""
     want_prefix = len(e.system_tokens) if (params.use_system_prompt and e.config.share_system_prompt) else 0
     best = 0
+    others: list[np.ndarray] = []
     for s in e.slots:
-        cached = s.cache_tokens
-        if s.req is None and len(cached) and s.n_prefix == want_prefix:
+        cached, live = s.cache_tokens, s.req
+        if live is None and len(cached) and s.n_prefix == want_prefix:
             best = max(best, common_prefix(cached, tokens))
+        elif live is not None:
+            others.append(live.prompt_tokens)
+    if e.config.prefix_share:
+        with e._lock:
+            others += [r.prompt_tokens for r in e._waiting]
+        best = max([best] + [common_prefix(p, tokens) for p in others])
     return best
