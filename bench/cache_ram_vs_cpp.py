@@ -67,12 +67,13 @@ def user(port: int, u: int, turns: int, out: dict, lock: threading.Lock, distinc
         with lock:
             out["prompt_n"] += r["timings"]["prompt_n"]
             out["cache_n"] += r["timings"]["cache_n"]
+            out["predicted_n"] += r["timings"]["predicted_n"]
             out["first"].append(time.perf_counter() - t0 - r["timings"]["predicted_ms"] / 1000.0)
         chat += r["content"] + "\n"
 
 
 def measure(port: int, users: int, turns: int, distinct: bool) -> dict:
-    out: dict = {"prompt_n": 0, "cache_n": 0, "first": []}
+    out: dict = {"prompt_n": 0, "cache_n": 0, "predicted_n": 0, "first": []}
     lock = threading.Lock()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=user, args=(port, u, turns, out, lock, distinct)) for u in range(users)]
@@ -80,8 +81,15 @@ def measure(port: int, users: int, turns: int, distinct: bool) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return {"prompt_n": out["prompt_n"], "cache_n": out["cache_n"], "first_p50": statistics.median(out["first"]),
-            "wall": time.perf_counter() - t0}
+    return summarize(out, time.perf_counter() - t0)
+
+
+def summarize(out: dict, wall: float) -> dict:
+    """Totals, first-token p50 / p95 and generated tokens per second of wall time."""
+    first = sorted(out["first"])
+    return {"prompt_n": out["prompt_n"], "cache_n": out["cache_n"], "first_p50": statistics.median(first),
+            "first_p95": first[min(len(first) - 1, round(0.95 * (len(first) - 1)))],
+            "gen_tps": out["predicted_n"] / wall, "wall": wall}
 
 
 def main(argv=None) -> int:

@@ -70,6 +70,22 @@ DEFAULT_MODEL = DOT / "models" / "gemma-3-270m-q4_k_m.gguf"
 BUILD_TARGETS = ["llama-parallel", "llama-server", "llama-batched-bench"]
 CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=ON",
                "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+# A CPU that lists AMX under a sandboxed kernel that traps its tile instructions (seen here: the
+# GGML_NATIVE build died with SIGILL in ggml's tinygemm_kernel_amx on an OpenMP worker, although
+# arch_prctl(ARCH_REQ_XCOMP_PERM) said yes): build without AMX; everything else stays native.
+if _cpu_has("amx_tile"):
+    _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_FLAGS += [f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}"]
 FETCH_CMD = "bash scripts/fetch_llama.sh"
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -88,9 +104,19 @@ def rel(p: Path) -> str:
 
 # -- 1. build ---------------------------------------------------------------------------------
 
+def _configured_with(flags: list[str]) -> bool:
+    """Whether the existing build was configured with these compiler flags (else it is redone)."""
+    try:
+        cache = (BUILD / "CMakeCache.txt").read_text()
+    except OSError:
+        return False
+    return all(f"{f[2:].split('=', 1)[0]}:STRING={f.split('=', 1)[1]}" in cache
+               for f in flags if f.startswith(("-DCMAKE_C_FLAGS=", "-DCMAKE_CXX_FLAGS=")))
+
+
 def ensure_built(jobs: int, say) -> None:
     """Build llama-parallel (and the other reference programs) once into .llama/cpp-build."""
-    if CPP_PARALLEL.exists():
+    if CPP_PARALLEL.exists() and _configured_with(CMAKE_FLAGS):
         return
     if not (SRC / "CMakeLists.txt").exists():
         raise SystemExit(f"error: no llama.cpp source in {rel(SRC)}; run `{FETCH_CMD}` from the "

@@ -97,7 +97,8 @@ SAMPLING = {
 }
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
                  "lcp": "llama-cpp-python",
-                 "ours-pool": "ours with the thread pool", "ours-nopool": "ours without the thread pool"}
+                 "ours-pool": "ours with the thread pool", "ours-nopool": "ours without the thread pool",
+                 "ours-noshare": "ours --no-prefix-share"}
 
 
 def say(msg: str = "") -> None:
@@ -272,7 +273,7 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
     t = str(a.threads)
     env = dict(os.environ)
     config = {"np": np_, "ctx_per_slot": ctx_per_slot, "threads": a.threads}
-    if kind in ("ours", "ours-pool", "ours-nopool"):
+    if kind in ("ours", "ours-pool", "ours-nopool", "ours-noshare"):
         flags = ["-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t, "-tb", t,
                  "--port", str(port)]
         if batch:
@@ -283,6 +284,9 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
         if kind == "ours-nopool":  # the A/B of the persistent ggml thread pool
             flags.append("--no-threadpool")
             config["threadpool"] = False
+        elif kind == "ours-noshare":  # the A/B of prefix sharing across slots
+            flags.append("--no-prefix-share")
+            config["prefix_share"] = False
         elif kind == "ours-pool":
             flags.append("--threadpool")
             config["threadpool"] = True

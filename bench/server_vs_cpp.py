@@ -35,7 +35,7 @@ import _builds  # noqa: E402
 import scaling  # noqa: E402
 
 POINTS = [(4, 16), (8, 32)]  # (np = concurrency, requests)
-SERVERS = ("ours", "cpp")
+SERVERS = ("ours", "cpp")  # --servers may add ours-noshare (prefix sharing off)
 
 
 def measure(server, a, np_: int, n_req: int) -> dict:
@@ -55,14 +55,14 @@ def run_build(a, build: _builds.Build, log_dir: Path) -> tuple[dict, dict]:
     mapped: dict = {}
     for np_, n_req in POINTS:
         servers = {k: scaling.make_server(k, a, np_, a.ctx_per_slot, log_dir, f"{build.name}-{k}-np{np_}")
-                   for k in SERVERS}
+                   for k in a.servers}
         try:
             for k, s in servers.items():
                 s.start()
                 mapped[k] = _builds.process_build(s.pid)
                 scaling.warm_up(s, a, [])
             for rnd in range(a.rounds):
-                order = list(SERVERS) if rnd % 2 == 0 else list(reversed(SERVERS))
+                order = list(a.servers) if rnd % 2 == 0 else list(reversed(a.servers))
                 for mode in a.sampling_modes:
                     a.sampling = mode
                     for k in order:
@@ -85,13 +85,13 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
         return statistics.median(m[key] for m in results[k])
 
     print(f"\n== build {build.name}: both servers on the same libllama")
-    for k in SERVERS:
+    for k in a.servers:
         print(f"   {scaling.SERVER_LABELS[k]:26s} {_builds.describe(mapped.get(k, {}))}")
     print(f"{'load':24s} {'sampling':8s} {'server':6s} {'tok/s':>7s} {'ft p50':>7s} {'it p50':>7s} {'RSS MiB':>8s}")
     rows = []
     for np_, n_req in POINTS:
         for mode in a.sampling_modes:
-            for k in SERVERS:
+            for k in a.servers:
                 print(f"{n_req} x {a.n_predict} @ c{np_}, np {np_}   {mode:8s} {k:6s} "
                       f"{med('tokens_per_s', np_, mode, k):7.1f} {med('first_token_p50_s', np_, mode, k):7.3f} "
                       f"{1000 * med('inter_token_p50_s', np_, mode, k):6.1f}m "
@@ -116,6 +116,10 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
                   f"{row['first_token_p50_ratio']:.3f} (<= 1.0), inter-token p50 "
                   f"{row['inter_token_p50_ratio']:.3f}, memory {row['rss_delta_mib']:+.0f} MiB (<= +60)"
                   f"  {'met' if ok else 'MISSED'}")
+            if "ours-noshare" in a.servers:
+                row["share_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours")
+                                                 / med("tokens_per_s", np_, mode, "ours-noshare"))
+                print(f"  prefix sharing on/off: throughput {row['share_throughput_ratio']:.3f} (>= 0.98)")
     return rows
 
 
@@ -126,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--builds", default="native,prebuilt", help="comma list of native,prebuilt (default both)")
     ap.add_argument("--sampling", dest="sampling_list", default="greedy,default",
                     help="comma list of greedy,default (default both)")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="comma list of ours,cpp,ours-noshare (default ours,cpp; ours and cpp always run)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("--ctx-per-slot", type=int, default=1024)
@@ -140,6 +146,11 @@ def main(argv=None) -> int:
     a.model = (a.model or Path(os.environ.get("LLAMA_MODEL") or scaling.DEFAULT_MODEL)).resolve()
     a.sampling_modes = [x.strip() for x in a.sampling_list.split(",") if x.strip()]
     builds = [x.strip() for x in a.builds.split(",") if x.strip()]
+    a.servers = list(SERVERS) + [x.strip() for x in a.servers.split(",")
+                                 if x.strip() and x.strip() not in SERVERS]
+    for x in a.servers:
+        if x not in scaling.SERVER_LABELS:
+            ap.error(f"--servers: unknown {x!r}")
     for x in a.sampling_modes:
         if x not in scaling.SAMPLING:
             ap.error(f"--sampling: unknown {x!r}")
