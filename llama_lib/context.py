@@ -35,6 +35,8 @@ class DecodeError(RuntimeError):
 # llama_decode's return code (llama.h) when the KV cache has no room for the batch; 0 is ok,
 # 2 aborted, < 0 an error (Context.decode raises DecodeError for those).
 DECODE_NO_KV_SLOT = 1
+# sequence ids must be below this (src/llama-cparams.h; not in llama.h), so n_seq_max too
+LLAMA_MAX_SEQ = 256
 
 
 @dataclass

@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
            "again (default: enabled; our addition)")
     a("--no-prefix-share", dest="prefix_share", action="store_false",
       help="a slot reuses only its own cache and the shared system prompt (as llama-server)")
+    a("--kv-holders", type=int, default=-1, metavar="N",
+      help="with -kvu and --prefix-share: spare KV sequences that keep idle prompt prefixes a slot "
+           "is about to overwrite, evicted least recently used when the KV cache is full "
+           "(default: -1 = one per slot, 0 = off; our addition)")
     a("--cache-reuse", type=int, default=0, metavar="N",
       help="min chunk size to reuse from the cache via KV shifting; accepted but not used (default: 0)")
     a("--offline", action="store_true",
@@ -348,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not -1 <= args.prio <= 3:
         p.error("--prio must be in -1..3")
+    if args.kv_holders < -1:
+        p.error("--kv-holders must be -1 (one per slot), 0 (off) or a count")
     if args.cache_ram < -1:
         p.error("--cache-ram must be -1 (no limit), 0 (off) or a size in MiB")
     if not 0.0 <= args.slot_prompt_similarity <= 1.0:

@@ -74,6 +74,10 @@ def slots(svc: Service) -> list[dict]:
             "kv_pos_max": info["kv_pos_max"],
             # our addition: the context (--engines) the slot belongs to; ids run across them
             "engine": info.get("engine", 0),
+            # our addition: the current (or last) request's cached prompt tokens and where
+            # they were found: "own" (the slot's cache), "shared" (another KV sequence's),
+            # "ram" (the host-RAM tier), "" (none)
+            "prompt_cache": info["prompt_cache"],
             "next_token": [{
                 "has_next_token": busy,
                 "has_new_line": False,
@@ -168,8 +172,20 @@ def ram_cache_rows(r: dict[str, int]) -> list[tuple]:
 
 
 def prefix_share_rows(s: dict[str, int]) -> list[tuple]:
-    """Prompt prefixes taken from other KV sequences (--prefix-share; our addition)."""
+    """Prompt prefixes taken from other KV sequences (--prefix-share), cached prompt tokens by
+    tier, idle prefixes evicted from KV and held in spare sequences (--kv-holders); our addition."""
     return [
+        ("prompt_tokens_cached_kv_total", "counter",
+         "Cached prompt tokens found in KV: the slot's own cache or another sequence's",
+         s["tokens_own"] + s["tokens_shared"]),
+        ("prompt_tokens_cached_ram_total", "counter", "Cached prompt tokens loaded back from host RAM",
+         s["tokens_ram"]),
+        ("cache_kv_evictions_total", "counter", "Idle prompt caches dropped from KV to make room",
+         s["kv_evictions"]),
+        ("kv_holders", "gauge", "Idle prompt prefixes held in spare KV sequences", s["holders"]),
+        ("kv_holder_tokens", "gauge", "Tokens the spare KV sequences hold (shared cells counted in each)",
+         s["holder_tokens"]),
+        ("kv_holders_kept_total", "counter", "Slot caches moved to a spare KV sequence", s["holders_kept"]),
         ("prefix_copies_total", "counter", "Prompt prefixes copied from another KV sequence", s["n_copies"]),
         ("prompt_tokens_shared_total", "counter", "Prompt tokens copied from another KV sequence, not decoded",
          s["n_tokens_copied"]),

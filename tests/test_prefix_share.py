@@ -39,8 +39,9 @@ def ask(doc: str, q: str) -> str:
 
 def engine(model, share: bool, kvu: bool = False, n_parallel: int = 4, n_ctx: int = 0, **kw) -> Engine:
     n_ctx = n_ctx or (4096 if kvu else 2048 * (n_parallel + 1))
+    kw.setdefault("cache_ram_mib", 0)
     return Engine(model, EngineConfig(n_parallel=n_parallel, n_ctx=n_ctx, n_threads=N_THREADS,
-                                      kv_unified=kvu, prefix_share=share, cache_ram_mib=0, **kw))
+                                      kv_unified=kvu, prefix_share=share, **kw))
 
 
 def run_together(e: Engine, prompts: list[str], params: RequestParams = GREEDY) -> list:
@@ -160,12 +161,26 @@ def test_the_server_reports_sharing_and_can_turn_it_off(tmp_path):
                 t.join()
             assert [r.status_code for r in answers] == [200, 200]
             assert all(r.json()["timings"]["cache_n"] > 150 for r in answers) or "--no-prefix-share" in flags
+            tiers = {sl["prompt_cache"]["tier"] for sl in s.get("/slots").json()}
+            assert tiers == ({"shared", ""} if "--no-prefix-share" not in flags else {""})
             return {x.name: x.value for fam in text_string_to_metric_families(s.get("/metrics").text)
                     for x in fam.samples}
     on = counters([])
     assert on["llamacpp:prefix_copies_total"] == 2 and on["llamacpp:prompt_tokens_shared_total"] > 300
+    assert on["llamacpp:prompt_tokens_cached_kv_total"] >= on["llamacpp:prompt_tokens_shared_total"]
+    assert on["llamacpp:prompt_tokens_cached_ram_total"] == 0 and on["llamacpp:kv_holders"] == 0  # per-slot KV
     off = counters(["--no-prefix-share"])
     assert off["llamacpp:prefix_copies_total"] == 0 and off["llamacpp:prefix_waits_total"] == 0
+    held = counters(["-kvu", "--kv-holders", "3"])  # the first request's cache is copied, not held
+    assert held["llamacpp:prefix_copies_total"] == 2 and "llamacpp:kv_holders_kept_total" in held
+
+
+def test_kv_holders_flag_is_checked(capsys):
+    from server.cli import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--kv-holders", "-2"])
+    assert e.value.code == 2 and "--kv-holders" in capsys.readouterr().err
+    assert parse_args(["-kvu", "--kv-holders", "0"]).kv_holders == 0
 
 
 def test_a_pool_sends_requests_that_share_a_document_to_one_engine(model):

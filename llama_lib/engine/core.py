@@ -2,7 +2,8 @@
 
 This is llama.cpp's `examples/parallel` serving loop, made reusable. One `Engine` owns one
 `Context` with `n_parallel + 1` sequences: sequence 0 holds the shared system prompt, slot i
-decodes in sequence i + 1. `step()` runs one iteration of the loop, in timed phases:
+decodes in sequence i + 1 (with a unified KV cache, holder sequences after those keep idle
+prefixes, holders.py). `step()` runs one iteration of the loop, in timed phases:
 
 1. prepare: a new shared system prompt; drop cancelled requests (their slots and KV cells
    are freed at once);
@@ -81,6 +82,7 @@ class Engine:
             self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
             n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
             share_system_prompt=cfg.share_system_prompt, share_prefixes=cfg.prefix_share,
+            n_holders=cfg.n_holders,
             state=self.ctx, ram_limit_bytes=(1 << 62) if cfg.cache_ram_mib < 0 else cfg.cache_ram_mib << 20)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
@@ -91,7 +93,7 @@ class Engine:
         except Exception:
             self.ctx.close()
             raise
-        self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder)
+        self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder, _cache=self.cache)
         self._cond = threading.Condition(self._lock)
         self._next_id = 0
         self._closed = False
@@ -254,8 +256,9 @@ class Engine:
         return summary(self.cache.ram)
 
     def share_stats(self) -> dict[str, int]:
-        """Prefixes copied from other KV sequences and requests that waited for one (prefix_share.py)."""
-        return dataclasses.asdict(self.cache.share_stats)
+        """Prefixes copied from other KV sequences, requests that waited for one, cached prompt
+        tokens by tier, evictions, holders (PromptCache.summary)."""
+        return self.cache.summary()
 
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""

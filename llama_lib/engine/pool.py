@@ -329,7 +329,9 @@ def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
     """The most prompt tokens an idle slot of the engine holds as a prefix, after the system
     prompt the request continues (the slots' arrays, read without the engine's thread). With
     prefix sharing, the prompts of its running and queued requests count too: the request will
-    copy or wait for what they decode (prefix_share.py), so requests sent together stay together."""
+    copy or wait for what they decode (prefix_share.py), so requests sent together stay together;
+    so do the prefixes its holder sequences keep (a snapshot of their list: the engine thread
+    edits the holders' tree)."""
     want_prefix = len(e.system_tokens) if (params.use_system_prompt and e.config.share_system_prompt) else 0
     best = 0
     others: list[np.ndarray] = []
@@ -343,4 +345,7 @@ def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
         with e._lock:
             others += [r.prompt_tokens for r in e._waiting]
         best = max([best] + [common_prefix(p, tokens) for p in others])
+    if e.cache.holders is not None:
+        best = max([best] + [common_prefix(h.tokens, tokens) for h in list(e.cache.holders.held)
+                             if h.n_prefix == want_prefix])
     return best

@@ -1,8 +1,8 @@
 """Prefixes shared between KV sequences: never decode the same prompt prefix twice.
 
 A slot reuses its own sequence's cache (prompt_cache.py); here every other sequence counts
-too. The longest prefix of a new prompt that any sequence holds, an idle slot's cache or the
-tokens a live request has decoded so far, is copied into the new request's sequence with
+too. The longest prefix of a new prompt that any sequence holds, an idle slot's cache, a
+holder's idle prefix (holders.py) or the tokens a live request has decoded so far, is copied into the new request's sequence with
 llama_memory_seq_cp, and only the rest is decoded. A prompt that shares a longer prefix with
 one still being decoded waits for those cells (slot phase WAIT) instead of decoding them a
 second time: requests that arrive together with a common document decode it once. The leader
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .ram_cache import common_prefix
+from .holders import Holder
+from .prefix_tree import common_prefix
 from .request import Request
 from .slot import GENERATE, IDLE, PREFILL, WAIT, Slot
 
@@ -47,8 +48,9 @@ class ShareStats:
 
 @dataclass
 class Share:
-    """Another sequence holding (or, while `pending`, about to hold) a prefix of a prompt."""
-    slot: Slot
+    """Another sequence holding (or, while `pending`, about to hold) a prefix of a prompt:
+    a slot's, or a holder's (never pending)."""
+    src: Slot | Holder
     n_keep: int          # prompt tokens after the system prefix it gives
     pending: bool        # its request is still decoding them: wait for it
 
@@ -78,10 +80,16 @@ def sources(cache: "PromptCache", dst: Slot, r: Request, want_prefix: int) -> tu
             now = Share(s, n_now, False)
         if s.phase is PREFILL and n > n_held and (later is None or n > later.n_keep):
             later = Share(s, n, True)
+    if cache.holders is not None:
+        for h, n in cache.holders.match(r.prompt_tokens).items():
+            n = min(n, limit)
+            if n > 0 and (now is None or n > now.n_keep) and cache.prefix_fits(h, want_prefix) \
+                    and cache.window_kept(h.seq_id, h.n_prefix + n):
+                now = Share(h, n, False)
     return now, later
 
 
-def copy_prefix(cache: "PromptCache", src: Slot, dst: Slot, n_keep: int) -> bool:
+def copy_prefix(cache: "PromptCache", src: Slot | Holder, dst: Slot, n_keep: int) -> bool:
     """Make dst's sequence hold src's system prefix and first n_keep tokens after it."""
     mem = cache.memory
     n_total = src.n_prefix + n_keep
@@ -92,9 +100,11 @@ def copy_prefix(cache: "PromptCache", src: Slot, dst: Slot, n_keep: int) -> bool
         mem.seq_cp(src.seq_id, dst.seq_id, -1, -1)
         mem.seq_rm(dst.seq_id, n_total, -1)
     if mem.seq_pos_max(dst.seq_id) != n_total - 1:
-        log.warning("slot %d: copying %d tokens from slot %d failed; the prompt is decoded",
-                    dst.id, n_total, src.id)
+        log.warning("slot %d: copying %d tokens from sequence %d failed; the prompt is decoded",
+                    dst.id, n_total, src.seq_id)
         return False
+    if isinstance(src, Holder):
+        cache.holders.touch(src)
     dst.cache_tokens = np.zeros(0, np.int32)
     dst.n_prefix, dst.prefix_version = src.n_prefix, src.prefix_version
     dst.n_past = n_total

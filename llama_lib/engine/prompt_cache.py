@@ -9,13 +9,16 @@ slot state; `claim()`, `on_finish()` and `evict()` edit KV sequences (engine thr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 
 from ..context import Memory
 from . import prefix_share
-from .ram_cache import RamCache, common_prefix
+from .holders import Holders
+from .prefix_tree import common_prefix
+from .ram_cache import RamCache
 from .request import Request
 from .slot import Slot
 from .types import FinishReason
@@ -30,7 +33,7 @@ class PromptCache:
 
     def __init__(self, memory: Memory, slots: list[Slot], *, similarity: float, n_swa: int,
                  kv_unified: bool, share_system_prompt: bool, state=None, ram_limit_bytes: int = 0,
-                 share_prefixes: bool = True):
+                 share_prefixes: bool = True, n_holders: int = 0):
         self.memory = memory
         # other sequences' prefixes copied into a new request's (prefix_share.py)
         self.share_prefixes = share_prefixes
@@ -39,6 +42,13 @@ class PromptCache:
         # (the Context: seq_state / set_seq_state); None when off (--cache-ram 0)
         self.state = state
         self.ram = RamCache(ram_limit_bytes) if state is not None and ram_limit_bytes > 0 else None
+        # idle prefixes in spare sequences after the slots' (holders.py; unified KV only)
+        self.holders = Holders(memory, len(slots) + 1, n_holders, self._save_seq) \
+            if n_holders > 0 and kv_unified and share_prefixes else None
+        self.n_kv_evictions = 0  # idle caches dropped from KV (holders' and slots') to make room
+        # prompt tokens requests found cached, by where: their slot's own cache, another KV
+        # sequence (a slot, a holder), the host-RAM tier
+        self.hits = {"own": 0, "shared": 0, "ram": 0}
         self.slots = slots
         self.similarity = similarity    # llama-server's --slot-prompt-similarity
         self.n_swa = n_swa              # sliding-window size whose old cells the KV drops; 0: none
@@ -53,6 +63,8 @@ class PromptCache:
         """Sequence 0 now holds `tokens`: idle slots take them now, busy ones when they finish."""
         self.system_tokens = tokens
         self.system_version += 1
+        if self.holders is not None:
+            self.holders.drop_stale(self.system_version)
         for s in self.slots:
             if s.req is None:
                 self.reset_sequence(s, with_prefix=True)
@@ -100,10 +112,16 @@ class PromptCache:
         want_prefix = self.prefix_for(r)
         if self.share_prefixes and r.params.cache_prompt:
             n_keep = self._claim_shared(s, r, want_prefix)
-            if n_keep != 0:
+            if n_keep is None:
+                return None
+            if n_keep:
+                self._hit(s, "shared", n_keep)
                 return n_keep
+        from_ram = False
         if self.ram is not None and r.params.cache_prompt:
-            self._swap_with_ram(s, r, want_prefix)
+            from_ram = self._swap_with_ram(s, r, want_prefix)
+        elif self.holders is not None and common_prefix(s.cache_tokens, r.prompt_tokens) < len(s.cache_tokens) // 2:
+            self.keep_aside(s)  # most of it is about to be overwritten
         cached = s.cache_tokens
         s.cache_tokens = np.zeros(0, np.int32)
         n_keep = 0
@@ -122,7 +140,24 @@ class PromptCache:
                 self.reset_sequence(s, with_prefix=bool(want_prefix))
         else:
             self.reset_sequence(s, with_prefix=bool(want_prefix))
+        self._hit(s, "ram" if from_ram else "own", n_keep)
         return n_keep
+
+    def _hit(self, s: Slot, tier: str, n_keep: int) -> None:
+        self.hits[tier] += n_keep
+        s.cache_hit = (tier if n_keep else "", n_keep)
+
+    def summary(self) -> dict[str, int]:
+        """Cached prompt tokens by tier, prefixes shared between sequences, idle caches
+        evicted from KV, and the holders (all counters since start, but the holders' gauges)."""
+        h = self.holders
+        return {**dataclasses.asdict(self.share_stats),
+                "tokens_own": self.hits["own"], "tokens_shared": self.hits["shared"],
+                "tokens_ram": self.hits["ram"], "kv_evictions": self.n_kv_evictions,
+                "holders": len(h) if h is not None else 0,
+                "holder_tokens": h.n_tokens if h is not None else 0,
+                "holders_kept": h.stats.n_kept if h is not None else 0,
+                "holders_evicted": h.stats.n_evicted if h is not None else 0}
 
     def _own_keep(self, s: Slot, r: Request, want_prefix: int) -> int:
         """Prompt tokens the slot's own cache gives the request (read only)."""
@@ -139,7 +174,7 @@ class PromptCache:
         best_now = now.n_keep if now is not None else 0
         margin = prefix_share.MIN_SHARED
         if later is not None and later.n_keep >= max(own, best_now) + margin:
-            s.wait_for(r, later.slot, later.n_keep)
+            s.wait_for(r, later.src, later.n_keep)
             self.share_stats.n_waits += 1
             return None
         if now is None or best_now < own + margin:
@@ -150,8 +185,8 @@ class PromptCache:
             if entry is not None and common_prefix(entry.tokens, r.prompt_tokens) > best_now:
                 return 0  # the RAM entry gives more
         if own < len(s.cache_tokens) // 2:
-            self.save_to_ram(s)  # about to be overwritten
-        if prefix_share.copy_prefix(self, now.slot, s, best_now):
+            self.keep_aside(s, protect=now.src)  # about to be overwritten
+        if prefix_share.copy_prefix(self, now.src, s, best_now):
             return best_now
         self.reset_sequence(s, with_prefix=bool(want_prefix))
         return 0
@@ -166,22 +201,37 @@ class PromptCache:
         return bool(len(s.cache_tokens)) and \
             self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(s.cache_tokens) - 1
 
+    def keep_aside(self, s: Slot, protect=None) -> None:
+        """Keep the slot's cache before its sequence is overwritten: in a holder sequence
+        (unified KV, no copy; never evicting `protect`, the holder about to be copied from),
+        else in the RAM tier."""
+        if not self.holds_cache(s):
+            return
+        if self.holders is None or not self.holders.keep(s.seq_id, s.cache_tokens, s.n_prefix,
+                                                         s.prefix_version, protect):
+            self.save_to_ram(s)
+
     def save_to_ram(self, s: Slot) -> None:
         """Keep the slot's cache in the RAM tier before its sequence is overwritten."""
-        if self.ram is not None and self.holds_cache(s):
-            self.ram.put(s.cache_tokens, s.n_prefix, s.prefix_version, self.state.seq_state(s.seq_id))
+        if self.holds_cache(s):
+            self._save_seq(s.seq_id, s.cache_tokens, s.n_prefix, s.prefix_version)
 
-    def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> None:
-        """llama-server's prompt-cache update: the slot's cache goes to RAM when the request
-        would lose most of it, and a RAM entry that suits the prompt better comes back."""
+    def _save_seq(self, seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
+        if self.ram is not None and (not n_prefix or version == self.system_version):
+            self.ram.put(tokens, n_prefix, version, self.state.seq_state(seq_id))
+
+    def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> bool:
+        """llama-server's prompt-cache update: the slot's cache goes to RAM (or a holder) when
+        the request would lose most of it, and a RAM entry that suits the prompt better comes
+        back (True then)."""
         own = self.holds_cache(s, want_prefix)
         keep = common_prefix(s.cache_tokens, r.prompt_tokens) if own else 0
         entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, keep,
                               len(s.cache_tokens) if own else 0)
         if entry is not None or keep < len(s.cache_tokens) // 2:
-            self.save_to_ram(s)
+            self.keep_aside(s)
         if entry is None:
-            return
+            return False
         self.memory.seq_rm(s.seq_id, -1, -1)
         loaded = self.state.set_seq_state(s.seq_id, entry.data) and \
             self.memory.seq_pos_max(s.seq_id) == entry.n_prefix + len(entry.tokens) - 1
@@ -189,10 +239,11 @@ class PromptCache:
             log.warning("slot %d: a RAM cache entry did not load; dropped", s.id)
             self.ram.remove(entry)
             self.reset_sequence(s, with_prefix=bool(want_prefix))
-            return
+            return False
         self.adopt(s, entry.tokens, entry.n_prefix, entry.prefix_version)
         self.ram.stats.n_loaded += 1
         self.ram.stats.n_tokens_loaded += len(entry.tokens)
+        return True
 
     def adopt(self, s: Slot, tokens: np.ndarray, n_prefix: int, prefix_version: int) -> None:
         """The slot's sequence was just loaded with a prefix of n_prefix system prompt tokens
@@ -240,18 +291,24 @@ class PromptCache:
         return True
 
     def evict(self) -> bool:
-        """With a unified KV cache, free the cells of the least recently used idle slot that
-        holds a prompt cache (llama-server does the same before halving the batch)."""
+        """With a unified KV cache, free the cells of the least recently used idle prefix, a
+        holder's or an idle slot's cache, saved to the RAM tier first (llama-server drops idle
+        slots' caches the same way before halving the batch)."""
         if not self.kv_unified:
             return False  # each sequence has its own cells: evicting frees none for others
         idle = [s for s in self.slots if s.req is None and len(s.cache_tokens)]
-        if not idle:
+        slot = min(idle, key=lambda s: s.t_last) if idle else None
+        held = self.holders.oldest() if self.holders is not None else None
+        if held is not None and (slot is None or held.t_used <= slot.t_last):
+            self.holders.evict(held)
+        elif slot is not None:
+            log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
+                     slot.id, len(slot.cache_tokens))
+            self.save_to_ram(slot)
+            self.reset_sequence(slot, with_prefix=self.share_system_prompt)
+        else:
             return False
-        s = min(idle, key=lambda s: s.t_last)
-        log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
-                 s.id, len(s.cache_tokens))
-        self.save_to_ram(s)
-        self.reset_sequence(s, with_prefix=self.share_system_prompt)
+        self.n_kv_evictions += 1
         return True
 
     def reset_sequence(self, s: Slot, with_prefix: bool) -> None:

@@ -5,7 +5,8 @@ cache. Bounded in bytes, least recently used out. Engine thread only.
 
 The choice follows llama-server's server_prompt_cache: an entry must keep at least a quarter of
 its tokens (large prompts are not trashed for a short match), and beat the slot's own cache both
-in the share of the entry kept and in the share of the prompt covered.
+in the share of the entry kept and in the share of the prompt covered. Entries are indexed by a
+radix tree (prefix_tree.py): a lookup walks the prompt once, however many entries there are.
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .prefix_tree import PrefixTree
+
 MIN_KEEP = 0.25  # of an entry's tokens a prompt must share to load it
 MIN_TOKENS = 16  # shorter caches are cheaper to recompute than to keep
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two token arrays."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 @dataclass(eq=False)  # entries are compared by identity
@@ -48,6 +44,7 @@ class RamCache:
     entries: list[RamEntry] = field(default_factory=list)
     n_bytes: int = 0
     stats: RamStats = field(default_factory=RamStats)
+    tree: PrefixTree = field(default_factory=PrefixTree)
     _clock: int = 0
 
     def _tick(self) -> int:
@@ -60,10 +57,9 @@ class RamCache:
         f_keep = keep / cached if cached else -1.0
         f_sim = keep / len(prompt) if len(prompt) else 0.0
         best = None
-        for e in self.entries:
+        for e, lcp in self.tree.match(prompt).items():
             if e.n_prefix != n_prefix or (n_prefix and e.prefix_version != version):
                 continue
-            lcp = common_prefix(e.tokens, prompt)
             k, s = lcp / len(e.tokens), lcp / len(prompt) if len(prompt) else 0.0
             if k >= MIN_KEEP and k > f_keep and s > f_sim:
                 best, f_keep, f_sim = e, k, s
@@ -75,21 +71,20 @@ class RamCache:
         """Keep a sequence's state; False when it does not fit the limit or is already kept."""
         if len(tokens) < MIN_TOKENS or len(data) > self.limit_bytes:
             return False
-        for e in self.entries:
-            if e.n_prefix == n_prefix and common_prefix(e.tokens, tokens) == len(tokens):
+        shared = [(e, n) for e, n in self.tree.match(tokens).items() if e.n_prefix == n_prefix]
+        for e, n in shared:
+            if n == len(tokens):
                 e.t_used = self._tick()
                 return False  # an entry holds all of it (and maybe more)
-        # entries this one contains are no longer needed
-        kept = [e for e in self.entries
-                if not (e.n_prefix == n_prefix and common_prefix(e.tokens, tokens) == len(e.tokens))]
-        self.n_bytes -= sum(len(e.data) for e in self.entries if e not in kept)
-        self.entries = kept
+        for e, n in shared:  # entries this one contains are no longer needed
+            if n == len(e.tokens):
+                self.remove(e)
         while self.entries and self.n_bytes + len(data) > self.limit_bytes:
-            old = min(self.entries, key=lambda e: e.t_used)
-            self.entries.remove(old)
-            self.n_bytes -= len(old.data)
+            self.remove(min(self.entries, key=lambda e: e.t_used))
             self.stats.n_evicted += 1
-        self.entries.append(RamEntry(tokens.copy(), n_prefix, version, data, self._tick()))
+        entry = RamEntry(tokens.copy(), n_prefix, version, data, self._tick())
+        self.entries.append(entry)
+        self.tree.insert(entry, entry.tokens)
         self.n_bytes += len(data)
         self.stats.n_saved += 1
         return True
@@ -97,6 +92,7 @@ class RamCache:
     def remove(self, entry: RamEntry) -> None:
         if entry in self.entries:
             self.entries.remove(entry)
+            self.tree.remove(entry)
             self.n_bytes -= len(entry.data)
 
 

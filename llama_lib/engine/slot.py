@@ -34,7 +34,8 @@ class Slot:
 
     __slots__ = ("id", "seq_id", "phase", "req", "sampler", "matcher", "n_past", "n_prefix",
                  "prefix_version", "prompt_pos", "i_batch", "sampled", "t_last",
-                 "kv_pos_max", "cache_tokens", "follow", "follow_req", "follow_n", "hold_at")
+                 "kv_pos_max", "cache_tokens", "follow", "follow_req", "follow_n", "hold_at",
+                 "cache_hit")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -62,6 +63,9 @@ class Slot:
         self.follow_req: Request | None = None
         self.follow_n = 0
         self.hold_at = 0
+        # the current (or last) request's cached prompt tokens: which tier ("own": the slot's
+        # cache, "shared": another KV sequence's, "ram": the host-RAM tier; "" none) and how many
+        self.cache_hit: tuple[str, int] = ("", 0)
 
     @property
     def busy(self) -> bool:
@@ -86,6 +90,7 @@ class Slot:
             "n_system_tokens": self.n_prefix,
             # the sequence's largest KV position when the slot was last released (-1: empty)
             "kv_pos_max": self.kv_pos_max,
+            "prompt_cache": {"tier": self.cache_hit[0], "n_tokens": self.cache_hit[1]},
         }
 
     def begin(self, req: Request, n_past: int, n_cached: int, sampler: Sampler,

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..context import ContextParams
+from ..context import LLAMA_MAX_SEQ, ContextParams
 from ..sampler import SamplingParams
 
 # EngineConfig.prefill_chunk: the most prompt tokens put in one step beside the generating
@@ -106,6 +106,10 @@ class EngineConfig:
     # A request copies the longest prompt prefix any KV sequence holds (another slot's cache or
     # a live request's) and waits for one still being decoded, instead of decoding it again
     prefix_share: bool = True
+    # Spare KV sequences that keep idle prompt prefixes a slot is about to overwrite, for later
+    # requests to copy (holders.py); only with a unified KV cache and prefix_share (else 0).
+    # -1: as many as slots
+    kv_holders: int = -1
     # Embeddings (Engine.embed / submit_embedding), in a context of their own (embedding.py):
     embeddings: bool = False       # llama.cpp's --embedding
     pooling: str | None = None     # none|mean|cls|last; None: the model's (none if it names none)
@@ -135,10 +139,19 @@ class EngineConfig:
         if settings:
             raise TypeError(f"EngineConfig() got an unexpected keyword argument {next(iter(settings))!r}")
 
+    @property
+    def n_holders(self) -> int:
+        """Holder sequences the engine has (kv_holders resolved; llama.cpp allows LLAMA_MAX_SEQ
+        sequences in all)."""
+        if not (self.kv_unified and self.prefix_share):
+            return 0
+        n = self.n_parallel if self.kv_holders < 0 else self.kv_holders
+        return max(0, min(n, LLAMA_MAX_SEQ - self.n_parallel - 1))
+
     def context_params(self) -> ContextParams:
-        """The parameters of the engine's context: `context` with a sequence per slot and one
-        for the shared system prompt."""
-        return dataclasses.replace(self.context, n_seq_max=self.n_parallel + 1)
+        """The parameters of the engine's context: `context` with a sequence per slot, one
+        for the shared system prompt and the holders'."""
+        return dataclasses.replace(self.context, n_seq_max=self.n_parallel + 1 + self.n_holders)
 
 
 for _name in CONTEXT_SETTINGS:
@@ -242,6 +255,24 @@ class EngineStats:
     t_decode_sample: float = 0.0   # llama_decode, sampling, stop rules, streaming, releases
     _ctx: object = field(default=None, repr=False)
     _embedder: object = field(default=None, repr=False)
+    _cache: object = field(default=None, repr=False)
+
+    @property
+    def n_prompt_tokens_cached_kv(self) -> int:
+        """Cached prompt tokens found in KV: the slot's own cache or another sequence's."""
+        h = self._cache.hits if self._cache is not None else {}
+        return h.get("own", 0) + h.get("shared", 0)
+
+    @property
+    def n_prompt_tokens_cached_ram(self) -> int:
+        """Cached prompt tokens loaded back from the host-RAM tier."""
+        return self._cache.hits["ram"] if self._cache is not None else 0
+
+    @property
+    def n_cache_ram_bytes(self) -> int:
+        """Bytes the host-RAM tier holds now."""
+        c = self._cache
+        return c.ram.n_bytes if c is not None and c.ram is not None else 0
 
     @property
     def n_embd_inputs(self) -> int:
