@@ -61,6 +61,9 @@ def user(port: int, u: int, turns: int, out: dict, lock: threading.Lock, distinc
     chat = own_text(u) if distinct else f"System: {SYSTEM}\n"
     for k in range(turns):
         chat += "User: " + QUESTIONS[k % len(QUESTIONS)].format(t=TOPICS[u % len(TOPICS)]) + "\nAssistant:"
+        if "sent" in out:  # the prompts, for counting the workload's distinct tokens
+            with lock:
+                out["sent"].append(chat)
         t0 = time.perf_counter()
         r = requests.post(f"http://127.0.0.1:{port}/completion", timeout=600, json={
             "prompt": chat, "n_predict": 24, "temperature": 0, "cache_prompt": True, "stop": ["\nUser:"]}).json()
@@ -72,8 +75,11 @@ def user(port: int, u: int, turns: int, out: dict, lock: threading.Lock, distinc
         chat += r["content"] + "\n"
 
 
-def measure(port: int, users: int, turns: int, distinct: bool) -> dict:
+def measure(port: int, users: int, turns: int, distinct: bool, sent: list | None = None) -> dict:
+    """Run the users' chats at once; the prompts sent are appended to `sent` if given."""
     out: dict = {"prompt_n": 0, "cache_n": 0, "predicted_n": 0, "first": []}
+    if sent is not None:
+        out["sent"] = sent
     lock = threading.Lock()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=user, args=(port, u, turns, out, lock, distinct)) for u in range(users)]

@@ -11,11 +11,14 @@ Workloads (issue 13), every server with `-np 8 -c 16384 -t 2 -tb 2`:
 - chats: 16 users (more than the 8 slots), 4 turns of a growing chat each, every chat starting
   with one shared ~300-word system text (bench/cache_ram_vs_cpp.py's users).
 
-Three servers on one libllama build (--build; default native, .llama/cpp-build): `python -m server` as shipped, the same
-with `--no-prefix-share`, and llama-server; measured in turn, for --rounds rounds. Prints the
-prompt tokens each decoded (the `/completion` timings' prompt_n summed), the distinct prompt
-tokens of the workload, first-token p50 / p95 (time to the response minus its predicted_ms),
-generated tokens per second of wall time; medians over rounds, and ours / llama-server.
+Servers on one libllama build (--build; default native, .llama/cpp-build), --servers of:
+`ours` (`python -m server` as shipped: a KV stream per slot), `ours-noshare` (the same with
+`--no-prefix-share`), `ours-kvu` (a unified KV cache, `-kvu`, with its holder sequences),
+`cpp` (llama-server as shipped, --cache-ram 8192) and `cpp-kvu`; measured in turn, for --rounds
+rounds. Prints the prompt tokens each decoded (the `/completion` timings' prompt_n summed), the
+distinct prompt tokens of the workload, first-token p50 / p95 (time to the response minus its
+predicted_ms), generated tokens per second of wall time, the process's peak RSS (VmHWM);
+medians over rounds, and each / llama-server.
 """
 
 from __future__ import annotations
@@ -86,6 +89,22 @@ def document(port: int) -> dict:
     return m
 
 
+def chats(port: int) -> dict:
+    """16 users, 4 turns each, one shared system text (cache_ram_vs_cpp's users)."""
+    sent: list[str] = []
+    m = measure(port, 16, 4, False, sent)
+    m["distinct"] = distinct_tokens(port, sent)
+    return m
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM), read before it is stopped."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def distinct_tokens(port: int, texts: list[str]) -> int:
     """Nodes of the prompts' token trie (each shared prefix counted once), by the server's
     /tokenize: sorted, each sequence adds what it does not share with the one before."""
@@ -105,47 +124,61 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--build", choices=_builds.NAMES, default="native",
                     help="the libllama both sides run on (bench/_builds.py; default native)")
+    ap.add_argument("--servers", default="ours,ours-noshare,cpp",
+                    help="comma list of ours,ours-noshare,ours-kvu,cpp,cpp-kvu (cpp always runs)")
     ap.add_argument("--log-dir", default="/tmp/bench-prefix-share")
     a = ap.parse_args(argv)
     build = _builds.get(a.build)
     logs = Path(a.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     common = ["-m", str(MODEL), "-np", "8", "-c", "16384", "-t", "2", "-tb", "2"]
-    servers = {
-        "ours": ([sys.executable, "-m", "server", *common], build.env_ours()),
-        "ours --no-prefix-share": ([sys.executable, "-m", "server", *common, "--no-prefix-share"], build.env_ours()),
-        "llama-server": ([str(build.program("llama-server")), *common, "--no-webui"], build.env_cpp()),
+    ours, cpp = [sys.executable, "-m", "server", *common], [str(build.program("llama-server")), *common, "--no-webui"]
+    known = {
+        "ours": (ours, build.env_ours()),
+        "ours-noshare": (ours + ["--no-prefix-share"], build.env_ours()),
+        "ours-kvu": (ours + ["-kvu"], build.env_ours()),
+        "cpp": (cpp, build.env_cpp()),
+        "cpp-kvu": (cpp + ["-kvu"], build.env_cpp()),
     }
-    workloads = {"document": document, "chats": lambda port: measure(port, 16, 4, False)}
+    names = [n.strip() for n in a.servers.split(",") if n.strip()]
+    if any(n not in known for n in names):
+        ap.error(f"--servers: choose from {', '.join(known)}")
+    servers = {n: known[n] for n in names + ([] if "cpp" in names else ["cpp"])}
+    workloads = {"document": document, "chats": chats}
     chosen = list(workloads) if a.workload == "both" else [a.workload]
     results = {(w, s): [] for w in chosen for s in servers}
     ran_on = {}
     for rnd in range(a.rounds):
         for w in chosen:
             for i, (name, (cmd, env)) in enumerate(servers.items()):
-                p = start(cmd, env, 18490 + i, logs / f"{w}_{name.split()[-1]}.log")
+                p = start(cmd, env, 18490 + i, logs / f"{w}_{name}.log")
                 try:
                     ran_on[name] = _builds.describe(_builds.process_build(p.pid))
                     results[w, name].append(workloads[w](18490 + i))
+                    results[w, name][-1]["rss_mib"] = peak_rss_mib(p.pid)
                 finally:
                     p.terminate()
                     p.wait(30)
                 m = results[w, name][-1]
                 print(f"round {rnd + 1} {w:8} {name:24} decoded {m['prompt_n']:6d}, first p50 {m['first_p50']:.2f} s "
-                      f"p95 {m['first_p95']:.2f} s, {m['gen_tps']:.1f} generated t/s, wall {m['wall']:.1f} s", flush=True)
+                      f"p95 {m['first_p95']:.2f} s, {m['gen_tps']:.1f} generated t/s, wall {m['wall']:.1f} s, "
+                      f"peak RSS {m['rss_mib']:.0f} MiB", flush=True)
     print(f"\nmedians of {a.rounds} rounds; -np 8 -c 16384 -t 2 -tb 2")
-    print(f"{'workload':9} {'server':24} {'decoded':>8} {'first p50':>10} {'p95':>7} {'gen t/s':>8}  vs llama-server")
+    print(f"{'workload':9} {'server':13} {'decoded':>8} {'first p50':>10} {'p95':>7} {'gen t/s':>8} "
+          f"{'RSS MiB':>8}  vs llama-server (cpp)")
     for w in chosen:
         med = {s: {k: statistics.median(m[k] for m in results[w, s]) for k in results[w, s][0]} for s in servers}
-        ref = med["llama-server"]
+        ref = med["cpp"]
         for s, m in med.items():
             ratio = (f"decoded {m['prompt_n'] / ref['prompt_n']:.2f}x, p50 {m['first_p50'] / ref['first_p50']:.2f}x, "
-                     f"p95 {m['first_p95'] / ref['first_p95']:.2f}x, t/s {m['gen_tps'] / ref['gen_tps']:.2f}x")
-            print(f"{w:9} {s:24} {m['prompt_n']:8.0f} {m['first_p50']:9.2f}s {m['first_p95']:6.2f}s "
-                  f"{m['gen_tps']:8.1f}  {ratio}")
-    if "document" in chosen:
-        print("document: distinct prompt tokens of the 16 prompts (each shared prefix once): "
-              + ", ".join(f"{s} {statistics.median(m['distinct'] for m in results['document', s]):.0f}"
+                     f"p95 {m['first_p95'] / ref['first_p95']:.2f}x, t/s {m['gen_tps'] / ref['gen_tps']:.2f}x, "
+                     f"RSS {m['rss_mib'] - ref['rss_mib']:+.0f} MiB")
+            print(f"{w:9} {s:13} {m['prompt_n']:8.0f} {m['first_p50']:9.2f}s {m['first_p95']:6.2f}s "
+                  f"{m['gen_tps']:8.1f} {m['rss_mib']:8.0f}  {ratio}")
+    for w in chosen:
+        n = statistics.median(m["distinct"] for s in servers for m in results[w, s])
+        print(f"{w}: {n:.0f} distinct prompt tokens (each shared prefix once); decoded / distinct: "
+              + ", ".join(f"{s} {statistics.median(m['prompt_n'] / m['distinct'] for m in results[w, s]):.2f}x"
                           for s in servers))
     for name, where in ran_on.items():
         print(f"{name} ran on {where}")

@@ -98,7 +98,7 @@ SAMPLING = {
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
                  "lcp": "llama-cpp-python",
                  "ours-pool": "ours with the thread pool", "ours-nopool": "ours without the thread pool",
-                 "ours-noshare": "ours --no-prefix-share"}
+                 "ours-noshare": "ours --no-prefix-share", "ours-kvu": "ours -kvu (holders)"}
 
 
 def say(msg: str = "") -> None:
@@ -273,7 +273,7 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
     t = str(a.threads)
     env = dict(os.environ)
     config = {"np": np_, "ctx_per_slot": ctx_per_slot, "threads": a.threads}
-    if kind in ("ours", "ours-pool", "ours-nopool", "ours-noshare"):
+    if kind in ("ours", "ours-pool", "ours-nopool", "ours-noshare", "ours-kvu"):
         flags = ["-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t, "-tb", t,
                  "--port", str(port)]
         if batch:
@@ -287,6 +287,9 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
         elif kind == "ours-noshare":  # the A/B of prefix sharing across slots
             flags.append("--no-prefix-share")
             config["prefix_share"] = False
+        elif kind == "ours-kvu":  # the A/B of the KV layout: one unified cache with holders
+            flags.append("-kvu")
+            config["kv_unified"] = True
         elif kind == "ours-pool":
             flags.append("--threadpool")
             config["threadpool"] = True

@@ -35,7 +35,7 @@ import _builds  # noqa: E402
 import scaling  # noqa: E402
 
 POINTS = [(4, 16), (8, 32)]  # (np = concurrency, requests)
-SERVERS = ("ours", "cpp")  # --servers may add ours-noshare (prefix sharing off)
+SERVERS = ("ours", "cpp")  # --servers may add ours-noshare (prefix sharing off), ours-kvu (-kvu)
 
 
 def measure(server, a, np_: int, n_req: int) -> dict:
@@ -120,6 +120,10 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
                 row["share_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours")
                                                  / med("tokens_per_s", np_, mode, "ours-noshare"))
                 print(f"  prefix sharing on/off: throughput {row['share_throughput_ratio']:.3f} (>= 0.98)")
+            if "ours-kvu" in a.servers:
+                row["kvu_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours-kvu")
+                                               / med("tokens_per_s", np_, mode, "ours"))
+                print(f"  unified KV with holders / a stream per slot: throughput {row['kvu_throughput_ratio']:.3f}")
     return rows
 
 
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling", dest="sampling_list", default="greedy,default",
                     help="comma list of greedy,default (default both)")
     ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="comma list of ours,cpp,ours-noshare (default ours,cpp; ours and cpp always run)")
+                    help="comma list of ours,cpp,ours-noshare,ours-kvu (default ours,cpp; ours and cpp always run)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("--ctx-per-slot", type=int, default=1024)
