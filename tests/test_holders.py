@@ -76,3 +76,19 @@ def test_an_evicted_holder_comes_back_from_ram(model):
         assert st["tokens_ram"] >= n_doc - 16 and e.stats.n_prompt_tokens_cached_ram == st["tokens_ram"]
         assert e.slots_info()[0]["prompt_cache"] == {"tier": "ram", "n_tokens": st["tokens_ram"]}
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("kvu", [False, True], ids=["per-slot-kv-ram", "unified-kv-holders"])
+def test_a_chats_own_turns_after_a_long_shared_text_are_kept(model, kvu):
+    """Two chats on one slot, both starting with one ~290-token text: when one overwrites the
+    other's cache, only the short own part is lost, yet that is what its next turn needs; it is
+    kept aside (in RAM or a holder) and comes back."""
+    base = f"System: {doc(0)}\n"
+    a1, b1 = base + "User: Which item is harbor?\nAssistant:", base + "User: What is item 7?\nAssistant:"
+    with engine(model, share=True, kvu=kvu, n_parallel=1, cache_ram_mib=256) as e:
+        first = serve_in_turn(e, [a1, b1])
+        a2 = a1 + first[0].text + "\nUser: And which item is apple?\nAssistant:"
+        n_a1 = len(model.vocab.tokenize(a1 + first[0].text, add_special=True))
+        h = serve_in_turn(e, [a2])[0]
+        assert h.n_cached_tokens >= n_a1 - 4, (h.n_cached_tokens, n_a1)
+        assert e.slots_info()[0]["prompt_cache"]["tier"] == ("shared" if kvu else "ram")
