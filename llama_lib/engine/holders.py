@@ -1,7 +1,7 @@
 """Idle prompt prefixes kept in spare KV sequences (unified KV cache only).
 
 A slot holds one prompt cache: its last request's tokens. When a new request is about to
-overwrite most of it, the cache moves to a holder, a sequence id past the slots', with
+overwrite part of it (PromptCache.keep_aside), the cache moves to a holder, a sequence id past the slots', with
 llama_memory_seq_cp. In a unified cache that only tags the cells the slot already has with the
 holder's id (no copy, no new cells), so the prefix stays in KV for whichever later request
 shares it (prefix_share.py copies it out the same way). Holders are indexed by a radix tree
@@ -24,10 +24,9 @@ import numpy as np
 
 from ..context import Memory
 from .prefix_tree import PrefixTree
+from .ram_cache import MIN_TOKENS
 
 log = logging.getLogger("llama_lib.engine")
-
-MIN_TOKENS = 16  # shorter caches are cheaper to decode again than to hold
 
 
 @dataclass(eq=False)  # compared (and hashed, in the tree) by identity
@@ -114,14 +113,6 @@ class Holders:
 
     def oldest(self) -> Holder | None:
         return min(self.held, key=lambda h: h.t_used) if self.held else None
-
-    def evict_lru(self) -> bool:
-        """Save the least recently used holder to the RAM tier and free its sequence."""
-        h = self.oldest()
-        if h is None:
-            return False
-        self.evict(h)
-        return True
 
     def evict(self, h: Holder) -> None:
         log.info("dropping the prefix held in sequence %d (%d tokens)", h.seq_id, h.n_prefix + len(h.tokens))

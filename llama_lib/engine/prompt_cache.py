@@ -18,8 +18,7 @@ from ..context import Memory
 from . import prefix_share
 from .holders import Holders
 from .prefix_tree import common_prefix
-from . import ram_cache
-from .ram_cache import RamCache
+from .ram_cache import MIN_TOKENS, RamCache
 from .request import Request
 from .slot import Slot
 from .types import FinishReason
@@ -208,7 +207,7 @@ class PromptCache:
         cache aside first? Not llama-server's rule (most of it): with a long shared system text,
         a chat's own turns are a small part of its cache, and they are what its user's next
         request needs (measured: 16 chats on 8 slots decoded 1.8x their distinct tokens)."""
-        return len(s.cache_tokens) - keep >= ram_cache.MIN_TOKENS
+        return len(s.cache_tokens) - keep >= MIN_TOKENS
 
     def keep_aside(self, s: Slot, protect=None) -> None:
         """Keep the slot's cache before its sequence is overwritten: in a holder sequence
@@ -231,8 +230,8 @@ class PromptCache:
 
     def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> bool:
         """llama-server's prompt-cache update: the slot's cache goes to RAM (or a holder) when
-        the request would lose most of it, and a RAM entry that suits the prompt better comes
-        back (True then)."""
+        the request would overwrite part of it (_loses), and a RAM entry that suits the prompt
+        better comes back (True then)."""
         own = self.holds_cache(s, want_prefix)
         keep = common_prefix(s.cache_tokens, r.prompt_tokens) if own else 0
         entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, keep,
