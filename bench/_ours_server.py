@@ -28,9 +28,12 @@ def trace_steps(path: str) -> None:
     from llama_lib.engine import Engine
 
     rows = []
+    engines = []
     step = Engine.step
 
     def traced(self):
+        if not engines:
+            engines.append(self)
         t0 = time.perf_counter()
         d0 = self.ctx.t_decode
         r = step(self)
@@ -44,6 +47,11 @@ def trace_steps(path: str) -> None:
         with open(path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        if engines:  # the engine's phase totals, beside the steps
+            st = engines[0].stats
+            keys = ("n_steps", "t_step", "t_prepare", "t_admit", "t_batch", "t_decode_sample",
+                    "t_decode", "t_sample", "n_decode_calls")
+            Path(path + ".stats.json").write_text(json.dumps({k: getattr(st, k) for k in keys}))
 
     atexit.register(dump)
 

@@ -48,6 +48,11 @@ CORS_HEADERS = "*"
 LOCALHOST_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
+def to_json(obj) -> bytes:
+    """A body or an event as llama-server writes it: UTF-8, no space after separators."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -247,7 +252,7 @@ class Connection(BaseHTTPRequestHandler):
     # -- writing ------------------------------------------------------------------------------
 
     def send_json(self, status: int, obj, headers: dict | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        data = to_json(obj)
         self.send_bytes(status, data, "application/json; charset=utf-8", headers)
 
     def _settle_body(self) -> None:
@@ -326,7 +331,7 @@ class Connection(BaseHTTPRequestHandler):
                 if ev is DONE:
                     data = b"data: [DONE]\n\n"
                 else:
-                    data = b"data: " + json.dumps(ev, ensure_ascii=False).encode("utf-8") + b"\n\n"
+                    data = b"data: %s\n\n" % to_json(ev)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError) as e:

@@ -476,3 +476,34 @@ def test_every_decode_and_kv_call_runs_on_the_engine_thread(model, monkeypatch):
         assert not others, f"calls from other threads: {others}"
     finally:
         e.close()
+
+
+def test_a_steps_output_reaches_readers_when_the_step_ends(model, monkeypatch):
+    """Chunks are held until step() returns (outbox.py): a reader woken mid-step would take
+    the GIL at the step's next ctypes call and lengthen the step."""
+    import llama_lib.engine.decode as decode_mod
+    queued_mid_step = []
+    take = decode_mod.take_token
+
+    def watched(r, *args):
+        before = r._stream.qsize()
+        reason = take(r, *args)
+        queued_mid_step.append(r._stream.qsize() - before)
+        return reason
+
+    monkeypatch.setattr(decode_mod, "take_token", watched)
+    with make_engine(model) as e:
+        a = e.submit(question("Name three colors."), greedy(6, ignore_eos=True))
+        b = e.submit(question("Count to five."), greedy(6, ignore_eos=True))
+        delivered = []
+        while not (a.done and b.done):
+            e.step()
+            delivered.append((a._stream.qsize(), b._stream.qsize()))
+        assert len(queued_mid_step) == 12 and not any(queued_mid_step), "nothing reaches a reader mid-step"
+        assert delivered[0] == (1, 1), "the first token of each is there once the step has ended"
+        assert delivered[-1] == (7, 7), "6 chunks and the end of each stream"
+        assert [c.tokens[0] for c in a] == a.tokens and [c.tokens[0] for c in b] == b.tokens
+    # outside a step (close(), no step running) a write is delivered at once
+    with make_engine(model) as e:
+        c = e.submit(question("Hello"), greedy(4))
+    assert c.done and c.finish_reason == FinishReason.CANCELLED and list(c) == []

@@ -43,6 +43,7 @@ from .callbacks import CallbackRunner, OnChunk, OnDone
 from .calls import CallQueue
 from .decode import decode_and_sample
 from .embedding import Embedder, EmbeddingRequest
+from .outbox import Outbox
 from .output import StopMatcher
 from .prompt_cache import PromptCache
 from .ram_cache import summary
@@ -103,6 +104,7 @@ class Engine:
         self._all: set[Request] = set()  # unfinished requests, for shutdown
         # Work for the engine thread from other threads (state reads such as seq_pos_max).
         self._calls = CallQueue()
+        self._outbox = Outbox()
         self._callbacks: CallbackRunner | None = None  # started by the first submit with callbacks
         # The warm-up and the first system prompt are decoded by the first step(), on the thread
         # that runs the loop: with an OpenMP libllama every thread that decodes gets an OpenMP
@@ -155,6 +157,7 @@ class Engine:
             req = Request(self._next_id, tokens, params)
             self._next_id += 1
             req._wake_engine = self._wake
+            req._outbox = self._outbox
             if on_chunk is not None or on_done is not None:
                 if self._callbacks is None:
                     self._callbacks = CallbackRunner(self.config.callback_threads)
@@ -252,12 +255,11 @@ class Engine:
         return sum(1 for s in self.slots if s.busy)
 
     def ram_cache_stats(self) -> dict[str, int]:
-        """The host-RAM tier's counters (ram_cache.RamCache.summary), read without stopping the engine."""
+        """The host-RAM tier's counters (ram_cache.summary), read while the engine runs."""
         return summary(self.cache.ram)
 
     def share_stats(self) -> dict[str, int]:
-        """Prefixes copied from other KV sequences, requests that waited for one, cached prompt
-        tokens by tier, evictions, holders (PromptCache.summary)."""
+        """Shared prefixes, cached prompt tokens by tier, evictions (PromptCache.summary)."""
         return self.cache.summary()
 
     def slots_info(self) -> list[dict]:
@@ -340,28 +342,29 @@ class Engine:
         Its phases are timed into stats (t_prepare, t_batch, t_admit, t_decode_sample)."""
         st = self.stats
         t_start = time.perf_counter()
-        self._prepare()
-        t_prepared = time.perf_counter()
-        self.batch.clear()
-        batch_generated(self.slots, self.batch)
-        t_generated = time.perf_counter()
-        if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
-            self._admit()
-        if any(s.phase is WAIT or s.hold_at for s in self.slots):
-            join_ready(self)
-        t_admitted = time.perf_counter()
-        st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
-        t_batched = time.perf_counter()
-        st.t_prepare += t_prepared - t_start
-        st.t_admit += t_admitted - t_generated
-        st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
-        did = self.batch.n_tokens > 0
-        if did:
-            decode_and_sample(self)
-        t_done = time.perf_counter()
-        st.t_decode_sample += t_done - t_batched
-        if self.embedder is not None and self.embedder.has_work():  # the embed phase
-            did = self.embedder.step() or did
+        with self._outbox.step():  # the step's output reaches its readers at the end
+            self._prepare()
+            t_prepared = time.perf_counter()
+            self.batch.clear()
+            batch_generated(self.slots, self.batch)
+            t_generated = time.perf_counter()
+            if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
+                self._admit()
+            if any(s.phase is WAIT or s.hold_at for s in self.slots):
+                join_ready(self)
+            t_admitted = time.perf_counter()
+            st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
+            t_batched = time.perf_counter()
+            st.t_prepare += t_prepared - t_start
+            st.t_admit += t_admitted - t_generated
+            st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
+            did = self.batch.n_tokens > 0
+            if did:
+                decode_and_sample(self)
+            t_done = time.perf_counter()
+            st.t_decode_sample += t_done - t_batched
+            if self.embedder is not None and self.embedder.has_work():  # the embed phase
+                did = self.embedder.step() or did
         if did:
             st.n_steps += 1
         st.t_step += time.perf_counter() - t_start

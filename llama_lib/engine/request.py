@@ -49,6 +49,7 @@ class Request:
         self._done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_engine: Callable[[], None] | None = None  # set by the engine
+        self._outbox = None  # the engine's Outbox: a step's output reaches readers at its end
         # Who is told of new output: one-shot wakers of waiting coroutines (any output, or the
         # end only) and a listener that stays (the callback runner). _lock orders a write and
         # the wakers it takes against a reader that finds nothing and leaves a waker.
@@ -168,6 +169,12 @@ class Request:
             wake()
 
     def _put(self, item) -> None:
+        """Queue an item for the readers: at the end of the engine's step (outbox.py), or now."""
+        box = self._outbox
+        if box is None or not box.hold(self._deliver, item):
+            self._deliver(item)
+
+    def _deliver(self, item) -> None:
         """Queue an item and wake whoever waits for one (outside the lock)."""
         with self._lock:
             self._stream.put(item)
