@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """examples/parallel.py against llama.cpp's own llama-parallel, on the same libllama.
 
-    python bench/parallel_vs_cpp.py                 # 3 alternating rounds, then -np 8
+    python bench/parallel_vs_cpp.py                 # 5 alternating rounds, then -np 8
     python bench/parallel_vs_cpp.py --build prebuilt --json
     bench/parallel_vs_cpp --workload both           # also parallel.py exactly as shipped
 
-About 2 minutes on an idle 2-core machine (14 runs of 5-20 s); longer when other processes
+About 5 minutes on an idle 2-core machine (22 runs of 5-30 s); longer when other processes
 compete (see "Noise" below).
 
 What it does:
@@ -478,7 +478,7 @@ def median(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating C++/Python rounds per configuration (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating C++/Python rounds per configuration (default 5)")
     ap.add_argument("--build", choices=_builds.NAMES, default="native",
                     help="the libllama both programs run on: native (.llama/cpp-build, OpenMP) or "
                          "prebuilt (.llama/lib, the npm library llama_lib loads by default)")
@@ -613,7 +613,7 @@ def main() -> int:
             }
             row = {"config": cfg, "workload": w, "cpp_median_tps": c_med, "py_median_tps": p_med,
                    "ratio": ratio, "cpp_best_tps": c_best, "py_best_tps": p_best, "ratio_best": ratio_best,
-                   "ratios_per_round": per_round, "same_work": work, "deterministic": stable,
+                   "ratios_per_round": per_round, "ratio_paired": median(per_round), "same_work": work, "deterministic": stable,
                    "runs_used": {"cpp": len(c_runs), "py": len(p_runs)},
                    "contended_runs_used": sum(1 for r in c_runs + p_runs if r.get("contended")),
                    "cpp_wall_median_s": median([r["wall_s"] for r in c_runs]),
@@ -635,7 +635,8 @@ def main() -> int:
             say(f"{cfg:7s} {w:9s} {_f(c_med, '9.2f')} {_f(p_med, '9.2f')} {_f(ratio, '7.3f')} "
                 f"{_f(ratio_best, '7.3f')}  {same}")
             if per_round:
-                say(f"{'':17s} per-round ratios: " + ", ".join(f"{x:.3f}" for x in per_round))
+                say(f"{'':17s} per-round ratios: " + ", ".join(f"{x:.3f}" for x in per_round)
+                    + f"; their median {median(per_round):.3f}")
             if row["contended_runs_used"]:
                 say(f"{'':17s} WARNING: {row['contended_runs_used']} of the runs used here were disturbed by "
                     "other processes; these figures are not reliable")

@@ -14,8 +14,8 @@ Workloads (issue 13), every server with `-np 8 -c 16384 -t 2 -tb 2`:
 Servers on one libllama build (--build; default native, .llama/cpp-build), --servers of:
 `ours` (`python -m server` as shipped: a KV stream per slot), `ours-noshare` (the same with
 `--no-prefix-share`), `ours-kvu` (a unified KV cache, `-kvu`, with its holder sequences),
-`cpp` (llama-server as shipped, --cache-ram 8192) and `cpp-kvu`; measured in turn, for --rounds
-rounds. Prints the prompt tokens each decoded (the `/completion` timings' prompt_n summed), the
+`cpp` (llama-server as shipped, --cache-ram 8192) and `cpp-kvu`; measured in turn (the order
+reversed every other round), for --rounds rounds. Prints the prompt tokens each decoded (the `/completion` timings' prompt_n summed), the
 distinct prompt tokens of the workload, first-token p50 / p95 (time to the response minus its
 predicted_ms), generated tokens per second of wall time, the process's peak RSS (VmHWM);
 medians over rounds, and each / llama-server.
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     ran_on = {}
     for rnd in range(a.rounds):
         for w in chosen:
-            for i, (name, (cmd, env)) in enumerate(servers.items()):
+            order = list(enumerate(servers.items()))
+            for i, (name, (cmd, env)) in (order if rnd % 2 == 0 else order[::-1]):  # alternate
                 p = start(cmd, env, 18490 + i, logs / f"{w}_{name}.log")
                 try:
                     ran_on[name] = _builds.describe(_builds.process_build(p.pid))

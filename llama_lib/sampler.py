@@ -13,11 +13,13 @@ import numpy as np
 from . import _bindings as B
 from ._resource import OwnedPointer
 from .loader import lib
+from .topk import top_superset
 
 log = logging.getLogger(__name__)
 
 # With a grammar, the masked re-pick first looks at this many top tokens (see Sampler._pick_top).
 _TOP_N = 1024
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
 def _number(x: float) -> str:
@@ -158,6 +160,7 @@ class Sampler(OwnedPointer):
     """
 
     _argmax = False
+    _cut_k = 0  # > 0: sample over topk.top_superset candidates (see _sample_top_k)
     _bias_ids = None
 
     def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
@@ -177,7 +180,7 @@ class Sampler(OwnedPointer):
             self._trigger_text = b""
             self._eog = [t for t in (getattr(vocab, "eos", -1), getattr(vocab, "eot", -1)) if t >= 0]
             self._n_vocab = n_vocab
-            self._cur = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+            self._cur = np.zeros(n_vocab, dtype=_TOKEN_DATA)
             self._ids = np.arange(n_vocab, dtype=np.int32)
             self._cur_p = B.llama_token_data_array()
             self._one = B.llama_token_data()
@@ -226,6 +229,16 @@ class Sampler(OwnedPointer):
             last_n = p.repeat_last_n
             add(L.llama_sampler_init_penalties(n_vocab, last_n, p.repeat_penalty,
                                                p.frequency_penalty, p.presence_penalty))
+        # A chain that cuts to top_k first sees only the top_k highest (biased) logits: it is
+        # run over a few hundred candidates that hold them (topk.py), not all n_vocab.
+        self._cut_k = 0
+        if (not p.grammar and p.temperature > 0 and 0 < p.top_k <= _TOP_N and n_vocab > 4 * _TOP_N
+                and p.repeat_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty):
+            self._cut_k = p.top_k
+            self._cut_bias = (np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias))
+                              if p.logit_bias else None)  # distinct: the keys of a dict
+            self._cut = np.zeros(8 * _TOP_N, dtype=_TOKEN_DATA)
+            self._cut_p = B.llama_token_data_array()
         if p.temperature <= 0:
             add(L.llama_sampler_init_greedy())
         else:
@@ -250,7 +263,7 @@ class Sampler(OwnedPointer):
                 return int(np.argmax(row))
             return self._biased_argmax(row)
         if self.grammar is None:
-            return self._sample(self.ptr, ctx.ptr, i)
+            return self._sample_top_k(ctx, i) if self._cut_k else self._sample(self.ptr, ctx.ptr, i)
         L = lib()
         tok = self._pick(ctx, i, with_grammar=False)
         if not self._allowed(tok):
@@ -270,6 +283,30 @@ class Sampler(OwnedPointer):
             self.grammar = None
         else:
             L.llama_sampler_accept(self.grammar, tok)
+        L.llama_sampler_accept(self.ptr, tok)
+        return tok
+
+    def _sample_top_k(self, ctx, i: int) -> int:
+        """llama_sampler_sample over the candidates that can survive the chain's top_k: every
+        token with a bias (it may rise into the top k) and a threshold's superset of the top k
+        of the rest. The chain, its random draw and its accept are those of the whole row."""
+        row = ctx.logits(i)
+        ids = top_superset(row, self._cut_k, self._cut_bias)
+        n = len(ids)
+        if n > len(self._cut):
+            self._cut = np.zeros(n, dtype=_TOKEN_DATA)
+        cur = self._cut[:n]
+        cur["id"] = ids
+        cur["logit"] = row[ids]
+        cur["p"] = 0.0
+        cp = self._cut_p
+        cp.data = cur.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
+        cp.size, cp.selected, cp.sorted = n, -1, False
+        L = lib()
+        L.llama_sampler_apply(self.ptr, ctypes.byref(cp))
+        if cp.selected < 0 or cp.selected >= cp.size:
+            raise RuntimeError("the sampler chain selected no token")
+        tok = int(cp.data[cp.selected].id)
         L.llama_sampler_accept(self.ptr, tok)
         return tok
 

@@ -564,6 +564,37 @@ def test_plain_greedy_takes_the_argmax_shortcut(ctx, batch, vocab):
     ctx.memory.clear()
 
 
+def test_top_k_sampling_over_candidates_draws_as_the_whole_row(ctx, batch, vocab):
+    """A chain that starts with top_k runs over topk.top_superset's candidates (plus the
+    biased tokens): for a fixed seed it draws the same tokens as llama_sampler_sample over
+    all 262k logits, row after row, with and without biases that ban or lift tokens."""
+    ctx.memory.clear()
+    batch.clear()
+    toks = vocab.tokenize(PROMPT_A + " The capital of Italy is Rome, and the capital of Spain is")
+    batch.add_sequence(toks, 0, 0)
+    batch.logits[:] = 1
+    assert ctx.decode(batch.c_batch) == 0
+    top = [int(np.argmax(ctx.logits(i))) for i in range(len(toks))]
+    cases = [SamplingParams(seed=7), SamplingParams(seed=8, temperature=2.0, top_k=1000, top_p=1.0, min_p=0.0),
+             SamplingParams(seed=9, top_k=3, logit_bias={top[0]: -math.inf, top[1]: -math.inf, 1000: 40.0}),
+             SamplingParams(seed=10, top_k=40, top_p=0.9, typical_p=0.8, logit_bias={1: -math.inf, 106: -math.inf})]
+    for p in cases:
+        with Sampler(p, ctx.n_vocab, vocab) as cut, Sampler(p, ctx.n_vocab, vocab) as whole:
+            assert cut._cut_k == p.top_k
+            whole._cut_k = 0  # llama_sampler_sample over the whole row
+            got = [cut.sample(ctx, r % len(toks)) for r in range(120)]
+            assert got == [whole.sample(ctx, r % len(toks)) for r in range(120)], p
+            if 1000 in p.logit_bias:  # lifted from far below the top k: always drawn
+                assert set(got) == {1000}
+            else:
+                assert len(set(got)) > 3, "the draws must differ (the seeded RNG is used)"
+    for p in (SamplingParams(top_k=0), SamplingParams(top_k=40, repeat_penalty=1.1), SamplingParams(temperature=0),
+              SamplingParams(top_k=40, grammar='root ::= "a"')):
+        with Sampler(p, ctx.n_vocab, vocab) as s:
+            assert not s._cut_k
+    ctx.memory.clear()
+
+
 # --- loading errors ----------------------------------------------------------------------------
 
 
