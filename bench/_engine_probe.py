@@ -5,8 +5,8 @@ and memory, so the benchmark process stays small). Prints one JSON object on std
     python bench/_engine_probe.py vocab -m MODEL [--long-tokens 3000]
         end-of-generation token ids (for llama-cpp-python's logit_bias) and a long prompt of
         about --long-tokens tokens (for the long-prompt test)
-    python bench/_engine_probe.py overhead -m MODEL --np N [--requests R] [--n-predict 64]
-        llama_lib.Engine with n_parallel=N, R requests of 64 tokens (EOS ignored, greedy),
+    python bench/_engine_probe.py overhead -m MODEL --np N [--requests R] [--n-predict 64] [--sampling default]
+        llama_lib.Engine with n_parallel=N, R requests of 64 tokens (EOS ignored, greedy or not),
         stepped in this thread; per decode step: wall, llama_decode, sampling, and the rest
         (the Python engine's own time), from engine.stats
 """
@@ -81,8 +81,11 @@ def cmd_overhead(a) -> dict:
                        n_threads_batch=a.threads, flash_attn=a.flash_attn, kv_unified=a.kv_unified)
     eng = Engine(model, cfg)
     reqs = a.requests or n
-    params = lambda: RequestParams(n_predict=a.n_predict, ignore_eos=True,  # noqa: E731
-                                   sampling=SamplingParams(temperature=0.0), cache_prompt=False)
+    def params(i: int) -> RequestParams:
+        sampling = (SamplingParams(temperature=0.0) if a.sampling == "greedy" else
+                    SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=1000 + i))
+        return RequestParams(n_predict=a.n_predict, ignore_eos=True, sampling=sampling, cache_prompt=False)
+
     # One warm round (not counted): a request per slot, a few tokens.
     for i in range(n):
         eng.submit(f"User: {PROMPTS[i % len(PROMPTS)]}\nAssistant:",
@@ -91,7 +94,7 @@ def cmd_overhead(a) -> dict:
     eng.run_until_idle()
     st = eng.stats
     base = (st.t_step, st.t_decode, st.t_sample, st.n_steps, st.n_generated_tokens, st.n_prompt_tokens)
-    handles = [eng.submit(f"User: {PROMPTS[i % len(PROMPTS)]}\nAssistant:", params()) for i in range(reqs)]
+    handles = [eng.submit(f"User: {PROMPTS[i % len(PROMPTS)]}\nAssistant:", params(i)) for i in range(reqs)]
     t0 = time.perf_counter()
     eng.run_until_idle()
     wall = time.perf_counter() - t0
@@ -132,6 +135,8 @@ def main() -> int:
     o.add_argument("--ctx-per-slot", type=int, default=1024)
     o.add_argument("--flash-attn", type=int, default=-1, help="-1 auto (default), 0 off, 1 on")
     o.add_argument("--kv-unified", action="store_true")
+    o.add_argument("--sampling", choices=("greedy", "default"), default="greedy",
+                   help="greedy, or llama.cpp's default chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)")
     a = ap.parse_args()
     out = cmd_vocab(a) if a.cmd == "vocab" else cmd_overhead(a)
     print(json.dumps(out))

@@ -138,6 +138,15 @@ class Batch:
         self.n_tokens = start + n_kept
         return new_index
 
+    def permute(self, order: np.ndarray) -> np.ndarray:
+        """Reorder the rows: new row j is old row order[j]. Returns every old row's new index."""
+        n = self.n_tokens
+        for arr in (self.token, self.pos, self.n_seq_id, self.logits, self.seq_id):
+            arr[:n] = arr[:n][order]
+        new_index = np.empty(n, dtype=np.int64)
+        new_index[order] = np.arange(n)
+        return new_index
+
     # -- reading ------------------------------------------------------------------------------
 
     def view(self, start: int = 0, n: int | None = None) -> B.llama_batch:

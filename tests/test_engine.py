@@ -507,3 +507,61 @@ def test_a_steps_output_reaches_readers_when_the_step_ends(model, monkeypatch):
     with make_engine(model) as e:
         c = e.submit(question("Hello"), greedy(4))
     assert c.done and c.finish_reason == FinishReason.CANCELLED and list(c) == []
+
+
+def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, monkeypatch):
+    """With a KV stream per slot, an idle slot between two generating ones gets a throw-away
+    token each step (seq_order.py) so that llama.cpp decodes the step in one ubatch; it is
+    removed after the decode: the outputs are those of the same run without fillers, and the
+    idle slot's cache is still reused afterwards."""
+    import llama_lib.engine.seq_order as so
+    placed = []
+    fill = so.fill_gaps
+
+    def counting(e):
+        f = fill(e)
+        placed.extend(f)
+        return f
+
+    def run(with_fillers: bool):
+        monkeypatch.setattr(so, "fill_gaps", counting if with_fillers else (lambda e: []))
+        with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
+            q = question("Name a big city.")
+            first = e.submit(q, greedy(8, slot=1))
+            e.run_until_idle()  # slot 1 keeps its tokens as a cache
+            a = e.submit(question("Tell me about dogs."), greedy(24, ignore_eos=True, slot=0))
+            b = e.submit(question("Tell me about cats."), greedy(24, ignore_eos=True, slot=2))
+            e.run_until_idle()
+            again = e.submit(q, greedy(8, slot=1))
+            e.run_until_idle()
+            return first.tokens, a.tokens, b.tokens, again.tokens, again.n_cached_tokens
+
+    base = run(False)
+    assert not placed
+    got = run(True)
+    assert len(placed) >= 20 and {sid for sid, _ in placed} == {2}, "slot 1 (sequence 2) is the gap"
+    assert got == base
+    assert got[4] > 0, "the idle slot's cache was reused"
+
+
+def test_a_batch_is_decoded_in_order_of_sequence_ids(model, monkeypatch):
+    """A step that lists a generating slot's token before a lower slot's prompt is sorted
+    before llama_decode (llama.cpp's equal split takes consecutive sequence ids in order)."""
+    seen = []
+    with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
+        decode = e.ctx.decode
+
+        def watched(view):
+            n = e.batch.n_tokens
+            seen.append(e.batch.seq_id[:n, 0].copy())
+            return decode(view)
+
+        monkeypatch.setattr(e.ctx, "decode", watched)
+        a = e.submit(question("Tell me about dogs."), greedy(12, ignore_eos=True, slot=2))
+        step_until(e, lambda: a.n_generated >= 2)
+        b = e.submit(question("Tell me about cats."), greedy(4, ignore_eos=True, slot=0))
+        e.run_until_idle()
+    mixed = [s for s in seen if len(set(s.tolist())) > 1]
+    assert mixed, "a step held both requests"
+    assert all((np.diff(s) >= 0).all() for s in seen)
+    assert b.n_generated == 4 and a.n_generated == 12

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..context import DECODE_NO_KV_SLOT
 from .output import take_token
+from .seq_order import arrange, drop_fillers, remove_fillers
 from .slot import GENERATE, PREFILL
 from .types import FinishReason
 
@@ -22,6 +23,14 @@ log = logging.getLogger("llama_lib.engine")
 def decode_and_sample(e: "Engine") -> None:
     """Decode the batch in chunks of n_batch, halving on a full KV cache; sample as we go."""
     batch, ctx, st = e.batch, e.ctx, e.stats
+    fillers = arrange(e)  # fewest ubatches with a KV stream per slot (seq_order.py)
+    try:
+        _decode_chunks(e, batch, ctx, st, fillers)
+    finally:
+        remove_fillers(e, fillers)
+
+
+def _decode_chunks(e: "Engine", batch, ctx, st, fillers: list[tuple[int, int]]) -> None:
     n_batch = e.n_batch
     i = 0
     while i < batch.n_tokens:
@@ -29,6 +38,8 @@ def decode_and_sample(e: "Engine") -> None:
         ret = ctx.decode(batch.view(i, n))
         if ret == DECODE_NO_KV_SLOT:
             st.n_cache_misses += 1
+            if drop_fillers(e, fillers, i):  # optional rows go first; an eviction might empty their slot
+                continue
             if e.cache.evict():
                 continue
             if n > 1:
