@@ -29,7 +29,10 @@ answers, and "total t/s" then compares different work. With the default `matched
 side runs examples/parallel.py's own main() (through bench/_py_parallel.py) with its SYSTEM_PROMPT,
 JUNK and PROMPTS replaced by the C++ example's texts, read from parallel.cpp: both programs then
 decode exactly the same prompts with the same sampler chain and seed, and the per-request token
-counts must match. `builtin` runs `python examples/parallel.py` as shipped; `both` runs both.
+counts must match. It also passes --no-pack-sequences: the engine then decodes llama-parallel's
+very batches (its own order of sequences, no gap fillers; a different split into ubatches rounds
+differently, and sampled answers drift apart). `builtin` runs `python examples/parallel.py` as
+shipped; `both` runs both.
 
 Noise: with 2 threads on 2 cores, ggml's threads spin at barriers, so any other busy process can
 slow a run down several times over (seen here: 10x). For every run the benchmark measures, from
@@ -400,6 +403,7 @@ class Bench:
             own = ["--extra-out", str(extra_path)]
             if workload == "matched":
                 own += ["--texts", str(self.texts_file)]
+                flags.append("--no-pack-sequences")  # llama-parallel's very batches: the same work
             if self.a.py_warmup:
                 own.append("--warmup")
             cmd = [sys.executable, str(RUNNER), *own, "--", *flags]

@@ -98,7 +98,8 @@ SAMPLING = {
 SERVER_LABELS = {"ours": "ours (python -m server)", "cpp": "llama-server (C++)",
                  "lcp": "llama-cpp-python",
                  "ours-pool": "ours with the thread pool", "ours-nopool": "ours without the thread pool",
-                 "ours-noshare": "ours --no-prefix-share", "ours-kvu": "ours -kvu (holders)"}
+                 "ours-noshare": "ours --no-prefix-share", "ours-kvu": "ours -kvu (holders)",
+                 "ours-nopack": "ours --no-pack-sequences"}
 
 
 def say(msg: str = "") -> None:
@@ -273,7 +274,7 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
     t = str(a.threads)
     env = dict(os.environ)
     config = {"np": np_, "ctx_per_slot": ctx_per_slot, "threads": a.threads}
-    if kind in ("ours", "ours-pool", "ours-nopool", "ours-noshare", "ours-kvu"):
+    if kind in ("ours", "ours-pool", "ours-nopool", "ours-noshare", "ours-kvu", "ours-nopack"):
         flags = ["-m", model, "-np", str(np_), "-c", str(np_ * ctx_per_slot), "-t", t, "-tb", t,
                  "--port", str(port)]
         if batch:
@@ -287,6 +288,9 @@ def make_server(kind: str, a, np_: int, ctx_per_slot: int, log_dir: Path, tag: s
         elif kind == "ours-noshare":  # the A/B of prefix sharing across slots
             flags.append("--no-prefix-share")
             config["prefix_share"] = False
+        elif kind == "ours-nopack":  # the A/B of seq_order.py: llama-server's batches
+            flags.append("--no-pack-sequences")
+            config["pack_sequences"] = False
         elif kind == "ours-kvu":  # the A/B of the KV layout: one unified cache with holders
             flags.append("-kvu")
             config["kv_unified"] = True
@@ -379,6 +383,10 @@ def request_fn(server: Server, a, eog: list[int], n_predict: int):
                                         SAMPLING[a.sampling])
     args = SimpleNamespace(url=server.url, n_predict=n_predict, ignore_eos=True, stop=[], api_key=None,
                            timeout=a.timeout, **SAMPLING[a.sampling])
+    lengths = getattr(a, "n_predict_of", None)  # request index -> tokens, for a load of mixed lengths
+    if lengths is not None:
+        return lambda i: run_one(session(), SimpleNamespace(**{**vars(args), "n_predict": lengths(i)}),
+                                 i, prompt_text(i))
     return lambda i: run_one(session(), args, i, prompt_text(i))
 
 
@@ -402,7 +410,8 @@ def measure_point(server: Server, a, eog: list[int], concurrency: int, n_request
     load = cont.finish()
     peak = mon.stop()
     ok = [r for r in results if r.ok]
-    short = [r for r in ok if r.n_tokens != a.n_predict]
+    lengths = getattr(a, "n_predict_of", None) or (lambda i: a.n_predict)
+    short = [r for r in ok if r.n_tokens != lengths(r.index)]
     gen = sum(r.n_tokens for r in ok)
     ftt = [r.first_token_s for r in ok]
     gaps = [g for r in ok for g in r.gaps]

@@ -3,6 +3,7 @@
 
     python bench/server_vs_cpp.py                      # both builds, greedy and default sampling
     python bench/server_vs_cpp.py --builds native --sampling greedy --rounds 3
+    python bench/server_vs_cpp.py --builds native --lengths mixed   # slots finish at different steps
 
 For each build (bench/_builds.py: `native`, the OpenMP cmake build in .llama/cpp-build, and
 `prebuilt`, the npm library in .llama/lib that llama-server is run on too) and each load (16
@@ -37,7 +38,8 @@ import _builds  # noqa: E402
 import scaling  # noqa: E402
 
 POINTS = [(4, 16), (8, 32)]  # (np = concurrency, requests)
-SERVERS = ("ours", "cpp")  # --servers may add ours-noshare (prefix sharing off), ours-kvu (-kvu)
+SERVERS = ("ours", "cpp")  # --servers may add ours-noshare (prefix sharing off), ours-kvu (-kvu),
+# ours-nopack (--no-pack-sequences)
 
 
 def measure(server, a, np_: int, n_req: int) -> dict:
@@ -94,12 +96,12 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
     for np_, n_req in POINTS:
         for mode in a.sampling_modes:
             for k in a.servers:
-                print(f"{n_req} x {a.n_predict} @ c{np_}, np {np_}   {mode:8s} {k:6s} "
+                print(f"{n_req} x {a.n_predict if a.lengths == 'fixed' else '8-96'} @ c{np_}, np {np_}   {mode:8s} {k:6s} "
                       f"{med('tokens_per_s', np_, mode, k):7.1f} {med('first_token_p50_s', np_, mode, k):7.3f} "
                       f"{1000 * med('inter_token_p50_s', np_, mode, k):6.1f}m "
                       f"{med('rss_peak_mib', np_, mode, k):8.0f}")
             row = {
-                "build": build.name, "np": np_, "requests": n_req, "sampling": mode,
+                "build": build.name, "np": np_, "requests": n_req, "sampling": mode, "lengths": a.lengths,
                 "ours": _builds.describe(mapped.get("ours", {})), "cpp": _builds.describe(mapped.get("cpp", {})),
                 "ours_tokens_per_s": med("tokens_per_s", np_, mode, "ours"),
                 "cpp_tokens_per_s": med("tokens_per_s", np_, mode, "cpp"),
@@ -129,6 +131,11 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
                 row["share_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours")
                                                  / med("tokens_per_s", np_, mode, "ours-noshare"))
                 print(f"  prefix sharing on/off: throughput {row['share_throughput_ratio']:.3f} (>= 0.98)")
+            if "ours-nopack" in a.servers:
+                row["pack_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours")
+                                                / med("tokens_per_s", np_, mode, "ours-nopack"))
+                print(f"  sequences packed / llama-server's batches (--no-pack-sequences): throughput "
+                      f"{row['pack_throughput_ratio']:.3f}")
             if "ours-kvu" in a.servers:
                 row["kvu_throughput_ratio"] = (med("tokens_per_s", np_, mode, "ours-kvu")
                                                / med("tokens_per_s", np_, mode, "ours"))
@@ -144,9 +151,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling", dest="sampling_list", default="greedy,default",
                     help="comma list of greedy,default (default both)")
     ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="comma list of ours,cpp,ours-noshare,ours-kvu (default ours,cpp; ours and cpp always run)")
+                    help="comma list of ours,cpp,ours-noshare,ours-kvu,ours-nopack "
+                         "(default ours,cpp; ours and cpp always run)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
+    ap.add_argument("--lengths", choices=("fixed", "mixed"), default="fixed",
+                    help="fixed: every request generates --n-predict tokens; mixed: request i generates "
+                         "8 + (37 i mod 89) tokens (8-96, so slots finish at different steps)")
     ap.add_argument("--ctx-per-slot", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--wait-idle", type=float, default=30, metavar="SECONDS")
@@ -158,6 +169,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.model = (a.model or Path(os.environ.get("LLAMA_MODEL") or scaling.DEFAULT_MODEL)).resolve()
     a.sampling_modes = [x.strip() for x in a.sampling_list.split(",") if x.strip()]
+    a.n_predict_of = (lambda i: 8 + (37 * i) % 89) if a.lengths == "mixed" else None
     builds = [x.strip() for x in a.builds.split(",") if x.strip()]
     a.servers = list(SERVERS) + [x.strip() for x in a.servers.split(",")
                                  if x.strip() and x.strip() not in SERVERS]

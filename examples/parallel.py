@@ -142,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cb.add_argument("-nocb", "--no-cont-batching", dest="cont_batching", action="store_false",
                     help="start new requests only when all clients are done")
     ap.add_argument("-kvu", "--kv-unified", action="store_true", help="one KV buffer shared by all sequences")
+    ap.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                    help="each step's batch in sequence order, idle gaps filled, for one ubatch per step "
+                         "(default: on; off decodes the very batches llama-parallel decodes)")
     ap.add_argument("-f", "--file", help="file with one question per line, instead of the built-in ones")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload to a GPU (default: all)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         n_ubatch=args.ubatch_size, n_threads=args.threads, n_threads_batch=args.threads_batch,
         cont_batching=args.cont_batching, kv_unified=args.kv_unified,
         share_system_prompt=args.pps, poll=args.poll, prio=args.prio,
-        threadpool=args.threadpool,
+        threadpool=args.threadpool, pack_sequences=args.pack_sequences,
         # whole prompts in one step, as llama-parallel decodes them (not the engine's default)
         prefill_chunk=PREFILL_WHOLE_PROMPT,
     )

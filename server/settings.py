@@ -79,7 +79,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio, threadpool=args.threadpool,
             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
             warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity, cache_ram_mib=args.cache_ram,
-            prefix_share=args.prefix_share, kv_holders=args.kv_holders,
+            prefix_share=args.prefix_share, kv_holders=args.kv_holders, pack_sequences=args.pack_sequences,
             embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize,
             cpumask=args.cpus, strict_cpu=args.cpu_strict, cpumask_batch=args.cpus_batch,
             strict_cpu_batch=args.cpu_strict_batch),

@@ -544,11 +544,13 @@ def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, m
     assert got[4] > 0, "the idle slot's cache was reused"
 
 
-def test_a_batch_is_decoded_in_order_of_sequence_ids(model, monkeypatch):
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_batch_is_decoded_in_order_of_sequence_ids(model, monkeypatch, pack):
     """A step that lists a generating slot's token before a lower slot's prompt is sorted
-    before llama_decode (llama.cpp's equal split takes consecutive sequence ids in order)."""
+    before llama_decode (llama.cpp's equal split takes consecutive sequence ids in order);
+    with pack_sequences=False the batch keeps llama.cpp's own order (generated tokens first)."""
     seen = []
-    with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
+    with make_engine(model, n_parallel=3, n_ctx=3 * 1024, pack_sequences=pack) as e:
         decode = e.ctx.decode
 
         def watched(view):
@@ -563,5 +565,6 @@ def test_a_batch_is_decoded_in_order_of_sequence_ids(model, monkeypatch):
         e.run_until_idle()
     mixed = [s for s in seen if len(set(s.tolist())) > 1]
     assert mixed, "a step held both requests"
-    assert all((np.diff(s) >= 0).all() for s in seen)
+    assert all((np.diff(s) >= 0).all() for s in seen) == pack
+    assert (2 in np.concatenate(seen)) == pack, "the idle slot 1 (sequence 2) got a filler"
     assert b.n_generated == 4 and a.n_generated == 12

@@ -32,8 +32,8 @@ FILLER_TOKEN = 0  # any valid id: its cell is removed before anything reads it
 def arrange(e: "Engine") -> list[tuple[int, int]]:
     """Fill the gaps and sort the batch (slots' logits rows follow). Returns the fillers as
     (sequence id, position), for `remove_fillers` once the decode is done."""
-    if e.batch.n_tokens == 0 or e.cache.kv_unified:  # one stream: split simply, in any order
-        return []
+    if e.batch.n_tokens == 0 or e.cache.kv_unified or not e.config.pack_sequences:
+        return []  # (one stream: llama.cpp splits simply, in any order)
     fillers = fill_gaps(e)
     sort_rows(e)
     return fillers
