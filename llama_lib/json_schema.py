@@ -312,6 +312,8 @@ class _Converter(TypeRules):
         subs = [self.resolve(p) for p in parts]
         if len(subs) == 1 and not rest:
             one = subs[0]  # merged too if it is an allOf itself (a part left as is lost its allOf)
+            if not isinstance(one, (dict, bool)):
+                raise ValueError(f"'allOf' entries must be schemas (at {hint})")
             return self.all_of(one, hint) if isinstance(one, dict) and "allOf" in one else one
         out: dict = {"type": "object", "properties": {}, "required": []}
         for s in [rest] + subs:
@@ -319,6 +321,8 @@ class _Converter(TypeRules):
                 raise ValueError(f"'allOf' entries must be schemas (at {hint})")
             if "allOf" in s:
                 s = self.all_of(s, hint)
+                if not isinstance(s, dict):
+                    raise ValueError(f"'allOf' is supported only for object schemas (at {hint})")
             if s.get("type", "object") != "object" or any(k in s for k in ("anyOf", "oneOf", "enum", "const")):
                 raise ValueError(f"'allOf' is supported only for object schemas (at {hint})")
             if not isinstance(s.get("properties", {}), dict):

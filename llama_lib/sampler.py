@@ -22,6 +22,17 @@ _TOP_N = 1024
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
+def _point(cp: B.llama_token_data_array, buf: np.ndarray, ids: np.ndarray, logits: np.ndarray) -> None:
+    """Aim cp at buf's first len(ids) entries, filled with ids and their logits (p 0, unsorted)."""
+    n = len(ids)
+    cur = buf[:n]
+    cur["id"] = ids
+    cur["logit"] = logits
+    cur["p"] = 0.0
+    cp.data = cur.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
+    cp.size, cp.selected, cp.sorted = n, -1, False
+
+
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -292,16 +303,10 @@ class Sampler(OwnedPointer):
         of the rest. The chain, its random draw and its accept are those of the whole row."""
         row = ctx.logits(i)
         ids = top_superset(row, self._cut_k, self._cut_bias)
-        n = len(ids)
-        if n > len(self._cut):
-            self._cut = np.zeros(n, dtype=_TOKEN_DATA)
-        cur = self._cut[:n]
-        cur["id"] = ids
-        cur["logit"] = row[ids]
-        cur["p"] = 0.0
+        if len(ids) > len(self._cut):
+            self._cut = np.zeros(len(ids), dtype=_TOKEN_DATA)
         cp = self._cut_p
-        cp.data = cur.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
-        cp.size, cp.selected, cp.sorted = n, -1, False
+        _point(cp, self._cut, ids, row[ids])
         L = lib()
         L.llama_sampler_apply(self.ptr, ctypes.byref(cp))
         if cp.selected < 0 or cp.selected >= cp.size:
@@ -364,13 +369,8 @@ class Sampler(OwnedPointer):
         logits = L.llama_get_logits_ith(ctx.ptr, i)
         if not logits:
             raise RuntimeError(f"no logits for output row {i}")
-        cur = self._cur
-        cur["id"] = self._ids  # samplers sort in place: restore the identity order
-        cur["logit"] = np.ctypeslib.as_array(logits, (self._n_vocab,))
-        cur["p"] = 0.0
-        cp = self._cur_p
-        cp.data = cur.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
-        cp.size, cp.selected, cp.sorted = self._n_vocab, -1, False
+        cp = self._cur_p  # (samplers sort in place: the ids are put back in identity order)
+        _point(cp, self._cur, self._ids, np.ctypeslib.as_array(logits, (self._n_vocab,)))
         ref = ctypes.byref(cp)
         if with_grammar:
             L.llama_sampler_apply(self.grammar, ref)
@@ -389,12 +389,8 @@ class Sampler(OwnedPointer):
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx.ptr, i), (self._n_vocab,))
         top = np.argpartition(logits, -_TOP_N)[-_TOP_N:]
         sub = self._sub
-        sub["id"] = top
-        sub["logit"] = logits[top]
-        sub["p"] = 0.0
         cp = self._sub_p
-        cp.data = sub.ctypes.data_as(ctypes.POINTER(B.llama_token_data))
-        cp.size, cp.selected, cp.sorted = _TOP_N, -1, False
+        _point(cp, sub, top, logits[top])
         ref = ctypes.byref(cp)
         L.llama_sampler_apply(self.grammar, ref)
         if np.count_nonzero(sub["logit"] != -np.inf) < self._top_need:
