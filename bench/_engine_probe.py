@@ -5,7 +5,8 @@ and memory, so the benchmark process stays small). Prints one JSON object on std
     python bench/_engine_probe.py vocab -m MODEL [--long-tokens 3000]
         end-of-generation token ids (for llama-cpp-python's logit_bias) and a long prompt of
         about --long-tokens tokens (for the long-prompt test)
-    python bench/_engine_probe.py overhead -m MODEL --np N [--requests R] [--n-predict 64] [--sampling default]
+    python bench/_engine_probe.py overhead -m MODEL --np N [--requests R] [--n-predict 64]
+                                   [--sampling default] [--lengths mixed] [--no-pack-sequences]
         llama_lib.Engine with n_parallel=N, R requests of 64 tokens (EOS ignored, greedy or not),
         stepped in this thread; per decode step: wall, llama_decode, sampling, and the rest
         (the Python engine's own time), from engine.stats
@@ -78,13 +79,17 @@ def cmd_overhead(a) -> dict:
     model = Model(a.model)
     n = a.np
     cfg = EngineConfig(n_parallel=n, n_ctx=a.ctx_per_slot * (n + 1), n_threads=a.threads,
-                       n_threads_batch=a.threads, flash_attn=a.flash_attn, kv_unified=a.kv_unified)
+                       n_threads_batch=a.threads, flash_attn=a.flash_attn, kv_unified=a.kv_unified,
+                       pack_sequences=a.pack_sequences)
     eng = Engine(model, cfg)
     reqs = a.requests or n
+
     def params(i: int) -> RequestParams:
         sampling = (SamplingParams(temperature=0.0) if a.sampling == "greedy" else
                     SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=1000 + i))
-        return RequestParams(n_predict=a.n_predict, ignore_eos=True, sampling=sampling, cache_prompt=False)
+        # mixed: as bench/server_vs_cpp.py --lengths mixed, slots finish at different steps
+        n_predict = a.n_predict if a.lengths == "fixed" else 8 + (37 * i) % 89
+        return RequestParams(n_predict=n_predict, ignore_eos=True, sampling=sampling, cache_prompt=False)
 
     # One warm round (not counted): a request per slot, a few tokens.
     for i in range(n):
@@ -105,7 +110,7 @@ def cmd_overhead(a) -> dict:
     gen = st.n_generated_tokens - base[4]
     prompt = st.n_prompt_tokens - base[5]
     overhead = max(0.0, t_step - t_decode - t_sample)
-    ok = sum(1 for h in handles if h.n_generated == a.n_predict)
+    ok = sum(1 for i, h in enumerate(handles) if h.n_generated == params(i).n_predict)
     eng.close()
     model.close()
     return {
@@ -135,6 +140,10 @@ def main() -> int:
     o.add_argument("--ctx-per-slot", type=int, default=1024)
     o.add_argument("--flash-attn", type=int, default=-1, help="-1 auto (default), 0 off, 1 on")
     o.add_argument("--kv-unified", action="store_true")
+    o.add_argument("--lengths", choices=("fixed", "mixed"), default="fixed",
+                   help="fixed: --n-predict tokens each; mixed: request i generates 8 + (37 i mod 89)")
+    o.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                   help="seq_order.py's batch layout (off: llama.cpp's own order, no gap fillers)")
     o.add_argument("--sampling", choices=("greedy", "default"), default="greedy",
                    help="greedy, or llama.cpp's default chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)")
     a = ap.parse_args()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..context import DECODE_NO_KV_SLOT
 from .output import take_token
 from .seq_order import arrange, drop_fillers, remove_fillers
-from .slot import GENERATE, PREFILL
+from .slot import GENERATE, PREFILL, repoint_rows
 from .types import FinishReason
 
 if TYPE_CHECKING:
@@ -62,10 +62,7 @@ def _fail_token_owner(e: "Engine", i: int) -> None:
     e._release(slot, FinishReason.ERROR,
                   "the KV cache is full: no room to continue this request (context size too small)")
     # Remove that sequence's remaining rows and re-point the other slots' logits rows.
-    new_index = batch.remove_sequence(seq, i)
-    for s in e.slots:
-        if s.i_batch >= i:
-            s.i_batch = int(new_index[s.i_batch])
+    repoint_rows(e.slots, batch.remove_sequence(seq, i), i)
 
 def _sample_range(e: "Engine", lo: int, hi: int) -> None:
     """Sample for every slot whose logits row is in [lo, hi) of the batch just decoded."""

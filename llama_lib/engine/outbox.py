@@ -28,7 +28,7 @@ class Outbox:
     def hold(self, deliver: Callable[[object], None], item: object) -> bool:
         """Keep `item` for `deliver` until the step ends; False (deliver it now) when the
         calling thread is not inside a step."""
-        if self._owner is None or self._owner != threading.get_ident():
+        if self._owner != threading.get_ident():  # (None between steps: never a thread's)
             return False
         self._held.append((deliver, item))
         return True

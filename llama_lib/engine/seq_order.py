@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .slot import IDLE
+from .slot import IDLE, repoint_rows
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -65,10 +65,7 @@ def sort_rows(e: "Engine") -> None:
     batch = e.batch
     order = np.argsort(batch.seq_id[:batch.n_tokens, 0], kind="stable")
     if (order != np.arange(len(order))).any():
-        new_index = batch.permute(order)
-        for s in e.slots:
-            if s.i_batch >= 0:
-                s.i_batch = int(new_index[s.i_batch])
+        repoint_rows(e.slots, batch.permute(order))
 
 
 def remove_fillers(e: "Engine", fillers: list[tuple[int, int]]) -> None:
@@ -81,11 +78,8 @@ def drop_fillers(e: "Engine", fillers: list[tuple[int, int]], start: int) -> boo
     retry on a full KV cache. Returns whether there were any."""
     batch = e.batch
     n = batch.n_tokens
-    left = [(sid, pos) for sid, pos in fillers if (batch.seq_id[start:n, 0] == sid).any()]
-    for sid, _pos in left:
-        new_index = batch.remove_sequence(sid, start)
-        for s in e.slots:
-            if s.i_batch >= start:
-                s.i_batch = int(new_index[s.i_batch])
-        fillers.remove((sid, _pos))
+    left = [f for f in fillers if (batch.seq_id[start:n, 0] == f[0]).any()]
+    for f in left:
+        repoint_rows(e.slots, batch.remove_sequence(f[0], start), start)
+        fillers.remove(f)
     return bool(left)

@@ -126,6 +126,14 @@ class Slot:
         return req
 
 
+def repoint_rows(slots: list[Slot], new_index, start: int = 0) -> None:
+    """After the batch's rows moved (Batch.remove_sequence / permute): each slot's logits row
+    from `start` on follows its token to its new index."""
+    for s in slots:
+        if s.i_batch >= start:
+            s.i_batch = int(new_index[s.i_batch])
+
+
 def batch_generated(slots: list[Slot], batch: Batch) -> None:
     """Add the token each generating slot sampled last step, one vectorised write."""
     gen = [s for s in slots if s.phase is GENERATE]
