@@ -249,8 +249,9 @@ def wait_status(lb: HAProxy, name: str, pred, timeout: float) -> float:
 
 
 def test_session_affinity_and_prompt_cache(cluster):
+    """Each turn is sent the moment the previous answer arrived, as an agent loop does."""
     seen = set()
-    for k in range(4):
+    for k in range(8):
         sid = f"conv-{k}"
         turn1 = requests.post(cluster.url + "/completion", headers={"X-Session-ID": sid},
                               json={"prompt": PROMPT, "n_predict": 8, "temperature": 0}, timeout=60)
@@ -264,6 +265,25 @@ def test_session_affinity_and_prompt_cache(cluster):
     no_session = {requests.post(cluster.url + "/completion", json={"prompt": PROMPT, "n_predict": 1},
                                 timeout=60).headers["X-Served-By"] for _ in range(6)}
     assert no_session <= set(cluster.reps)
+
+
+def test_a_busy_replica_keeps_its_sessions(cluster):
+    """A session whose replica is streaming another one's answer (a free slot left) stays home:
+    a load bound relative to the average would send it away at this load."""
+    homes: dict[str, str] = {}
+    for k in range(40):
+        sid = f"pair-{k}"
+        home = cluster.served_by(sid)
+        if home in homes:
+            break
+        homes[home] = sid
+    first, second = homes[home], sid
+    with requests.post(cluster.url + "/completion", headers={"X-Session-ID": first}, stream=True,
+                       json={"prompt": PROMPT, "n_predict": 400, "ignore_eos": True, "stream": True},
+                       timeout=60) as r:
+        assert r.headers["X-Served-By"] == home
+        next(line for line in r.iter_lines() if line.startswith(b"data: "))
+        assert [cluster.served_by(second) for _ in range(3)] == [home] * 3
 
 
 def test_sigterm_under_load_loses_nothing(cluster):
