@@ -302,7 +302,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
         w("")
 
     if ab:
-        render_threadpool_ab(w, ab)
+        render_threadpool_ab(w, ab, meta.get("build"))
 
     if over:
         w("## The Python engine's own cost per decode step")
@@ -354,7 +354,7 @@ def render(recs, docs: Path, source: list[str]) -> str:
     return "\n".join(L)
 
 
-def render_threadpool_ab(w, ab) -> None:
+def render_threadpool_ab(w, ab, build: str | None) -> None:
     """The before and after of attaching a persistent ggml thread pool to every context."""
     concs = sorted({c for _, c in ab})
     w("## Before and after: a persistent ggml thread pool")
@@ -365,11 +365,18 @@ def render_threadpool_ab(w, ab) -> None:
       "phases of ~50 ms stalls in about half of the rounds, 0.72x llama-server at 1 client "
       "(run of 2026-11-24; a 14-round A/B there gave a median of 87.3 t/s without a pool and "
       "91.7 t/s with one, stalled rounds 6 → 0). llama.cpp's own programs attach a pool "
-      "(`common_init`); `llama_lib.Context` now does the same (`llama_attach_threadpool`, "
-      "`--poll`/`--prio` as in llama.cpp). Below, from this run, the server with it (ours), as it "
-      "was before (`bench/_ours_server.py --no-threadpool`) and llama-server, measured alternately "
-      "with the sweep's workload. Where creating threads is cheap the two are level; the pool "
-      "never costs throughput.")
+      "(`common_init`); `llama_lib.Context` does the same when the library has no OpenMP "
+      "(`llama_attach_threadpool`, `--poll`/`--prio` as in llama.cpp). With OpenMP, ggml runs "
+      "each graph on OpenMP's own team and a pool only adds a hand-over to it, so none is "
+      "attached there (`--threadpool` forces one).")
+    w("")
+    if build == "native":
+        w("Below, from this run on the OpenMP build: the server with a pool forced "
+          "(`--threadpool`), without one (`--no-threadpool`, its default on this build) and "
+          "llama-server, measured alternately with the sweep's workload.")
+    else:
+        w("Below, from this run: the server with the pool, without it (`--no-threadpool`, as it "
+          "was before) and llama-server, measured alternately with the sweep's workload.")
     w("")
     w("| clients | server | tokens/s median | min–max | vs llama-server (paired) | first token p50 | "
       "inter-token p50 | p95 | rounds | others (cores) |")
