@@ -29,15 +29,7 @@ TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 def thread_ticks(pid: int) -> dict[str, int]:
     """utime + stime of each live thread of `pid`, by thread id."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        out[tid] = int(fields[11]) + int(fields[12])
-    return out
+    return {tid: scaling.proc_ticks(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
 def one_round(server, a, n_compute: int) -> dict:

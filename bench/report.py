@@ -206,6 +206,12 @@ def render(recs, docs: Path, source: list[str]) -> str:
           "run (from before the sweep put both on one build); the ratios compare builds as much as "
           "code. Same-build figures: [benchmarks-same-build.md](benchmarks-same-build.md) |")
     w(f"| llama-cpp-python | {meta.get('llama_cpp_python') or 'not installed'} (its own bundled libllama) |")
+    mapped: dict[str, set] = {}  # what each server process really mapped (/proc/PID/maps)
+    for r in recs:
+        if r.get("mapped"):
+            mapped.setdefault(r["server"], set()).add(r["mapped"])
+    for srv in [x for x in SHORT if x in mapped]:
+        w(f"| {SHORT[srv]} ran on | {'; '.join(f'`{x}`' for x in sorted(mapped[srv]))} |")
     w("")
     w("Workload per point: each client streams requests one after another; a request is "
       f"`User: <question>\\nAssistant:` (about 10 prompt tokens) and generates exactly "

@@ -124,10 +124,11 @@ def system_busy_ticks() -> int:
     return sum(v[:8]) - v[3] - v[4]
 
 
-def proc_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks."""
+def proc_ticks(pid: int, tid: int | str | None = None) -> int:
+    """utime + stime of a process (all its threads, those gone included), or of its thread
+    `tid` alone, in clock ticks; 0 when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])
     except (OSError, IndexError, ValueError):
@@ -226,6 +227,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
         self.ready_s = None
+        self.mapped = ""  # libllama, OpenMP and CPU backend as the running process mapped them
 
     @property
     def pid(self) -> int:
@@ -468,10 +470,11 @@ def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path,
             for kind in servers:
                 s = make_server(kind, a, np_, a.ctx_per_slot, log_dir, f"{record}-{kind}-np{np_}")
                 s.start()
+                s.mapped = _builds.describe(_builds.process_build(s.pid))  # what it really runs on
                 warm_up(s, a, eog)
                 running.append(s)
                 say(f"  {s.label:26s} -np {np_}: ready in {s.ready_s:.1f} s, idle RSS "
-                    f"{s.rss_idle_kb / 1024:.0f} MiB (port {s.port})")
+                    f"{s.rss_idle_kb / 1024:.0f} MiB (port {s.port}); {s.mapped}")
             for c in cs:
                 n_req = max(a.min_requests, a.requests_per_client * c)
                 for rnd in range(rounds):
@@ -494,7 +497,7 @@ def sweep(a, out: Out, servers: list[str], eog: list[int], log_dir: Path,
                         tries = len(attempts) - 1
                         rec = {"kind": record, "server": s.kind, "label": s.label, "concurrency": c,
                                "np": np_, "round": rnd + 1, "n_predict": a.n_predict, **s.config, **m,
-                               "discarded_attempts": tries}
+                               "discarded_attempts": tries, "mapped": s.mapped}
                         out.write(rec)
                         say(f"  c={c:2d} np={np_} round {rnd + 1}  {s.kind:4s}  {m['tokens_per_s']:7.1f} t/s  "
                             f"first token p50 {m['first_token_p50_s']:6.3f} s p95 {m['first_token_p95_s']:6.3f} s  "

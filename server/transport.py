@@ -138,8 +138,7 @@ class Server(ThreadingHTTPServer):
 
     def _refuse(self, sock: socket.socket) -> None:
         """All handler threads are busy: a short 503 from the accepting thread, then close."""
-        body = json.dumps(error_body(503, "unavailable_error",
-                                     "too many connections; retry later")).encode()
+        body = to_json(error_body(503, "unavailable_error", "too many connections; retry later"))
         head = (b"HTTP/1.1 503 Service Unavailable\r\nServer: pyllama-server\r\n"
                 b"Content-Type: application/json; charset=utf-8\r\nRetry-After: 1\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
