@@ -544,6 +544,21 @@ def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, m
     assert got[4] > 0, "the idle slot's cache was reused"
 
 
+def test_already_packed_means_sorted_without_holes():
+    """arrange() skips its sort and gap filling exactly when they would change nothing."""
+    from hypothesis import given, strategies as st
+
+    from llama_lib.engine.seq_order import already_packed
+
+    @given(st.lists(st.integers(0, 9), max_size=12))
+    def check(ids):
+        seqs = np.array(ids, dtype=np.int32)
+        expect = ids == sorted(ids) and (not ids or set(range(ids[0], ids[-1] + 1)) <= set(ids))
+        assert already_packed(seqs) == expect
+
+    check()
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_a_batch_is_decoded_in_order_of_sequence_ids(model, monkeypatch, pack):
     """A step that lists a generating slot's token before a lower slot's prompt is sorted

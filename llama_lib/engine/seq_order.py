@@ -34,9 +34,19 @@ def arrange(e: "Engine") -> list[tuple[int, int]]:
     (sequence id, position), for `remove_fillers` once the decode is done."""
     if e.batch.n_tokens == 0 or e.cache.kv_unified or not e.config.pack_sequences:
         return []  # (one stream: llama.cpp splits simply, in any order)
+    if already_packed(e.batch.seq_id[:e.batch.n_tokens, 0]):
+        return []  # the usual case (one sequence, or busy slots side by side): nothing to move
     fillers = fill_gaps(e)
     sort_rows(e)
     return fillers
+
+
+def already_packed(seqs: np.ndarray) -> bool:
+    """Sorted, with no missing id between the lowest and the highest: one ubatch as it is."""
+    if len(seqs) < 2:
+        return True
+    step = np.diff(seqs)
+    return bool(((step == 0) | (step == 1)).all())
 
 
 def fill_gaps(e: "Engine") -> list[tuple[int, int]]:
