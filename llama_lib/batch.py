@@ -123,11 +123,12 @@ class Batch:
         self.n_tokens = j
         return i
 
-    def remove_sequence(self, seq_id: int, start: int = 0) -> np.ndarray:
-        """Drop the tokens from `start` on whose (first) sequence is seq_id; the others close
-        up in order. Returns every old row's new index, -1 for a dropped row."""
+    def remove_sequence(self, seq_id: int, start: int = 0, from_pos: int = 0) -> np.ndarray:
+        """Drop the tokens from row `start` on whose (first) sequence is seq_id, at positions
+        from_pos and later; the others close up in order. Returns every old row's new index,
+        -1 for a dropped row."""
         n = self.n_tokens
-        keep = self.seq_id[start:n, 0] != seq_id
+        keep = (self.seq_id[start:n, 0] != seq_id) | (self.pos[start:n] < from_pos)
         n_kept = int(keep.sum())
         new_index = np.full(n, -1, dtype=np.int64)
         new_index[:start] = np.arange(start)

@@ -525,6 +525,7 @@ def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, m
 
     def run(with_fillers: bool):
         monkeypatch.setattr(so, "fill_gaps", counting if with_fillers else (lambda e: []))
+        monkeypatch.setattr(so, "even_out_rows", lambda e: [])  # (its own test below)
         with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
             q = question("Name a big city.")
             first = e.submit(q, greedy(8, slot=1))
@@ -557,6 +558,55 @@ def test_already_packed_means_sorted_without_holes():
         assert already_packed(seqs) == expect
 
     check()
+
+
+def test_prompts_admitted_together_are_padded_to_one_ubatch_and_answer_the_same(model, monkeypatch):
+    """Four prompts of different lengths start in one step: with a KV stream per slot the
+    shorter ones get throw-away rows up to the longest (seq_order.even_out_rows), so llama.cpp's
+    equal split makes one ubatch of the step instead of seven. Each answer is the one the
+    prompt gets alone (the fillers come after its tokens: causal attention hides them), and
+    no filler cell stays in the KV cache."""
+    import llama_lib.engine.seq_order as so
+    placed, shapes = [], []
+    even = so.even_out_rows
+
+    def watching(e):
+        f = even(e)
+        placed.extend(f)
+        ids, counts = np.unique(e.batch.seq_id[:e.batch.n_tokens, 0], return_counts=True)
+        shapes.append(so.ubatch_shapes(ids, counts, e.ctx.n_ubatch))
+        return f
+
+    texts = ["Name a city.", "Name a big city.", "Name a big old city.", "Name a big old city in Asia."]
+
+    monkeypatch.setattr(so, "even_out_rows", watching)
+    with make_engine(model, n_parallel=4, n_ctx=4 * 1024) as e:
+        hs = [e.submit(question(t), greedy(10, ignore_eos=True)) for t in texts]
+        e.run_until_idle()
+        ends = [e.memory.seq_pos_max(s.seq_id) + 1 for s in e.slots]
+        for i, h in enumerate(hs):  # each prompt alone, in the slot it had
+            alone = e.submit(question(texts[i]), greedy(10, ignore_eos=True, slot=h.slot_id, cache_prompt=False))
+            e.run_until_idle()
+            assert alone.tokens == h.tokens, f"prompt {i}"
+    lengths = [len(h.prompt_tokens) for h in hs]
+    assert len(set(lengths)) > 1 and placed, "the shorter prompts were padded"
+    assert shapes[0] == [(4, max(lengths))], "the prompt step was one ubatch"
+    assert ends == [len(h.prompt_tokens) + 9 for h in sorted(hs, key=lambda h: h.slot_id)], \
+        "the slots' caches hold their prompt and answer (the last token is never decoded), no filler"
+
+
+def test_ubatch_shapes_follow_llama_cpp_equal_split():
+    """The split the padding decision is based on (llama-batch.cpp, split_equal sequential)."""
+    from llama_lib.engine.seq_order import decode_cost, ubatch_shapes
+
+    ids = np.arange(1, 9)
+    assert ubatch_shapes(ids, np.array([14] * 8), 512) == [(8, 14)]
+    assert ubatch_shapes(ids, np.array([1] * 7 + [14]), 512) == [(8, 1), (1, 13)]
+    uneven = np.array([12, 13, 14, 15, 13, 14, 15, 16])
+    assert len(ubatch_shapes(ids, uneven, 512)) == 7
+    assert decode_cost(ubatch_shapes(ids, np.full(8, 16), 512)) < decode_cost(ubatch_shapes(ids, uneven, 512))
+    assert ubatch_shapes(np.array([1, 3]), np.array([2, 2]), 512) == [(1, 2), (1, 2)], "ids 1 and 3 are no run"
+    assert ubatch_shapes(np.arange(1, 4), np.array([300] * 3), 512) == [(3, 170), (3, 130)]
 
 
 @pytest.mark.parametrize("pack", [True, False])
