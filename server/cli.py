@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-prefix-share", dest="prefix_share", action="store_false",
       help="a slot reuses only its own cache and the shared system prompt (as llama-server)")
     a("--pack-sequences", dest="pack_sequences", action=argparse.BooleanOptionalAction, default=True,
-      help="with a KV stream per slot: each step's batch in sequence order and idle gaps filled, so "
-           "llama.cpp decodes it in one ubatch (default: on; off: llama-server's batches)")
+      help="with a KV stream per slot: each step's batch in sequence order, idle gaps filled and "
+           "prompts that start together padded to one length, so llama.cpp decodes it in fewer "
+           "ubatches (default: on; off: llama-server's batches)")
     a("--kv-holders", type=int, default=-1, metavar="N",
       help="with -kvu and --prefix-share: spare KV sequences that keep idle prompt prefixes a slot "
            "is about to overwrite, evicted least recently used when the KV cache is full "

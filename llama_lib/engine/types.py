@@ -106,9 +106,10 @@ class EngineConfig:
     # A request copies the longest prompt prefix any KV sequence holds (another slot's cache or
     # a live request's) and waits for one still being decoded, instead of decoding it again
     prefix_share: bool = True
-    # With a KV stream per slot: each step's batch in order of sequence id, and a throw-away
-    # token for an idle slot between busy ones, so llama.cpp decodes it in one ubatch
-    # (seq_order.py). False keeps llama.cpp's own order (as llama-parallel and llama-server).
+    # With a KV stream per slot: each step's batch in order of sequence id, a throw-away token
+    # for an idle slot between busy ones, and prompts that start together padded to one length
+    # when that saves passes, so llama.cpp decodes it in fewer ubatches (seq_order.py). False
+    # keeps llama.cpp's own order (as llama-parallel and llama-server).
     pack_sequences: bool = True
     # Spare KV sequences that keep idle prompt prefixes a slot is about to overwrite, for later
     # requests to copy (holders.py); only with a unified KV cache and prefix_share (else 0).
