@@ -509,6 +509,23 @@ def test_a_steps_output_reaches_readers_when_the_step_ends(model, monkeypatch):
     assert c.done and c.finish_reason == FinishReason.CANCELLED and list(c) == []
 
 
+def watch_arrange(monkeypatch, placed: list, shapes: list | None = None) -> None:
+    """Record the fillers of every step's layout (seq_order.arrange), and its ubatches."""
+    import llama_lib.engine.decode as dec
+    import llama_lib.engine.seq_order as so
+    arrange = so.arrange
+
+    def watched(e):
+        f = arrange(e)
+        placed.extend(f)
+        if shapes is not None:
+            ids, counts = np.unique(e.batch.seq_id[:e.batch.n_tokens, 0], return_counts=True)
+            shapes.append(so.ubatch_shapes(ids, counts, e.ctx.n_ubatch))
+        return f
+
+    monkeypatch.setattr(dec, "arrange", watched)
+
+
 def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, monkeypatch):
     """With a KV stream per slot, an idle slot between two generating ones gets a throw-away
     token each step (seq_order.py) so that llama.cpp decodes the step in one ubatch; it is
@@ -516,16 +533,11 @@ def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, m
     idle slot's cache is still reused afterwards."""
     import llama_lib.engine.seq_order as so
     placed = []
-    fill = so.fill_gaps
-
-    def counting(e):
-        f = fill(e)
-        placed.extend(f)
-        return f
+    watch_arrange(monkeypatch, placed)
+    gaps = so.fillable_gaps
 
     def run(with_fillers: bool):
-        monkeypatch.setattr(so, "fill_gaps", counting if with_fillers else (lambda e: []))
-        monkeypatch.setattr(so, "even_out_rows", lambda e: [])  # (its own test below)
+        monkeypatch.setattr(so, "fillable_gaps", gaps if with_fillers else (lambda e, present: {}))
         with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
             q = question("Name a big city.")
             first = e.submit(q, greedy(8, slot=1))
@@ -545,6 +557,22 @@ def test_idle_slots_between_busy_ones_get_a_filler_and_keep_their_cache(model, m
     assert got[4] > 0, "the idle slot's cache was reused"
 
 
+def test_a_gap_filler_only_where_it_saves_passes(model):
+    """Generated tokens of slots 1 and 3 decode in one pass with a filler for slot 2 (idle);
+    two prompts there would make three passes with it and two without: no filler then. Two
+    prompts side by side are padded to one pass, unless that runs past a slot's context."""
+    from llama_lib.engine.seq_order import cheapest_layout
+
+    with make_engine(model, n_parallel=3, n_ctx=3 * 1024) as e:
+        ids, ends = np.array([1, 2, 3]), np.array([30, 5, 40])
+        assert cheapest_layout(e, ids, np.array([1, 0, 1]), ends).tolist() == [1, 1, 1]
+        assert cheapest_layout(e, ids, np.array([13, 0, 14]), ends).tolist() == [13, 0, 14]
+        two = np.array([1, 2])
+        assert cheapest_layout(e, two, np.array([10, 14]), np.array([10, 14])).tolist() == [14, 14]
+        assert cheapest_layout(e, two, np.array([10, 14]), np.array([e.n_ctx_slot - 2, 14])).tolist() \
+            == [10, 14], "no padding past a slot's context"
+
+
 def test_already_packed_means_sorted_without_holes():
     """arrange() skips its sort and gap filling exactly when they would change nothing."""
     from hypothesis import given, strategies as st
@@ -562,24 +590,14 @@ def test_already_packed_means_sorted_without_holes():
 
 def test_prompts_admitted_together_are_padded_to_one_ubatch_and_answer_the_same(model, monkeypatch):
     """Four prompts of different lengths start in one step: with a KV stream per slot the
-    shorter ones get throw-away rows up to the longest (seq_order.even_out_rows), so llama.cpp's
+    shorter ones get throw-away rows up to the longest (seq_order.cheapest_layout), so llama.cpp's
     equal split makes one ubatch of the step instead of seven. Each answer is the one the
     prompt gets alone (the fillers come after its tokens: causal attention hides them), and
     no filler cell stays in the KV cache."""
-    import llama_lib.engine.seq_order as so
     placed, shapes = [], []
-    even = so.even_out_rows
-
-    def watching(e):
-        f = even(e)
-        placed.extend(f)
-        ids, counts = np.unique(e.batch.seq_id[:e.batch.n_tokens, 0], return_counts=True)
-        shapes.append(so.ubatch_shapes(ids, counts, e.ctx.n_ubatch))
-        return f
-
+    watch_arrange(monkeypatch, placed, shapes)
     texts = ["Name a city.", "Name a big city.", "Name a big old city.", "Name a big old city in Asia."]
 
-    monkeypatch.setattr(so, "even_out_rows", watching)
     with make_engine(model, n_parallel=4, n_ctx=4 * 1024) as e:
         hs = [e.submit(question(t), greedy(10, ignore_eos=True)) for t in texts]
         e.run_until_idle()

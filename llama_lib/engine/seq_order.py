@@ -8,16 +8,20 @@ against 45 for the same five tokens, measured here), and a batch listing slot 3'
 slot 1's prompt split again. So before each decode:
 
 - the batch's rows are put in order of sequence id (stably: a prompt's tokens stay in order);
-- an idle slot that sits in a gap between the sequences of the batch gets one throw-away token
-  at the end of its cache (no logits), removed again after the decode, so the run of ids has
-  no hole. Its cached tokens stay as they were: a filler is only placed where the cache is
-  shorter than the sliding window (nothing older can be dropped to make room for it) and the
-  slot has a cell to spare.
+- an idle slot that sits in a gap between the sequences of the batch may get one throw-away
+  token at the end of its cache (no logits), removed again after the decode, so the run of
+  ids has no hole. Its cached tokens stay as they were: a filler is only placed where the
+  cache is shorter than the sliding window (nothing older can be dropped to make room for
+  it) and the slot has a cell to spare.
 - the equal split also takes the same number of rows from every sequence of a ubatch, so
-  prompts of 12 to 16 tokens in one step made five passes where one would do (a wave of eight
-  new requests). When that is cheaper (`decode_cost`), the shorter prompts get throw-away tokens
-  after their last one, up to the longest: causal attention keeps the real tokens from seeing
-  them, only real rows ask for logits, and their cells are removed after the decode.
+  prompts of 12 to 16 tokens in one step made seven passes where one would do (a wave of
+  eight new requests). The shorter ones may get throw-away tokens after their last one, up
+  to the longest: causal attention keeps the real tokens from seeing them, only real rows
+  ask for logits, and their cells are removed after the decode.
+
+Which fillers a step gets is the layout `decode_cost` prices cheapest (`cheapest_layout`):
+a gap filler helps a step of generated tokens, but two prompts around an idle slot are
+cheaper without one.
 """
 
 from __future__ import annotations
@@ -41,19 +45,32 @@ SEQUENCE_COST = 2.0
 
 
 def arrange(e: "Engine") -> list[tuple[int, int]]:
-    """Fill the gaps and sort the batch (slots' logits rows follow). Returns the fillers as
-    (sequence id, position), for `remove_fillers` once the decode is done."""
-    if e.batch.n_tokens == 0 or e.cache.kv_unified or not e.config.pack_sequences:
+    """Sort the batch, and add the throw-away rows (gap fillers, padding) of the layout that
+    `decode_cost` finds cheapest; slots' logits rows follow. Returns the fillers as (sequence
+    id, first position), for `remove_fillers` once the decode is done."""
+    batch = e.batch
+    n = batch.n_tokens
+    if n == 0 or e.cache.kv_unified or not e.config.pack_sequences:
         return []  # (one stream: llama.cpp splits simply, in any order)
-    fillers: list[tuple[int, int]] = []
-    if not already_packed(e.batch.seq_id[:e.batch.n_tokens, 0]):  # (usually packed: nothing to move)
-        fillers = fill_gaps(e)
-        sort_rows(e)
-    if any(s.phase is PREFILL for s in e.slots):  # only a prompt has more than one row
-        padding = even_out_rows(e)
-        if padding:
-            sort_rows(e)
-            fillers += padding
+    seqs, pos = batch.seq_id[:n, 0], batch.pos[:n]
+    prompts = any(s.phase is PREFILL for s in e.slots)  # only a prompt has more than one row
+    if not prompts and already_packed(seqs):
+        return []  # the usual step: busy slots side by side, one row each
+    present, rows = np.unique(seqs, return_counts=True)
+    ends = {int(sid): int(pos[seqs == sid].max()) + 1 for sid in present}  # where fillers go
+    ends.update(fillable_gaps(e, present))
+    ids = np.array(sorted(ends), dtype=np.int64)
+    counts = np.zeros(len(ids), dtype=np.int64)
+    counts[np.searchsorted(ids, present)] = rows
+    target = cheapest_layout(e, ids, counts, np.array([ends[sid] for sid in ids.tolist()]))
+    fillers = []
+    for sid, have, want in zip(ids.tolist(), counts.tolist(), target.tolist()):
+        if want > have:
+            start = ends[sid]
+            for p in range(start, start + want - have):
+                batch.add(FILLER_TOKEN, p, sid, False)
+            fillers.append((sid, start))
+    sort_rows(e)
     return fillers
 
 
@@ -65,15 +82,13 @@ def already_packed(seqs: np.ndarray) -> bool:
     return bool(((step == 0) | (step == 1)).all())
 
 
-def fill_gaps(e: "Engine") -> list[tuple[int, int]]:
-    """A filler token for each idle slot between the batch's lowest and highest sequence id
-    whose cache can take one without losing anything."""
-    batch = e.batch
-    present = np.unique(batch.seq_id[:batch.n_tokens, 0])
+def fillable_gaps(e: "Engine", present: np.ndarray) -> dict[int, int]:
+    """The idle slots between the batch's lowest and highest sequence id whose cache can take a
+    throw-away token without losing anything: sequence id -> where their cache ends."""
     n_swa = e.cache.n_swa
-    fillers: list[tuple[int, int]] = []
+    gaps: dict[int, int] = {}
     for sid in range(int(present[0]) + 1, int(present[-1])):
-        if sid in present or not 1 <= sid <= len(e.slots) or batch.n_tokens >= batch.capacity:
+        if sid in present or not 1 <= sid <= len(e.slots):
             continue
         s = e.slots[sid - 1]
         if s.req is not None or s.phase is not IDLE:
@@ -81,16 +96,44 @@ def fill_gaps(e: "Engine") -> list[tuple[int, int]]:
         end = e.memory.seq_pos_max(sid) + 1
         if end + 1 > e.n_ctx_slot or (n_swa > 0 and end + 1 > n_swa):
             continue
-        batch.add(FILLER_TOKEN, end, sid, False)
-        fillers.append((sid, end))
-    return fillers
+        gaps[sid] = end
+    return gaps
+
+
+def cheapest_layout(e: "Engine", ids: np.ndarray, counts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Rows each sequence gets (its own plus fillers), the cheapest of: the gaps (count 0 here)
+    left alone or given one row each; and then nothing padded, the prompts padded to the
+    longest, or every sequence padded to it. A filler never takes a sequence past its context
+    or its sliding window; padding never takes the batch past n_batch (one decode call), and
+    a batch that needs several gets gap fillers only."""
+    width = int(counts.max())
+    limit = min(e.n_ctx_slot, e.cache.n_swa or e.n_ctx_slot)
+    n = int(counts.sum())
+    padding = n <= e.n_batch
+    room = (min(e.batch.capacity, e.n_batch) if padding else e.batch.capacity) - n
+    n_ubatch = e.ctx.n_ubatch
+    gap = counts == 0
+    best, best_cost = counts, decode_cost(ubatch_shapes(ids, counts, n_ubatch))
+    for base in ((counts, np.where(gap, 1, counts)) if gap.any() else (counts,)):
+        options = [base]
+        if padding and width > 1:
+            fits = ends + (width - counts) <= limit
+            options += [np.where((counts > 1) & fits, width, base),
+                        np.where((base > 0) & fits, width, base)]
+        for c in options:
+            if int((c - counts).sum()) > room:
+                continue
+            cost = decode_cost(ubatch_shapes(ids, c, n_ubatch))
+            if cost < best_cost:
+                best, best_cost = c, cost
+    return best
 
 
 def ubatch_shapes(ids: np.ndarray, counts: np.ndarray, n_ubatch: int) -> list[tuple[int, int]]:
     """The ubatches (sequences, rows from each) that llama.cpp's sequential equal split makes of
-    a batch sorted by sequence id (`ids`, each with `counts` rows): a ubatch takes the run of
-    consecutive ids that starts at the first sequence with rows left, and as many rows from
-    each as the fewest left (at most n_ubatch in all)."""
+    a batch sorted by sequence id (`ids`, each with `counts` rows; 0: not in the batch): a
+    ubatch takes the run of consecutive ids that starts at the first sequence with rows left,
+    and as many rows from each as the fewest left (at most n_ubatch in all)."""
     left = [int(c) for c in counts]
     ids = [int(i) for i in ids]
     shapes: list[tuple[int, int]] = []
@@ -113,41 +156,6 @@ def ubatch_shapes(ids: np.ndarray, counts: np.ndarray, n_ubatch: int) -> list[tu
 def decode_cost(shapes: list[tuple[int, int]]) -> float:
     """Estimated time of a decode split into these ubatches, in tokens (PASS_COST)."""
     return sum(PASS_COST + SEQUENCE_COST * n + n * width for n, width in shapes)
-
-
-def even_out_rows(e: "Engine") -> list[tuple[int, int]]:
-    """Throw-away rows after the shorter sequences of the step, up to the longest one's count,
-    when the fewer passes are worth the extra tokens; the prompts' rows only, or every
-    sequence's, whichever costs least. Returns the fillers as (sequence id, first position)."""
-    batch = e.batch
-    n = batch.n_tokens
-    seqs, pos = batch.seq_id[:n, 0], batch.pos[:n]
-    ids, counts = np.unique(seqs, return_counts=True)
-    width = int(counts.max())
-    if width == 1 or n > e.n_batch:  # nothing uneven, or several decode calls anyway
-        return []
-    n_swa, n_ubatch = e.cache.n_swa, e.ctx.n_ubatch
-    room = min(batch.capacity, e.n_batch) - n
-
-    def cost(c) -> float:
-        return decode_cost(ubatch_shapes(ids, c, n_ubatch))
-
-    ends = {int(sid): int(pos[seqs == sid].max()) + 1 for sid in ids[counts < width]}
-    fits = np.array([c == width or ends[int(sid)] + width - c <= min(e.n_ctx_slot, n_swa or e.n_ctx_slot)
-                     for sid, c in zip(ids, counts)])
-    best, best_cost = counts, cost(counts)
-    for pad in (counts > 1, counts >= 1):  # the prompts; every sequence
-        c = np.where(pad & fits, width, counts)
-        if int((c - counts).sum()) <= room and cost(c) < best_cost:
-            best, best_cost = c, cost(c)
-    fillers = []
-    for sid, c, b in zip(ids, counts, best):
-        if b > c:
-            start = ends[int(sid)]
-            for p in range(start, start + int(b - c)):
-                batch.add(FILLER_TOKEN, p, int(sid), False)
-            fillers.append((int(sid), start))
-    return fillers
 
 
 def sort_rows(e: "Engine") -> None:
