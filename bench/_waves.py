@@ -37,8 +37,9 @@ def main() -> int:
     servers = {k: scaling.make_server(k, cfg, a.np, 1024, log_dir, f"{a.build}-{k}-np{a.np}") for k in kinds}
     p50s: dict[str, list[float]] = {k: [] for k in kinds}
     try:
-        for s in servers.values():
+        for k, s in servers.items():
             s.start()
+            print(f"{k:4s} ran on {_builds.describe(_builds.process_build(s.pid))}", flush=True)
             scaling.warm_up(s, cfg, [])
         for rnd in range(a.rounds):
             for k in (kinds if rnd % 2 == 0 else kinds[::-1]):

@@ -113,7 +113,7 @@ def cheapest_layout(e: "Engine", ids: np.ndarray, counts: np.ndarray, ends: np.n
     room = (min(e.batch.capacity, e.n_batch) if padding else e.batch.capacity) - n
     n_ubatch = e.ctx.n_ubatch
     gap = counts == 0
-    best, best_cost = counts, decode_cost(ubatch_shapes(ids, counts, n_ubatch))
+    best, best_cost = counts, float("inf")  # (the first option is the batch as it is)
     for base in ((counts, np.where(gap, 1, counts)) if gap.any() else (counts,)):
         options = [base]
         if padding and width > 1:
