@@ -57,7 +57,7 @@ def run_build(a, build: _builds.Build, log_dir: Path) -> tuple[dict, dict]:
     a.build, a.sampling = build, a.sampling_modes[0]
     results: dict = {}
     mapped: dict = {}
-    for np_, n_req in POINTS:
+    for np_, n_req in a.points:
         servers = {k: scaling.make_server(k, a, np_, a.ctx_per_slot, log_dir, f"{build.name}-{k}-np{np_}")
                    for k in a.servers}
         try:
@@ -93,7 +93,7 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
         print(f"   {scaling.SERVER_LABELS[k]:26s} {_builds.describe(mapped.get(k, {}))}")
     print(f"{'load':24s} {'sampling':8s} {'server':6s} {'tok/s':>7s} {'ft p50':>7s} {'it p50':>7s} {'RSS MiB':>8s}")
     rows = []
-    for np_, n_req in POINTS:
+    for np_, n_req in a.points:
         for mode in a.sampling_modes:
             for k in a.servers:
                 print(f"{n_req} x {a.n_predict if a.lengths == 'fixed' else '8-96'} @ c{np_}, np {np_}   {mode:8s} {k:6s} "
@@ -165,8 +165,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-others", type=float, default=0.3, metavar="CORES")
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--concurrency", default=",".join(str(np_) for np_, _ in POINTS), metavar="LIST",
+                    help="comma list of the loads to run, by concurrency (default 4,8)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object at the end")
     a = ap.parse_args(argv)
+    wanted = {x.strip() for x in a.concurrency.split(",") if x.strip()}
+    a.points = [p for p in POINTS if str(p[0]) in wanted]
+    if not a.points or len(a.points) != len(wanted):
+        ap.error(f"--concurrency: choose from {', '.join(str(np_) for np_, _ in POINTS)}")
     a.model = (a.model or Path(os.environ.get("LLAMA_MODEL") or scaling.DEFAULT_MODEL)).resolve()
     a.sampling_modes = [x.strip() for x in a.sampling_list.split(",") if x.strip()]
     a.n_predict_of = (lambda i: 8 + (37 * i) % 89) if a.lengths == "mixed" else None
