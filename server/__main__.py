@@ -18,12 +18,12 @@ import time
 
 import llama_lib
 
-from .cli import _log_level, parse_args
-from .cli_chat import check_chat_template
-from .drain import drain, start_agents
-from .http import make_server
+from .config.cli import _log_level, parse_args
+from .config.cli_chat import check_chat_template
+from .http.drain import drain, start_agents
+from .http.routes import make_server
 from .service import Service
-from .settings import build_settings
+from .config.settings import build_settings
 
 log = logging.getLogger("server")
 

@@ -21,20 +21,20 @@ from llama_lib import (
     SamplingParams,
 )
 
-from . import fanout
-from .chat import FALLBACK_TEMPLATE, render_chat
-from .special_text import OPEN, SpecialText
-from .templates import pick_template
-from .drain import RETRY_AFTER
-from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
+from .api import fanout
+from .chat.render import FALLBACK_TEMPLATE, render_chat
+from .chat.special_text import OPEN, SpecialText
+from .chat.templates import pick_template
+from .http.drain import RETRY_AFTER
+from .api.embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .errors import ApiError, ClientGone, bad_request
-from .events import no_watch, stream_one
-from .requests import (
+from .api.stream import no_watch, stream_one
+from .api.requests import (
     KIND_OAI_CHAT, Job, ServerInfo, SystemUpdate, parse_chat, parse_completion,
     parse_detokenize, parse_tokenize,
 )
-from .responses import handle_error, piece_json, result
-from .settings import Settings
+from .api.responses import handle_error, piece_json, result
+from .config.settings import Settings
 
 log = logging.getLogger("server")
 

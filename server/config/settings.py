@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from llama_lib import EngineConfig, SamplingParams, default_model_path
 
-from .requests import Defaults
+from ..api.requests import Defaults
 
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import string
 
-from .chat_tools import ChatPlan
+from .plan import ChatPlan
 from .reasoning import split_reasoning
 from .tool_formats import Parsed
 

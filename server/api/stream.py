@@ -14,7 +14,7 @@ from typing import Iterator, Protocol
 from llama_lib import FinishReason
 
 from . import responses as R
-from .chat_output import ChatOutput
+from ..chat.output import ChatOutput
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
 
 DONE = object()  # in a stream: write `data: [DONE]`

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .chat_tools import ChatPlan, plan_chat, with_system_text
-from .errors import bad_request
-from .fields import check_object, get_bool
+from .plan import ChatPlan, plan_chat, with_system_text
+from ..errors import bad_request
+from ..fields import check_object, get_bool
 from .templates import TranscriptTemplate
 
 # A message's fields other than role and content that templates read (tool calls, their ids,

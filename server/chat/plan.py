@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import bad_request
-from .fields import get_bool
+from ..errors import bad_request
+from ..fields import get_bool
 from .reasoning import REASONING_FORMATS, ThinkMarkers, detect_markers, prompt_opens
 from llama_lib.gbnf import gbnf_literal
 from llama_lib.json_schema import schemas_to_grammar

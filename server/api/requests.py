@@ -15,10 +15,10 @@ from typing import Any, Sequence
 from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
-from .chat import render_chat
-from .chat_tools import ChatPlan
-from .errors import bad_request
-from .fields import (
+from ..chat.render import render_chat
+from ..chat.plan import ChatPlan
+from ..errors import bad_request
+from ..fields import (
     Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
     get_stop, get_str,
 )

@@ -4,8 +4,8 @@ For programs and tests that parse request bodies directly; the server's own modu
 from where each name is defined (server.requests, server.chat, server.errors).
 """
 
-from .chat import FALLBACK_TEMPLATE, render_chat
-from .errors import ApiError, bad_request, error_body
+from ..chat.render import FALLBACK_TEMPLATE, render_chat
+from ..errors import ApiError, bad_request, error_body
 from .requests import (
     KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION, N_PREDICT_MAX, Defaults, Job,
     base_params, parse_chat, parse_completion, parse_detokenize, parse_tokenize, sampling_params,

@@ -28,8 +28,8 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from .disconnect import DisconnectWatcher
-from .errors import ApiError, bad_request, error_body
-from .events import DONE
+from ..errors import ApiError, bad_request, error_body
+from ..api.stream import DONE
 
 log = logging.getLogger("server.http")
 

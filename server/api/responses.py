@@ -13,9 +13,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 from llama_lib import FinishReason, RequestParams
 
-from . import __version__
-from .chat_output import ChatOutput
-from .errors import ApiError
+from .. import __version__
+from ..chat.output import ChatOutput
+from ..errors import ApiError
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
 
 # OpenAI's `system_fingerprint`: llama-server sends its build, "b<build number>-<commit>", and

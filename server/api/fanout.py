@@ -16,8 +16,8 @@ from typing import Iterator, Protocol
 from llama_lib import FinishReason
 
 from . import responses as R
-from .errors import ClientGone
-from .events import DONE, Streamer, handle_events
+from ..errors import ClientGone
+from .stream import DONE, Streamer, handle_events
 from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
 
 log = logging.getLogger("server")
