@@ -9,7 +9,7 @@ from llama_lib.engine.embedding import POOLING_NAMES
 
 from . import __version__
 from .api.requests import base_params
-from .api.responses import generation_settings
+from .api.shapes.common import generation_settings
 from .service import Service
 
 

@@ -6,9 +6,10 @@ from where each name is defined (server.requests, server.chat, server.errors).
 
 from ..chat.render import FALLBACK_TEMPLATE, render_chat
 from ..errors import ApiError, bad_request, error_body
+from .job import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION, Defaults, Job
 from .requests import (
-    KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION, N_PREDICT_MAX, Defaults, Job,
-    base_params, parse_chat, parse_completion, parse_detokenize, parse_tokenize, sampling_params,
+    N_PREDICT_MAX, base_params, parse_chat, parse_completion, parse_detokenize, parse_job,
+    parse_tokenize, sampling_params,
 )
 
 # the names request parsing had when it all lived in this module
@@ -18,6 +19,6 @@ _sampling = sampling_params
 __all__ = [
     "ApiError", "Defaults", "FALLBACK_TEMPLATE", "Job", "KIND_COMPLETION", "KIND_OAI_CHAT",
     "KIND_OAI_COMPLETION", "N_PREDICT_MAX", "bad_request", "base_params", "error_body",
-    "parse_chat", "parse_completion", "parse_detokenize", "parse_tokenize", "render_chat",
+    "parse_chat", "parse_completion", "parse_detokenize", "parse_job", "parse_tokenize", "render_chat",
     "sampling_params",
 ]

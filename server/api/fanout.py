@@ -11,25 +11,19 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Iterator, Protocol
+from typing import Any, Callable, Iterator
 
-from llama_lib import FinishReason
-
-from . import responses as R
-from ..errors import ClientGone
-from .stream import DONE, Streamer, handle_events
-from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
+from .job import Job
+from .shapes import DONE, AnswerContext, shape_for
+from .shapes.common import new_id
+from .stream import handle_events
 
 log = logging.getLogger("server")
 
 
-class Runner(Streamer, Protocol):
-    def submit(self, job: Job):
-        """Hand one job to the engine; its Request handle. Raises ApiError."""
-
-
 class HandleGroup:
-    """Several engine handles watched as one: the client going away cancels them all."""
+    """Several engine handles watched and waited on as one: the client going away cancels
+    them all."""
 
     def __init__(self, handles: list):
         self.handles = handles
@@ -38,9 +32,13 @@ class HandleGroup:
         for h in self.handles:
             h.cancel()
 
+    def wait(self) -> None:
+        for h in self.handles:
+            h.wait()
+
 
 def new_job_id(job: Job) -> str:
-    return R.new_id("chatcmpl-" if job.kind == KIND_OAI_CHAT else "cmpl-")
+    return new_id(shape_for(job.kind).id_prefix)
 
 
 def expand(job: Job) -> list[Job]:
@@ -65,12 +63,13 @@ def expand(job: Job) -> list[Job]:
     return out
 
 
-def submit_all(srv: Runner, jobs: list[Job]) -> list:
-    """Submit every job or none: a refusal cancels those already queued."""
+def submit_all(submit: Callable[[Job], Any], jobs: list[Job]) -> list:
+    """Submit every job with `submit` (one engine handle each) or none: a refusal cancels
+    those already queued."""
     handles = []
     try:
         for j in jobs:
-            handles.append(srv.submit(j))
+            handles.append(submit(j))
     except BaseException:
         for h in handles:
             h.cancel()
@@ -78,48 +77,16 @@ def submit_all(srv: Runner, jobs: list[Job]) -> list:
     return handles
 
 
-def complete_many(srv: Runner, job: Job, jobs: list[Job], watch) -> dict | list:
-    """Run the expanded jobs to the end and merge their answers (see Service.complete)."""
-    handles = submit_all(srv, jobs)
-    group = HandleGroup(handles)
-    try:
-        with watch(group) as gone:
-            for h in handles:
-                h.wait()
-    finally:
-        group.cancel()
-    for h in handles:
-        srv.record(h)
-    if gone and any(h.finish_reason == FinishReason.CANCELLED for h in handles):
-        raise ClientGone()
-    for h in handles:
-        if h.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-            raise R.handle_error(h, srv.closing)
-    results = [R.result(srv, h, j, h.text.lstrip() if j.strip_leading else h.text, i)
-               for i, (h, j) in enumerate(zip(handles, jobs))]
-    if job.kind == KIND_COMPLETION:
-        return results
-    out = results[0]
-    out["choices"] = [r["choices"][0] for r in results]
-    # usage covers every choice; a prompt's tokens count once however many completions
-    firsts = [h for i, h in enumerate(handles) if i % job.n_cmpl == 0]
-    n_gen = sum(h.n_generated for h in handles)
-    n_prompt = sum(h.n_cached_tokens + h.n_prompt_tokens for h in firsts)
-    out["usage"] = {"completion_tokens": n_gen, "prompt_tokens": n_prompt,
-                    "total_tokens": n_gen + n_prompt,
-                    "prompt_tokens_details": {"cached_tokens": sum(h.n_cached_tokens for h in firsts)}}
-    return out
-
-
-def stream_many(srv: Runner, jobs: list[Job], handles: list, watch) -> Iterator[object]:
+def stream_many(ctx: AnswerContext, jobs: list[Job], handles: list, watch) -> Iterator[object]:
     """Several handles' events interleaved as they come (each with its choice index):
-    one thread per handle feeds a queue; `data: [DONE]` once, after all of them."""
+    one thread per handle feeds a queue; `data: [DONE]` once, after all of them (in the
+    formats that end with it)."""
     events: queue.SimpleQueue = queue.SimpleQueue()
     finished = object()
 
     def pump(i: int) -> None:
         try:
-            for ev in handle_events(srv, jobs[i], handles[i], index=i, done=False):
+            for ev in handle_events(ctx, jobs[i], handles[i], index=i, done=False):
                 events.put(ev)
         except Exception:
             log.exception("stream of choice %d failed", i)
@@ -139,7 +106,7 @@ def stream_many(srv: Runner, jobs: list[Job], handles: list, watch) -> Iterator[
                     left -= 1
                 else:
                     yield ev
-        if jobs[0].kind != KIND_COMPLETION:
+        if shape_for(jobs[0].kind).ends_with_done:
             yield DONE
     finally:
         group.cancel()  # no-op when finished; frees the slots when the client went away

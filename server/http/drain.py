@@ -25,9 +25,11 @@ import socketserver
 import threading
 import time
 
+from ..errors import RETRY_AFTER
+
 log = logging.getLogger("server")
 
-RETRY_AFTER = "1"  # seconds, in the 503 answers of a draining server
+__all__ = ["RETRY_AFTER", "AgentServer", "agent_reply", "drain", "start_agents"]
 
 
 def add_drain_flags(p) -> None:

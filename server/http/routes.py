@@ -19,10 +19,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import info
 from . import slot_files
-from .drain import RETRY_AFTER
 from ..api.embeddings import refuse_not_enabled
-from ..errors import ApiError, ClientGone, bad_request, error_body
-from ..api.requests import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
+from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
+from ..api.job import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
 from ..service import Service
 from .transport import CORS_HEADERS, CORS_METHODS, Connection, Server, Server6
 
