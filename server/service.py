@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from llama_lib import (
     Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull,
@@ -70,13 +70,18 @@ def engine_errors():
         raise bad_request(str(e)) from None
 
 
+def ended_cancelled(h) -> bool:
+    """A generation handle that ended because it was cancelled."""
+    return h.finish_reason == FinishReason.CANCELLED
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = s = settings
         self.ready = False
         self.closing = False
         self.draining = False  # SIGTERM came: /health says so, the agent port says `drain`
-        self.refusing = False  # later in the drain: new requests get 503 (server.drain)
+        self.refusing = False  # later in the drain: new requests get 503 (server.http.drain)
         self.model: Model | None = None
         self.engine: Engine | EnginePool | None = None  # an EnginePool with --engines > 1
         if s.alias and not s.aliases:  # built in code with alias= only
@@ -119,7 +124,7 @@ class Service:
         model.vocab.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
         self.special = SpecialText(model.vocab)
-        self.tokenizer = VocabTokenizer(model.vocab, self.starts_sequence)
+        self.tokenizer = VocabTokenizer(model.vocab, self.adds_bos)
         self._preserved_sets: dict[tuple[str, ...], frozenset[int]] = {}
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
@@ -181,12 +186,13 @@ class Service:
 
     # -- generation -------------------------------------------------------------------------
 
-    def starts_sequence(self) -> bool:
-        """BOS only where a prompt starts the sequence: not after a shared system prompt."""
-        return not (self.engine and self.engine.system_prompt)
+    def adds_bos(self, first: bool = True) -> bool:
+        """The server's BOS rule: BOS only where a prompt starts the sequence (its first part,
+        when the model wants BOS), not after a shared system prompt."""
+        return bool(first and self.model.vocab.add_bos and not (self.engine and self.engine.system_prompt))
 
     def _chat_tokens(self, prompt: str) -> list[int]:
-        return self.special.tokenize(prompt, add_bos=self.starts_sequence())
+        return self.special.tokenize(prompt, add_bos=self.adds_bos())
 
     def _preserved(self, texts: tuple[str, ...]) -> frozenset[int]:
         """The special tokens among a chat plan's marker texts (each one token, else none);
@@ -225,23 +231,30 @@ class Service:
             return SpecialText.unmark(job.prompt) if isinstance(job.prompt, str) else ""
         return self.model.vocab.detokenize(toks, unparse_special=True)
 
-    def submit(self, job: Job):
-        """Hand the job to the engine; returns the Request handle. Raises ApiError."""
+    def prepare(self, job: Job) -> Job:
+        """The job as the engine gets it (a new Job): the server's anti-prompts added to its
+        stops, a chat prompt holding users' special-token text as tokens, the format's
+        preserved tokens, an answer id. Applies a server-parallel system update first."""
         if job.system_update is not None:
             self._update_system(job.system_update)
         with self._lock:
             server_stops = list(self.reverse_prompts)
         stops = list(job.params.stop)
-        for s in server_stops + job.extra_stops:
+        for s in server_stops + list(job.extra_stops):
             if s and s not in stops:
                 stops.append(s)
-        job.params.stop = stops
-        if isinstance(job.prompt, str) and OPEN in job.prompt:  # a chat with users' special-token text
-            job.prompt = self._chat_tokens(job.prompt)
+        params = dataclasses.replace(job.params, stop=stops)
         if job.chat is not None and job.chat.preserved:
-            job.params.preserved_tokens = self._preserved(job.chat.preserved)
-        if not job.id:  # the choices of one request (n > 1, several prompts) share its id
-            job.id = fanout.new_job_id(job)
+            params = dataclasses.replace(params, preserved_tokens=self._preserved(job.chat.preserved))
+        prompt = job.prompt
+        if isinstance(prompt, str) and OPEN in prompt:  # a chat with users' special-token text
+            prompt = self._chat_tokens(prompt)
+        # the choices of one request (n > 1, several prompts) share its id (fanout.expand)
+        return dataclasses.replace(job, prompt=prompt, params=params,
+                                   id=job.id or fanout.new_job_id(job))
+
+    def submit(self, job: Job):
+        """Hand a prepared job to the engine; returns the Request handle. Raises ApiError."""
         with engine_errors():
             return self.engine.submit(job.prompt, job.params)
 
@@ -278,8 +291,8 @@ class Service:
                              prompt_text=self.prompt_text, closing=lambda: self.closing,
                              record=self.record)
 
-    def run_to_end(self, handle, watch=no_watch, *, cancelled=lambda h: h.finish_reason == FinishReason.CANCELLED,
-                   record=None) -> None:
+    def run_to_end(self, handle, watch=no_watch, *, cancelled: Callable[[Any], bool] = ended_cancelled,
+                   record: Callable[[Any], None] | None = None) -> None:
         """Wait for a submitted handle (or a HandleGroup) to finish; every non-streamed answer
         runs through here. `watch(handle)` is a context manager held meanwhile; the HTTP side
         uses it to cancel the handle when the client goes away (its value is then a non-empty
@@ -302,7 +315,7 @@ class Service:
         """Run a job to the end (not streamed) and build its answer: one object, or for several
         prompts / n > 1 the shape's merge (OpenAI: one object with a choice each; /completion:
         a list of result objects)."""
-        jobs = fanout.expand(job)
+        jobs = [self.prepare(j) for j in fanout.expand(job)]
         handles = fanout.submit_all(self.submit, jobs)
         self.run_to_end(handles[0] if len(handles) == 1 else HandleGroup(handles), watch, record=self.record)
         for h in handles:
@@ -337,20 +350,20 @@ class Service:
         The generator yields dicts (one SSE event each) and DONE; closing it early (the client
         went away) cancels the request, which frees its slot at the engine's next step.
         """
-        jobs = fanout.expand(job)
+        jobs = [self.prepare(j) for j in fanout.expand(job)]
         handles = fanout.submit_all(self.submit, jobs)
         if len(jobs) > 1:
             return fanout.stream_many(self.answer_context(), jobs, handles, watch)
-        return stream_one(self.answer_context(), job, handles[0], watch)
+        return stream_one(self.answer_context(), jobs[0], handles[0], watch)
 
 
 class VocabTokenizer:
     """The narrow tokenizer request parsing and answers get (server.fields.Tokenizer): the
     model's vocabulary, read-only, with the server's BOS rule."""
 
-    def __init__(self, vocab, starts_sequence):
+    def __init__(self, vocab, adds_bos: Callable[[bool], bool]):
         self.vocab = vocab
-        self.starts_sequence = starts_sequence  # () -> bool: Service.starts_sequence
+        self.adds_bos = adds_bos  # (first part of the prompt?) -> BOS or not: Service.adds_bos
 
     def tokenize_text(self, text: str) -> list[int]:
         return [int(t) for t in self.vocab.tokenize(text, add_special=False, parse_special=False)]
@@ -362,5 +375,4 @@ class VocabTokenizer:
         return self.vocab.token_to_piece(token)
 
     def tokenize_prompt_text(self, text: str, first: bool) -> list[int]:
-        bos = first and self.vocab.add_bos and self.starts_sequence()
-        return [int(t) for t in self.vocab.tokenize(text, add_special=bos, parse_special=True)]
+        return [int(t) for t in self.vocab.tokenize(text, add_special=self.adds_bos(first), parse_special=True)]

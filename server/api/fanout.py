@@ -1,8 +1,9 @@
 """Several completions in one request: `n` (llama-server's n_cmpl) and prompt lists.
 
 As llama-server's tasks and child tasks: one engine request per prompt and completion, the
-k-th completion of a prompt sampling with seed + k. Answers are merged (OpenAI: one object
-with a choice each; /completion: a list); streams interleave the choices' events.
+k-th completion of a prompt sampling with seed + k. Whole answers are merged by the job's
+shape (server.api.shapes; the Service runs them to the end); streams interleave the choices'
+events. Handles come in already submitted: nothing here calls the Service.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def expand(job: Job) -> list[Job]:
     prompts = job.prompts or [job.prompt]
     if len(prompts) == 1 and job.n_cmpl == 1:
         return [job]
-    job.id = new_job_id(job)  # the choices share the request's id
+    job = dataclasses.replace(job, id=new_job_id(job))  # the choices share the request's id
     out = []
     for p in prompts:
         for k in range(job.n_cmpl):
@@ -58,7 +59,7 @@ def expand(job: Job) -> list[Job]:
             params = dataclasses.replace(
                 job.params, stop=list(job.params.stop), slot=job.params.slot if k == 0 else None,
                 sampling=dataclasses.replace(sp, seed=seed, logit_bias=dict(sp.logit_bias)))
-            out.append(dataclasses.replace(job, prompt=p, params=params, prompts=[p], n_cmpl=1,
+            out.append(dataclasses.replace(job, prompt=p, params=params, prompts=(p,), n_cmpl=1,
                                            system_update=job.system_update if not out else None))
     return out
 

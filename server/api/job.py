@@ -43,21 +43,25 @@ class SystemUpdate:
     assistant_name: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
+    """One generation request as parsed: what the engine runs (`params`, `prompt`) and how to
+    answer. Frozen: a changed job is a new one (`dataclasses.replace`); its RequestParams are
+    replaced too, never edited."""
+
     kind: str
     prompt: str | list[int]
     params: RequestParams
     stream: bool = False
     system_update: SystemUpdate | None = None
     # stop strings added to the request's and the server's anti-prompts (the chat fallback's)
-    extra_stops: list[str] = field(default_factory=list)
+    extra_stops: tuple[str, ...] = ()
     strip_leading: bool = False  # chat with the transcript fallback: drop the space after "Assistant:"
     include_usage: bool = False  # stream_options.include_usage: a chat stream ends with a usage chunk
     verbose: bool = False        # OpenAI shapes carry "__verbose" (the /completion object)
     return_tokens: bool = False  # /completion: the generated ids in "tokens"
-    response_fields: list[str] = field(default_factory=list)  # /completion: keep only these ("a/b" nested)
-    prompts: list[str | list[int]] = field(default_factory=list)  # several prompts: one result each
+    response_fields: tuple[str, ...] = ()  # /completion: keep only these ("a/b" nested)
+    prompts: tuple[str | list[int], ...] = ()  # several prompts: one result each
     n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
     chat: ChatPlan | None = None  # chat: how the answer is read (reasoning, tool calls)
     created: int = field(default_factory=lambda: int(time.time()))

@@ -8,7 +8,7 @@ here touches a socket or the model (the vocabulary comes in as a `Tokenizer`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from llama_lib import RequestParams, SamplingParams
@@ -163,14 +163,13 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
         sp_fields = [get_str(body, k) for k in ("system_prompt", "anti_prompt", "assistant_name")]
         if all(f is not None for f in sp_fields):
             update = SystemUpdate(*sp_fields)  # type: ignore[arg-type]
-    job = Job(kind=kind, prompt=prompts[0], params=params, stream=get_bool(body, "stream", False),
-              system_update=update, prompts=prompts)
-    _common_fields(job, body, info)
+    stream = get_bool(body, "stream", False)
+    common, slot = _common_fields(body, info)
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
-    params.n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX,
-                                      aliases=("logprobs",)), d)
-    return job
+    n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX, aliases=("logprobs",)), d)
+    return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
+               stream=stream, system_update=update, prompts=tuple(prompts), **common)
 
 
 def _n_probs(n: int, d: Defaults) -> int:
@@ -193,18 +192,20 @@ def _chat_n_probs(body: dict, d: Defaults) -> int:
     return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX), d)
 
 
-def _common_fields(job: Job, body: dict, info: ServerInfo) -> None:
-    """The fields every generation endpoint reads (llama-server's schema)."""
-    job.n_cmpl = _n(body, info.n_slots)
-    job.params.slot = _id_slot(body, info.n_slots)
-    job.include_usage = _include_usage(body)
-    job.verbose = get_bool(body, "verbose", info.verbose)
-    job.return_tokens = get_bool(body, "return_tokens", False)
+def _common_fields(body: dict, info: ServerInfo) -> tuple[dict[str, Any], int | None]:
+    """The fields every generation endpoint reads (llama-server's schema): the Job's, and the
+    slot (id_slot) for its RequestParams."""
+    fields: dict[str, Any] = {"n_cmpl": _n(body, info.n_slots)}
+    slot = _id_slot(body, info.n_slots)
+    fields["include_usage"] = _include_usage(body)
+    fields["verbose"] = get_bool(body, "verbose", info.verbose)
+    fields["return_tokens"] = get_bool(body, "return_tokens", False)
     rf = body.get("response_fields")
     if rf is not None:
         if not isinstance(rf, list) or not all(isinstance(f, str) for f in rf):
             raise bad_request("'response_fields' must be a list of strings")
-        job.response_fields = list(rf)
+        fields["response_fields"] = tuple(rf)
+    return fields, slot
 
 
 def _include_usage(body: dict) -> bool:
@@ -224,21 +225,21 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     body = check_object(body)
     chat = render_chat(body, template, d.reasoning_format, info.mark)
     params = base_params(body, d, shape_for(KIND_OAI_CHAT).n_predict_names, info.tok)
-    job = Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params,
-              stream=get_bool(body, "stream", False), chat=chat.plan if chat.plan.active else None)
+    stream = get_bool(body, "stream", False)
     plan = chat.plan
     if plan.grammar:
         if get_grammar(body) is not None:
             raise bad_request("Cannot use custom grammar constraints with tools.")
-        sp = params.sampling
-        sp.grammar, sp.grammar_lazy, sp.grammar_triggers = plan.grammar, plan.lazy, plan.triggers
+        params = replace(params, sampling=replace(params.sampling, grammar=plan.grammar,
+                                                  grammar_lazy=plan.lazy, grammar_triggers=plan.triggers))
+    transcript: dict[str, Any] = {}
     if template.stops:  # the transcript's turn markers
-        job.extra_stops = list(template.stops)
         # drop the space the model writes after "Assistant:", but not inside a continued prefill
-        job.strip_leading = not chat.prefill
-    _common_fields(job, body, info)
-    params.n_probs = _chat_n_probs(body, d)
-    return job
+        transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
+    common, slot = _common_fields(body, info)
+    params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
+    return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
+               chat=plan if plan.active else None, **transcript, **common)
 
 
 

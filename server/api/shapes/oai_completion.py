@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..job import KIND_OAI_COMPLETION
-from .common import probs_json, timings, usage
+from .common import timings, usage
 from .completion import chunk_probs
 from .openai import OpenAIShape, oai_finish_reason
 
