@@ -1,7 +1,9 @@
-"""The request side in one import, without HTTP: `from server import api`.
+"""The API side: request bodies to an immutable `Job` (job, requests, structured), the wire
+formats (shapes/: one class per format), a job's stream (stream), several choices (fanout),
+embeddings (embeddings). No socket and no Service here: what they need is handed down.
 
-For programs and tests that parse request bodies directly; the server's own modules import
-from where each name is defined (server.requests, server.chat, server.errors).
+This module is also the request side in one import, without HTTP, for programs and tests
+(`from server import api`); the server's own modules import from where each name is defined.
 """
 
 from ..chat.render import FALLBACK_TEMPLATE, render_chat

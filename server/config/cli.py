@@ -22,10 +22,13 @@ from llama_lib.sampler import SAMPLING_RANGES
 
 from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
-from ..http.drain import add_drain_flags, check_drain_flags
+from .cli_drain import add_drain_flags, check_drain_flags
 from ..errors import ApiError
 from ..api.structured import get_grammar
-from ..http.transport import CORS_HEADERS, CORS_METHODS
+
+# CORS defaults (llama-server's --cors-methods / --cors-headers)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "*"
 
 # KV cache types llama-server's -ctk/-ctv accept (common/arg.cpp kv_cache_types), by
 # ggml_type_name()
