@@ -2,7 +2,7 @@
 
 Start-up order, as llama-server: bind (one listener per `--host` address) and answer HTTP
 at once (/health says 503 "Loading model"), then load the model and decode the system prompt,
-then report ready (/health 200). SIGTERM drains first (server.drain: out of the balancer's
+then report ready (/health 200). SIGTERM drains first (server.http.drain: out of the balancer's
 rotation, requests in flight finish); then, as on SIGINT at once: stop accepting, cancel running
 requests (each stream gets a final event), free the engine and the model, exit 0.
 """
@@ -18,12 +18,12 @@ import time
 
 import llama_lib
 
-from .cli import _log_level, parse_args
-from .cli_chat import check_chat_template
-from .drain import drain, start_agents
-from .http import make_server
+from .config.cli import _log_level, parse_args
+from .config.cli_chat import check_chat_template
+from .http.drain import drain, start_agents
+from .http.routes import make_server
 from .service import Service
-from .settings import build_settings
+from .config.settings import build_settings
 
 log = logging.getLogger("server")
 

@@ -7,6 +7,8 @@ A leaf module: it imports nothing from the server, so any layer may use it.
 
 from __future__ import annotations
 
+RETRY_AFTER = "1"  # seconds, in the 503 answers of a busy or draining server
+
 ERROR_STATUS = {
     "invalid_request_error": 400,
     "exceed_context_size_error": 400,

@@ -8,8 +8,8 @@ from llama_lib import Model
 from llama_lib.engine.embedding import POOLING_NAMES
 
 from . import __version__
-from .requests import base_params
-from .responses import generation_settings
+from .api.requests import base_params
+from .api.shapes.common import generation_settings
 from .service import Service
 
 

@@ -14,27 +14,26 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from llama_lib import (
     Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull,
     SamplingParams,
 )
 
-from . import fanout
-from .chat import FALLBACK_TEMPLATE, render_chat
-from .special_text import OPEN, SpecialText
-from .templates import pick_template
-from .drain import RETRY_AFTER
-from .embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
-from .errors import ApiError, ClientGone, bad_request
-from .events import no_watch, stream_one
-from .requests import (
-    KIND_OAI_CHAT, Job, ServerInfo, SystemUpdate, parse_chat, parse_completion,
-    parse_detokenize, parse_tokenize,
-)
-from .responses import handle_error, piece_json, result
-from .settings import Settings
+from .api import fanout
+from .api.embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
+from .api.fanout import HandleGroup
+from .api.job import Job, SystemUpdate
+from .api.requests import ServerInfo, parse_detokenize, parse_job, parse_tokenize
+from .api.shapes import AnswerContext, shape_for
+from .api.shapes.common import handle_error, piece_json
+from .api.stream import no_watch, stream_one
+from .chat.render import FALLBACK_TEMPLATE, render_chat
+from .chat.special_text import OPEN, SpecialText
+from .chat.templates import pick_template
+from .config.settings import Settings
+from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
 
 log = logging.getLogger("server")
 
@@ -71,13 +70,18 @@ def engine_errors():
         raise bad_request(str(e)) from None
 
 
+def ended_cancelled(h) -> bool:
+    """A generation handle that ended because it was cancelled."""
+    return h.finish_reason == FinishReason.CANCELLED
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = s = settings
         self.ready = False
         self.closing = False
         self.draining = False  # SIGTERM came: /health says so, the agent port says `drain`
-        self.refusing = False  # later in the drain: new requests get 503 (server.drain)
+        self.refusing = False  # later in the drain: new requests get 503 (server.http.drain)
         self.model: Model | None = None
         self.engine: Engine | EnginePool | None = None  # an EnginePool with --engines > 1
         if s.alias and not s.aliases:  # built in code with alias= only
@@ -120,6 +124,7 @@ class Service:
         model.vocab.eog_tokens()  # the vocabulary scan, now rather than in the first ignore_eos request
         self._pick_template(model)
         self.special = SpecialText(model.vocab)
+        self.tokenizer = VocabTokenizer(model.vocab, self.adds_bos)
         self._preserved_sets: dict[tuple[str, ...], frozenset[int]] = {}
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
@@ -181,30 +186,13 @@ class Service:
 
     # -- generation -------------------------------------------------------------------------
 
-    # server.fields.Tokenizer, for request parsing (logit_bias texts, ignore_eos), and
-    # server.responses.Answerer, for building answers
-
-    def tokenize_text(self, text: str) -> list[int]:
-        return [int(t) for t in self.model.vocab.tokenize(text, add_special=False, parse_special=False)]
-
-    def eog_tokens(self) -> list[int]:
-        return self.model.vocab.eog_tokens()
-
-    def token_piece(self, token: int) -> bytes:
-        return self.model.vocab.token_to_piece(token)
-
-    def tokenize_prompt_text(self, text: str, first: bool) -> list[int]:
-        # BOS only where it starts the sequence: not after a shared system prompt
-        bos = first and self.model.vocab.add_bos and not (self.engine and self.engine.system_prompt)
-        return [int(t) for t in self.model.vocab.tokenize(text, add_special=bos, parse_special=True)]
-
-    def mark_special(self, text: str) -> str:
-        """Wrap the special-token texts of a user's string (server/special_text.py)."""
-        return self.special.mark(text)
+    def adds_bos(self, first: bool = True) -> bool:
+        """The server's BOS rule: BOS only where a prompt starts the sequence (its first part,
+        when the model wants BOS), not after a shared system prompt."""
+        return bool(first and self.model.vocab.add_bos and not (self.engine and self.engine.system_prompt))
 
     def _chat_tokens(self, prompt: str) -> list[int]:
-        # BOS only where it starts the sequence: not after a shared system prompt
-        return self.special.tokenize(prompt, add_bos=not (self.engine and self.engine.system_prompt))
+        return self.special.tokenize(prompt, add_bos=self.adds_bos())
 
     def _preserved(self, texts: tuple[str, ...]) -> frozenset[int]:
         """The special tokens among a chat plan's marker texts (each one token, else none);
@@ -220,20 +208,20 @@ class Service:
         return got
 
     def parse(self, body, kind: str) -> Job:
+        """A generation body of the kind's format as a Job. Raises ApiError."""
         # llama-server's --verbose makes every answer carry "__verbose"
-        info = ServerInfo(tok=self, verbose=self.settings.verbose, n_slots=self.settings.engine.n_parallel)
-        if kind == KIND_OAI_CHAT:
-            return parse_chat(body, self.defaults, self.template, info)
-        return parse_completion(body, kind, self.defaults, info)
+        info = ServerInfo(tok=self.tokenizer, mark=self.special.mark, verbose=self.settings.verbose,
+                          n_slots=self.settings.engine.n_parallel)
+        return parse_job(body, kind, self.defaults, self.template, info)
 
     def apply_template(self, body) -> dict:
         """POST /apply-template: the prompt a chat request would decode, nothing generated."""
-        return {"prompt": SpecialText.unmark(render_chat(body, self.template, mark=self.mark_special).text)}
+        return {"prompt": SpecialText.unmark(render_chat(body, self.template, mark=self.special.mark).text)}
 
     def count_input_tokens(self, body) -> dict:
         """POST /v1/chat/completions/input_tokens: the rendered chat's tokens, BOS and special
         tokens included, as llama-server counts them."""
-        n = len(self.special.tokenize(render_chat(body, self.template, mark=self.mark_special).text, True))
+        n = len(self.special.tokenize(render_chat(body, self.template, mark=self.special.mark).text, True))
         return {"input_tokens": n, "object": "response.input_tokens"}
 
     def prompt_text(self, h, job: Job) -> str:
@@ -243,23 +231,30 @@ class Service:
             return SpecialText.unmark(job.prompt) if isinstance(job.prompt, str) else ""
         return self.model.vocab.detokenize(toks, unparse_special=True)
 
-    def submit(self, job: Job):
-        """Hand the job to the engine; returns the Request handle. Raises ApiError."""
+    def prepare(self, job: Job) -> Job:
+        """The job as the engine gets it (a new Job): the server's anti-prompts added to its
+        stops, a chat prompt holding users' special-token text as tokens, the format's
+        preserved tokens, an answer id. Applies a server-parallel system update first."""
         if job.system_update is not None:
             self._update_system(job.system_update)
         with self._lock:
             server_stops = list(self.reverse_prompts)
         stops = list(job.params.stop)
-        for s in server_stops + job.extra_stops:
+        for s in server_stops + list(job.extra_stops):
             if s and s not in stops:
                 stops.append(s)
-        job.params.stop = stops
-        if isinstance(job.prompt, str) and OPEN in job.prompt:  # a chat with users' special-token text
-            job.prompt = self._chat_tokens(job.prompt)
+        params = dataclasses.replace(job.params, stop=stops)
         if job.chat is not None and job.chat.preserved:
-            job.params.preserved_tokens = self._preserved(job.chat.preserved)
-        if not job.id:  # the choices of one request (n > 1, several prompts) share its id
-            job.id = fanout.new_job_id(job)
+            params = dataclasses.replace(params, preserved_tokens=self._preserved(job.chat.preserved))
+        prompt = job.prompt
+        if isinstance(prompt, str) and OPEN in prompt:  # a chat with users' special-token text
+            prompt = self._chat_tokens(prompt)
+        # the choices of one request (n > 1, several prompts) share its id (fanout.expand)
+        return dataclasses.replace(job, prompt=prompt, params=params,
+                                   id=job.id or fanout.new_job_id(job))
+
+    def submit(self, job: Job):
+        """Hand a prepared job to the engine; returns the Request handle. Raises ApiError."""
         with engine_errors():
             return self.engine.submit(job.prompt, job.params)
 
@@ -287,29 +282,49 @@ class Service:
             m.t_predicted_s += max(0.0, t.done - t.prompt_done)
             m.n_tokens_max = max(m.n_tokens_max, h.n_cached_tokens + h.n_prompt_tokens + h.n_generated)
 
+    def answer_context(self) -> AnswerContext:
+        """What the shapes need to build answers, as data and callables (they never call the
+        Service itself)."""
+        return AnswerContext(model_name=self.model_name, n_ctx_slot=self.n_ctx_slot,
+                             token_piece=self.tokenizer.token_piece,
+                             tokenize_text=self.tokenizer.tokenize_text,
+                             prompt_text=self.prompt_text, closing=lambda: self.closing,
+                             record=self.record)
+
+    def run_to_end(self, handle, watch=no_watch, *, cancelled: Callable[[Any], bool] = ended_cancelled,
+                   record: Callable[[Any], None] | None = None) -> None:
+        """Wait for a submitted handle (or a HandleGroup) to finish; every non-streamed answer
+        runs through here. `watch(handle)` is a context manager held meanwhile; the HTTP side
+        uses it to cancel the handle when the client goes away (its value is then a non-empty
+        list). The handle is cancelled on the way out (a no-op once finished), each finished
+        handle goes to `record`, and ClientGone is raised when the client went away and
+        `cancelled(h)` holds for any of them."""
+        members = handle.handles if isinstance(handle, HandleGroup) else [handle]
+        try:
+            with watch(handle) as gone:
+                handle.wait()
+        finally:
+            handle.cancel()
+        if record is not None:
+            for h in members:
+                record(h)
+        if gone and any(cancelled(h) for h in members):
+            raise ClientGone()
+
     def complete(self, job: Job, watch=no_watch) -> dict | list:
         """Run a job to the end (not streamed) and build its answer: one object, or for several
-        prompts / n > 1 llama-server's merge (OpenAI: one object with a choice each;
-        /completion: a list of result objects).
-
-        `watch(handle)` is a context manager held while the job runs; the HTTP side uses it to
-        cancel the handle when the client goes away (its value is then a non-empty list)."""
-        jobs = fanout.expand(job)
-        if len(jobs) > 1:
-            return fanout.complete_many(self, job, jobs, watch)
-        h = self.submit(job)
-        try:
-            with watch(h) as gone:
-                h.wait()
-        finally:
-            h.cancel()
-        self.record(h)
-        if gone and h.finish_reason == FinishReason.CANCELLED:
-            raise ClientGone()
-        if h.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
-            raise handle_error(h, self.closing)
-        text = h.text.lstrip() if job.strip_leading else h.text
-        return result(self, h, job, text)
+        prompts / n > 1 the shape's merge (OpenAI: one object with a choice each; /completion:
+        a list of result objects)."""
+        jobs = [self.prepare(j) for j in fanout.expand(job)]
+        handles = fanout.submit_all(self.submit, jobs)
+        self.run_to_end(handles[0] if len(handles) == 1 else HandleGroup(handles), watch, record=self.record)
+        for h in handles:
+            if h.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                raise handle_error(h, self.closing)
+        shape, ctx = shape_for(job.kind), self.answer_context()
+        answers = [shape(j, ctx, i).answer(h, h.text.lstrip() if j.strip_leading else h.text)
+                   for i, (h, j) in enumerate(zip(handles, jobs))]
+        return answers[0] if len(answers) == 1 else shape.merge(job, answers, handles)
 
     def embed(self, body, oai_route: bool, watch=no_watch) -> dict | list:
         """POST /v1/embeddings (oai_route) or /embedding: the vectors of the body's inputs."""
@@ -319,13 +334,7 @@ class Service:
         job = parse_embedding(body, oai_route, emb.pooling == 0)
         with engine_errors():
             h = self.engine.submit_embedding(job.inputs, job.normalize)
-        try:
-            with watch(h) as gone:
-                h.wait()
-        finally:
-            h.cancel()
-        if gone and h.cancelled:
-            raise ClientGone()
+        self.run_to_end(h, watch, cancelled=lambda h: h.cancelled)
         if h.error is not None or h.cancelled:
             raise ApiError(503 if self.closing else 500, "unavailable_error" if self.closing else "server_error",
                            "the server is shutting down" if self.closing else h.error or "cancelled")
@@ -341,8 +350,29 @@ class Service:
         The generator yields dicts (one SSE event each) and DONE; closing it early (the client
         went away) cancels the request, which frees its slot at the engine's next step.
         """
-        jobs = fanout.expand(job)
+        jobs = [self.prepare(j) for j in fanout.expand(job)]
+        handles = fanout.submit_all(self.submit, jobs)
         if len(jobs) > 1:
-            return fanout.stream_many(self, jobs, fanout.submit_all(self, jobs), watch)
-        h = self.submit(job)
-        return stream_one(self, job, h, watch)
+            return fanout.stream_many(self.answer_context(), jobs, handles, watch)
+        return stream_one(self.answer_context(), jobs[0], handles[0], watch)
+
+
+class VocabTokenizer:
+    """The narrow tokenizer request parsing and answers get (server.fields.Tokenizer): the
+    model's vocabulary, read-only, with the server's BOS rule."""
+
+    def __init__(self, vocab, adds_bos: Callable[[bool], bool]):
+        self.vocab = vocab
+        self.adds_bos = adds_bos  # (first part of the prompt?) -> BOS or not: Service.adds_bos
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return [int(t) for t in self.vocab.tokenize(text, add_special=False, parse_special=False)]
+
+    def eog_tokens(self) -> list[int]:
+        return self.vocab.eog_tokens()
+
+    def token_piece(self, token: int) -> bytes:
+        return self.vocab.token_to_piece(token)
+
+    def tokenize_prompt_text(self, text: str, first: bool) -> list[int]:
+        return [int(t) for t in self.vocab.tokenize(text, add_special=self.adds_bos(first), parse_special=True)]

@@ -8,9 +8,9 @@ from datetime import datetime
 import pytest
 import requests
 
-from server.chat import render_chat
+from server.chat.render import render_chat
 from server.errors import ApiError
-from server.templates import JinjaTemplate, TemplateError, template_caps
+from server.chat.templates import JinjaTemplate, TemplateError, template_caps
 from server_util import TEMPLATES, served_with_template
 
 USER = [{"role": "user", "content": "Hello"}]

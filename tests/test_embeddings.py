@@ -20,7 +20,7 @@ import pytest
 from llama_lib import Batch, Context, ContextParams, Engine, EngineConfig, Model, RequestParams
 from llama_lib import _bindings as B
 from llama_lib.engine.embedding import EmbeddingTooLong, normalize
-from server.embeddings import parse_embedding
+from server.api.embeddings import parse_embedding
 from server.errors import ApiError
 from server_util import served
 

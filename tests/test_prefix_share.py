@@ -176,7 +176,7 @@ def test_the_server_reports_sharing_and_can_turn_it_off(tmp_path):
 
 
 def test_kv_holders_flag_is_checked(capsys):
-    from server.cli import parse_args
+    from server.config.cli import parse_args
     with pytest.raises(SystemExit) as e:
         parse_args(["--kv-holders", "-2"])
     assert e.value.code == 2 and "--kv-holders" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.reasoning import (REASONING_FORMATS, THINK, ThinkMarkers, detect_markers, prompt_opens,
+from server.chat.reasoning import (REASONING_FORMATS, THINK, ThinkMarkers, detect_markers, prompt_opens,
                               split_reasoning)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / ".llama/src/llama.cpp/models/templates"

@@ -488,7 +488,7 @@ def test_api_key_on_every_endpoint(locked):
 
 
 def test_api_key_compared_in_constant_time():
-    src = (ROOT / "server" / "http.py").read_text()
+    src = (ROOT / "server" / "http" / "routes.py").read_text()
     body = src[src.index("def check_auth"):src.index("# -- endpoints")]
     assert "hmac.compare_digest" in body and " == key" not in body and "key ==" not in body
 
@@ -530,7 +530,7 @@ def test_static_path_cannot_leave_its_folder(locked):
 
 
 def test_binds_loopback_by_default_and_warns_otherwise():
-    from server.cli import parse_args
+    from server.config.cli import parse_args
     assert parse_args([]).host == "127.0.0.1"
     port = free_port()
     p = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(port),

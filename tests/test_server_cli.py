@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from server import api
-from server.cli import KV_CACHE_TYPES, parse_args
-from server.cli_chat import check_chat_template
-from server.settings import build_settings
+from server.config.cli import KV_CACHE_TYPES, parse_args
+from server.config.cli_chat import check_chat_template
+from server.config.settings import build_settings
 from server.service import Service
 from server_util import ROOT, ServerProcess
 
@@ -99,7 +99,7 @@ def test_accepted_no_op_flags():
 
 
 def test_log_levels():
-    from server.cli import _log_level
+    from server.config.cli import _log_level
     assert _log_level(parse_args([])) == logging.INFO
     assert _log_level(parse_args(["-lv", "2"])) == logging.WARNING
     assert _log_level(parse_args(["--verbosity", "1"])) == logging.ERROR

@@ -1,4 +1,4 @@
-"""Chat messages to a prompt with the server's template (server/templates.py).
+"""Chat messages to a prompt with the server's template (server/chat/templates.py).
 
 Follows llama-server's prefill rules: a final assistant message is continued (no generation
 prompt after it); two assistant messages at the end, or both `add_generation_prompt` and
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .chat_tools import ChatPlan, plan_chat, with_system_text
-from .errors import bad_request
-from .fields import check_object, get_bool
+from .plan import ChatPlan, plan_chat, with_system_text
+from ..errors import bad_request
+from ..fields import check_object, get_bool
 from .templates import TranscriptTemplate
 
 # A message's fields other than role and content that templates read (tool calls, their ids,
@@ -108,7 +108,7 @@ def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None)
     """messages + add_generation_prompt / continue_final_message to a prompt, as llama-server:
     a final assistant message is a prefill the model continues (no generation prompt after
     it); two assistant messages at the end, or both options true, are refused (400).
-    `mark(text)` marks special-token texts in what users wrote (Service.mark_special)."""
+    `mark(text)` marks special-token texts in what users wrote (SpecialText.mark, handed down by the Service)."""
     body = check_object(body)
     messages = parse_messages(body, mark)
     tools, kwargs = _tools(body), _template_kwargs(body)

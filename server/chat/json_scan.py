@@ -1,6 +1,6 @@
 """Reading JSON that is still being generated: where a value ends, or whether it still can.
 
-A tool call streams while the model writes it, so its parser (server/tool_formats.py) must tell
+A tool call streams while the model writes it, so its parser (server/chat/tool_formats.py) must tell
 three cases apart at every token: a complete JSON value (and where it ends), the beginning of
 one (wait), or text that can never become JSON (it was not a call after all). `json` alone
 cannot: it only reads complete texts.

@@ -1,5 +1,5 @@
 """A chat request's tools, tool_choice and reasoning: what to tell the template, which grammar
-constrains the answer, and how the answer is read back (server/chat_output.py).
+constrains the answer, and how the answer is read back (server/chat/output.py).
 
 OpenAI's promises, kept by a grammar built from the tools' JSON Schemas (tool_formats.py):
 `tool_choice: "required"` or a named function always yields a call, in the template's format,
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import bad_request
-from .fields import get_bool
+from ..errors import bad_request
+from ..fields import get_bool
 from .reasoning import REASONING_FORMATS, ThinkMarkers, detect_markers, prompt_opens
 from llama_lib.gbnf import gbnf_literal
 from llama_lib.json_schema import schemas_to_grammar

@@ -1,7 +1,7 @@
 """A chat answer read as it is generated: reasoning, content and tool calls, in OpenAI's shapes.
 
-The generated text goes through two readers, thinking markers (server/reasoning.py) then the
-template's tool-call format (server/tool_formats.py); both give, for any text so far, parts
+The generated text goes through two readers, thinking markers (server/chat/reasoning.py) then the
+template's tool-call format (server/chat/tool_formats.py); both give, for any text so far, parts
 that only grow. `ChatOutput.deltas` sends the growth as `delta.reasoning_content`,
 `delta.content` and `delta.tool_calls` fragments (each call first with its index, id, type and
 name, then pieces of its arguments); `ChatOutput.message` is the whole answer at the end, the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import string
 
-from .chat_tools import ChatPlan
+from .plan import ChatPlan
 from .reasoning import split_reasoning
 from .tool_formats import Parsed
 

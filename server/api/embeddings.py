@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ApiError, bad_request
+from ..errors import ApiError, bad_request
 
 NOT_ENABLED = "This server does not support embeddings. Start it with `--embeddings`"
 NONE_NOT_OAI = "Pooling type 'none' is not OAI compatible. Please use a different pooling type"

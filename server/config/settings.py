@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from llama_lib import EngineConfig, SamplingParams, default_model_path
 
-from .requests import Defaults
+from ..api.requests import Defaults
 
 
 
@@ -64,7 +64,7 @@ class Settings:
 
 
 def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Settings:
-    """The Settings the parsed command line (server.cli.parse_args) means."""
+    """The Settings the parsed command line (server.config.cli.parse_args) means."""
     n_threads = args.threads or os.cpu_count() or 4
     return Settings(
         model_path=str(args.model or default_model_path()),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import ApiError, bad_request
-from .fields import check_object
+from ..errors import ApiError, bad_request
+from ..fields import check_object
 
 ACTIONS = ("save", "restore", "erase")
 _FORBIDDEN = set('/\\:*?"<>|')

@@ -8,75 +8,21 @@ here touches a socket or the model (the vocabulary comes in as a `Tokenizer`).
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
-from .chat import render_chat
-from .chat_tools import ChatPlan
-from .errors import bad_request
-from .fields import (
+from ..chat.render import render_chat
+from ..errors import bad_request
+from ..fields import (
     Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
     get_stop, get_str,
 )
+from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
+from .shapes import shape_for
 from .structured import get_grammar
-
-# How a job answers: llama-server's /completion shape, or OpenAI's two shapes.
-KIND_COMPLETION = "completion"
-KIND_OAI_COMPLETION = "oai_completion"
-KIND_OAI_CHAT = "oai_chat"
-
-
-@dataclass
-class Defaults:
-    """Server-wide defaults a request may override (from the command line)."""
-
-    n_predict: int = -1
-    # --temp, --top-k, ..., -s and --grammar / --json-schema (the GBNF of requests with none);
-    # llama.cpp's defaults (SamplingParams') unless given
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    n_vocab: int = 1 << 30
-    ignore_eos: bool = False
-    cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
-    reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
-
-    @property
-    def grammar(self) -> str | None:
-        return self.sampling.grammar
-
-
-@dataclass
-class SystemUpdate:
-    """server-parallel's fields: a new shared system prompt and the names around it."""
-
-    system_prompt: str
-    anti_prompt: str
-    assistant_name: str
-
-
-@dataclass
-class Job:
-    kind: str
-    prompt: str | list[int]
-    params: RequestParams
-    stream: bool = False
-    system_update: SystemUpdate | None = None
-    # stop strings added to the request's and the server's anti-prompts (the chat fallback's)
-    extra_stops: list[str] = field(default_factory=list)
-    strip_leading: bool = False  # chat with the transcript fallback: drop the space after "Assistant:"
-    include_usage: bool = False  # stream_options.include_usage: a chat stream ends with a usage chunk
-    verbose: bool = False        # OpenAI shapes carry "__verbose" (the /completion object)
-    return_tokens: bool = False  # /completion: the generated ids in "tokens"
-    response_fields: list[str] = field(default_factory=list)  # /completion: keep only these ("a/b" nested)
-    prompts: list[str | list[int]] = field(default_factory=list)  # several prompts: one result each
-    n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
-    chat: ChatPlan | None = None  # chat: how the answer is read (reasoning, tool calls)
-    created: int = field(default_factory=lambda: int(time.time()))
-    id: str = ""
-
 
 # llama-server's sampling fields (server-schema.cpp) that set the SamplingParams field of the
 # same name, with their JSON type; their ranges are llama_lib's SAMPLING_RANGES
@@ -198,6 +144,7 @@ class ServerInfo:
     """What request parsing needs from the running server beyond `Defaults`."""
 
     tok: Tokenizer | None = None  # logit_bias texts, ignore_eos's EOG tokens
+    mark: Callable[[str], str] | None = None  # wraps special-token texts in users' strings (chat)
     verbose: bool = False         # llama-server's --verbose: "__verbose" in every answer
     n_slots: int = 1              # n (n_cmpl) and id_slot are bounded by the slots
 
@@ -206,26 +153,23 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     """POST /completion (llama-server shape) or /v1/completions (OpenAI shape)."""
     info = info or ServerInfo()
     body = check_object(body)
-    if kind == KIND_OAI_COMPLETION:
-        if get_bool(body, "echo", False):
-            raise bad_request("'echo' is not supported")
-        params = base_params(body, d, ("max_tokens", "n_predict"), info.tok)
-    else:
-        params = base_params(body, d, ("n_predict", "max_tokens"), info.tok)
+    shape = shape_for(kind)
+    if shape.refuses_echo and get_bool(body, "echo", False):
+        raise bad_request("'echo' is not supported")
+    params = base_params(body, d, shape.n_predict_names, info.tok)
     prompts = _prompts(body, d.n_vocab, tok=info.tok)
     update = None
-    if kind == KIND_COMPLETION:
+    if shape.takes_system_update:
         sp_fields = [get_str(body, k) for k in ("system_prompt", "anti_prompt", "assistant_name")]
         if all(f is not None for f in sp_fields):
             update = SystemUpdate(*sp_fields)  # type: ignore[arg-type]
-    job = Job(kind=kind, prompt=prompts[0], params=params, stream=get_bool(body, "stream", False),
-              system_update=update, prompts=prompts)
-    _common_fields(job, body, info)
+    stream = get_bool(body, "stream", False)
+    common, slot = _common_fields(body, info)
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
-    params.n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX,
-                                      aliases=("logprobs",)), d)
-    return job
+    n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX, aliases=("logprobs",)), d)
+    return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
+               stream=stream, system_update=update, prompts=tuple(prompts), **common)
 
 
 def _n_probs(n: int, d: Defaults) -> int:
@@ -248,18 +192,20 @@ def _chat_n_probs(body: dict, d: Defaults) -> int:
     return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX), d)
 
 
-def _common_fields(job: Job, body: dict, info: ServerInfo) -> None:
-    """The fields every generation endpoint reads (llama-server's schema)."""
-    job.n_cmpl = _n(body, info.n_slots)
-    job.params.slot = _id_slot(body, info.n_slots)
-    job.include_usage = _include_usage(body)
-    job.verbose = get_bool(body, "verbose", info.verbose)
-    job.return_tokens = get_bool(body, "return_tokens", False)
+def _common_fields(body: dict, info: ServerInfo) -> tuple[dict[str, Any], int | None]:
+    """The fields every generation endpoint reads (llama-server's schema): the Job's, and the
+    slot (id_slot) for its RequestParams."""
+    fields: dict[str, Any] = {"n_cmpl": _n(body, info.n_slots)}
+    slot = _id_slot(body, info.n_slots)
+    fields["include_usage"] = _include_usage(body)
+    fields["verbose"] = get_bool(body, "verbose", info.verbose)
+    fields["return_tokens"] = get_bool(body, "return_tokens", False)
     rf = body.get("response_fields")
     if rf is not None:
         if not isinstance(rf, list) or not all(isinstance(f, str) for f in rf):
             raise bad_request("'response_fields' must be a list of strings")
-        job.response_fields = list(rf)
+        fields["response_fields"] = tuple(rf)
+    return fields, slot
 
 
 def _include_usage(body: dict) -> bool:
@@ -277,24 +223,32 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     """POST /v1/chat/completions."""
     info = info or ServerInfo()
     body = check_object(body)
-    chat = render_chat(body, template, d.reasoning_format, getattr(info.tok, "mark_special", None))
-    params = base_params(body, d, ("max_completion_tokens", "max_tokens", "n_predict"), info.tok)
-    job = Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params,
-              stream=get_bool(body, "stream", False), chat=chat.plan if chat.plan.active else None)
+    chat = render_chat(body, template, d.reasoning_format, info.mark)
+    params = base_params(body, d, shape_for(KIND_OAI_CHAT).n_predict_names, info.tok)
+    stream = get_bool(body, "stream", False)
     plan = chat.plan
     if plan.grammar:
         if get_grammar(body) is not None:
             raise bad_request("Cannot use custom grammar constraints with tools.")
-        sp = params.sampling
-        sp.grammar, sp.grammar_lazy, sp.grammar_triggers = plan.grammar, plan.lazy, plan.triggers
+        params = replace(params, sampling=replace(params.sampling, grammar=plan.grammar,
+                                                  grammar_lazy=plan.lazy, grammar_triggers=plan.triggers))
+    transcript: dict[str, Any] = {}
     if template.stops:  # the transcript's turn markers
-        job.extra_stops = list(template.stops)
         # drop the space the model writes after "Assistant:", but not inside a continued prefill
-        job.strip_leading = not chat.prefill
-    _common_fields(job, body, info)
-    params.n_probs = _chat_n_probs(body, d)
-    return job
+        transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
+    common, slot = _common_fields(body, info)
+    params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
+    return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
+               chat=plan if plan.active else None, **transcript, **common)
 
+
+
+def parse_job(body: Any, kind: str, d: Defaults, template, info: ServerInfo | None = None) -> Job:
+    """A generation body of any format: a chat body (messages) or a prompt body, as the
+    kind's shape reads them."""
+    if shape_for(kind).reads_messages:
+        return parse_chat(body, d, template, info)
+    return parse_completion(body, kind, d, info)
 
 
 # -- tokenize / detokenize --------------------------------------------------------------------

@@ -21,8 +21,8 @@ from typing import Any
 
 from llama_lib.json_schema import schema_to_grammar
 
-from .errors import bad_request
-from .fields import _MISSING
+from ..errors import bad_request
+from ..fields import _MISSING
 
 
 def _schema_grammar(schema: Any, field: str) -> str:

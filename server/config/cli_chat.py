@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .reasoning import REASONING_FORMATS
+from ..chat.reasoning import REASONING_FORMATS
 
 
 class _ChatTemplateFile(argparse.Action):
@@ -47,7 +47,7 @@ def add_chat_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
 def check_chat_template(args: argparse.Namespace) -> None:
     """--chat-template / --chat-template-file: a template that cannot even be compiled (Jinja
     syntax, or with --no-jinja one llama.cpp does not recognise) is a CLI error (exit 2)."""
-    from .templates import BuiltinTemplate, JinjaTemplate, TemplateError
+    from ..chat.templates import BuiltinTemplate, JinjaTemplate, TemplateError
     import llama_lib
 
     text = args.chat_template

@@ -1,42 +1,22 @@
-"""Response shapes: llama-server's /completion objects and OpenAI's text_completion /
-chat.completion(.chunk) objects, built from an engine `Request` handle.
-
-`result()` is the whole answer of one finished handle; the builders below it are the pieces
-that the stream (server.events) and the merge of several choices (server.fanout) use too.
-"""
+"""The pieces every wire format uses, built from an engine `Request` handle: llama-server's
+/completion result object (OpenAI's answers carry it as "__verbose"), timings, usage,
+generation_settings, per-token probabilities, and why a handle failed."""
 
 from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 from llama_lib import FinishReason, RequestParams
 
-from . import __version__
-from .chat_output import ChatOutput
-from .errors import ApiError
-from .requests import KIND_COMPLETION, KIND_OAI_CHAT, Job
+from ... import __version__
+from ...errors import ApiError
+from ..job import Job
 
 # OpenAI's `system_fingerprint`: llama-server sends its build, "b<build number>-<commit>", and
 # clients (the upstream tests, some SDK users) check that it starts with "b".
 SYSTEM_FINGERPRINT = f"b0-pyllama-{__version__}"
-
-
-class Answerer(Protocol):
-    """What building an answer needs from the running server (server.service.Service)."""
-
-    model_name: str
-
-    @property
-    def n_ctx_slot(self) -> int: ...
-
-    def prompt_text(self, h, job: Job) -> str:
-        """The prompt as decoded, special tokens written out."""
-
-    def tokenize_text(self, text: str) -> list[int]: ...
-
-    def token_piece(self, token: int) -> bytes: ...
 
 
 def piece_json(piece: bytes) -> str | list[int]:
@@ -54,14 +34,6 @@ STOP_TYPE = {
     FinishReason.CANCELLED: "none",
     FinishReason.ERROR: "none",
 }
-
-
-def oai_finish_reason(reason: FinishReason | None) -> str | None:
-    if reason in (FinishReason.EOS, FinishReason.STOP):
-        return "stop"
-    if reason == FinishReason.LENGTH:
-        return "length"
-    return None
 
 
 def new_id(prefix: str) -> str:
@@ -210,18 +182,6 @@ def project_fields(res: dict, fields: Sequence[str]) -> dict:
     return out
 
 
-def completion_chunk(h, text: str, tokens: list[int], n_predicted: int, index: int = 0) -> dict:
-    return {
-        "index": index,
-        "content": text,
-        "tokens": tokens,
-        "stop": False,
-        "id_slot": h.slot_id,
-        "tokens_predicted": n_predicted,
-        "tokens_evaluated": h.n_cached_tokens + h.n_prompt_tokens,
-    }
-
-
 # llama-server writes the lowest float for log(0) (JSON has no -inf)
 _LOGPROB_MIN = -3.4028234663852886e38
 
@@ -255,69 +215,6 @@ def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
     return out
 
 
-def _oai_head(job: Job, model: str, obj: str) -> dict:
-    return {"id": job.id, "object": obj, "created": job.created, "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT}
-
-
-def chat_finish_reason(h, has_calls: bool) -> str | None:
-    """A chat's finish_reason: "tool_calls" when the answer is calls (unless cut by length)."""
-    reason = oai_finish_reason(h.finish_reason)
-    return "tool_calls" if has_calls and reason == "stop" else reason
-
-
-def _oai_answer(h, job: Job, model: str, obj: str, choice: dict, verbose: dict | None,
-                finish_reason: str | None = None) -> dict:
-    """A whole OpenAI answer: one choice, usage, "__verbose" (the /completion object) when the
-    job asked for it, then llama-server's timings."""
-    out = _oai_head(job, model, obj)
-    out["choices"] = [{**choice, "logprobs": None,
-                       "finish_reason": finish_reason or oai_finish_reason(h.finish_reason)}]
-    out["usage"] = usage(h)
-    if verbose is not None:
-        out["__verbose"] = verbose
-    out["timings"] = timings(h)
-    return out
-
-
-def oai_completion(h, job: Job, model: str, text: str, verbose: dict | None = None,
-                   index: int = 0) -> dict:
-    return _oai_answer(h, job, model, "text_completion", {"text": text, "index": index}, verbose)
-
-
-def oai_completion_chunk(job: Job, model: str, text: str, finish_reason: str | None = None,
-                         index: int = 0) -> dict:
-    out = _oai_head(job, model, "text_completion")
-    out["choices"] = [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]
-    return out
-
-
-def oai_chat(h, job: Job, model: str, text: str, verbose: dict | None = None,
-             index: int = 0) -> dict:
-    if job.chat is None:
-        message = {"role": "assistant", "content": text}
-        return _oai_answer(h, job, model, "chat.completion", {"index": index, "message": message}, verbose)
-    message = ChatOutput(job.chat).message(text)
-    reason = chat_finish_reason(h, "tool_calls" in message)
-    return _oai_answer(h, job, model, "chat.completion", {"index": index, "message": message}, verbose, reason)
-
-
-def oai_chat_chunk(job: Job, model: str, delta: dict, finish_reason: str | None = None,
-                   index: int = 0) -> dict:
-    out = _oai_head(job, model, "chat.completion.chunk")
-    out["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    return out
-
-
-def oai_usage_chunk(h, job: Job, model: str) -> dict:
-    """The last chunk of a chat stream with stream_options.include_usage: no choices."""
-    out = _oai_head(job, model, "chat.completion.chunk")
-    out["choices"] = []
-    out["usage"] = usage(h)
-    out["timings"] = timings(h)
-    return out
-
-
 # -- the answer of one finished handle --------------------------------------------------------
 
 def handle_error(h, closing: bool) -> ApiError:
@@ -327,25 +224,8 @@ def handle_error(h, closing: bool) -> ApiError:
     return ApiError(500, "server_error", h.error or "the request was cancelled")
 
 
-def result(srv: Answerer, h, job: Job, text: str, index: int = 0) -> dict:
-    """The non-streamed answer of one finished handle, in the job's shape."""
-    res = completion_result(h, job, srv.model_name, srv.n_ctx_slot, text, srv.prompt_text(h, job), index)
-    probs = final_probs(srv, h, job) if job.params.n_probs > 0 else []
-    if probs:
-        res["completion_probabilities"] = probs
-    if job.kind == KIND_COMPLETION:
-        return project_fields(res, job.response_fields)
-    verbose = res if job.verbose else None
-    if job.kind == KIND_OAI_CHAT:
-        out = oai_chat(h, job, srv.model_name, text, verbose, index)
-    else:
-        out = oai_completion(h, job, srv.model_name, text, verbose, index)
-    if probs:
-        out["choices"][0]["logprobs"] = {"content": probs}
-    return out
-
-
-def final_probs(srv: Answerer, h, job: Job) -> list[dict]:
+def final_probs(h, job: Job, piece: Callable[[int], bytes],
+                tokenize_text: Callable[[str], list[int]]) -> list[dict]:
     """The per-token probabilities of a finished (not streamed) request. After a stop
     string, as llama-server, the last entries are dropped, at most as many as the stop
     string has tokens (those that spelled it); here only those that sent no text, so
@@ -353,8 +233,8 @@ def final_probs(srv: Answerer, h, job: Job) -> list[dict]:
     entries = h.probs
     if h.finish_reason == FinishReason.STOP and h.stopping_word:
         n = len(entries)
-        lo = max(0, n - len(srv.tokenize_text(h.stopping_word)))
+        lo = max(0, n - len(tokenize_text(h.stopping_word)))
         while n > lo and not entries[n - 1].text:
             n -= 1
         entries = entries[:n]
-    return probs_json(entries, srv.token_piece, job.strip_leading)
+    return probs_json(entries, piece, job.strip_leading)

@@ -13,21 +13,22 @@ import logging
 import mimetypes
 import socket
 import time
-from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import info, slot_files
-from .drain import RETRY_AFTER
-from .embeddings import refuse_not_enabled
-from .errors import ApiError, ClientGone, bad_request, error_body
-from .requests import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
-from .service import Service
-from .transport import CORS_HEADERS, CORS_METHODS, Connection, Server, Server6
+from .. import info
+from ..api.embeddings import refuse_not_enabled
+from ..api.job import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
+from ..config.cli import CORS_HEADERS, CORS_METHODS
+from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
+from ..service import Service
+from . import slot_files
+from .connection import Connection
+from .static_files import STATIC_DIR, safe_join
+from .transport import Server, Server6
 
 log = logging.getLogger("server.http")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = {"/health", "/v1/health"}
 BUILTIN_PAGE_PATHS = {"/", "/index.html"}  # the chat page: no data, open without the key
 # llama-server's web UI serves these without the key; we do not have them, so with
@@ -138,7 +139,7 @@ class Handler(Connection):
             raise ApiError(404, "not_found_error", "File Not Found")
         if path not in PUBLIC_PATHS and not (is_page and path in BUILTIN_PAGE_PATHS and not self.server.static_root):
             self.check_auth()
-        if svc.refusing and path not in PUBLIC_PATHS:  # the drain's second step (server.drain)
+        if svc.refusing and path not in PUBLIC_PATHS:  # the drain's second step (server.http.drain)
             self.close_connection = True
             raise ApiError(503, "unavailable_error", "the server is draining; retry on another replica",
                            headers={"Retry-After": RETRY_AFTER})
@@ -182,7 +183,7 @@ class Handler(Connection):
 
     def h_health(self, _kind) -> None:
         svc = self.server.service
-        if svc.draining:  # SIGTERM: out of the balancer's rotation first (server.drain)
+        if svc.draining:  # SIGTERM: out of the balancer's rotation first (server.http.drain)
             return self.send_json(503, {"status": "draining"}, {"Retry-After": RETRY_AFTER})
         if not svc.ready:
             raise ApiError(503, "unavailable_error",
@@ -320,33 +321,6 @@ class Handler(Connection):
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=utf-8"
         self.send_bytes(200, data, ctype, {"X-Content-Type-Options": "nosniff"})
-
-
-def safe_join(root: Path, url_path: str) -> Path | None:
-    """The file under root that url_path names, or None when it does not exist or would leave
-    root (.., encoded %2e%2e, backslashes, NUL, symlinks pointing out)."""
-    try:
-        rel = unquote(url_path, errors="strict")
-    except UnicodeError:
-        return None
-    if "\x00" in rel or "\\" in rel:
-        return None
-    parts = [p for p in rel.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        return None
-    if not parts:
-        parts = ["index.html"]
-    try:
-        root = root.resolve()
-        cand = root.joinpath(*parts)
-        if cand.is_dir():
-            cand = cand / "index.html"
-        real = cand.resolve(strict=True)
-    except (OSError, RuntimeError, UnicodeError):
-        return None
-    if not real.is_relative_to(root) or not real.is_file():
-        return None
-    return real
 
 
 def make_server(service: Service, host: str, port: int, *, v6only: bool = False,

@@ -31,7 +31,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama_lib import apply_chat_template, builtin_chat_templates
 
-from .errors import ApiError, bad_request
+from ..errors import ApiError, bad_request
 
 log = logging.getLogger("server")
 

@@ -22,10 +22,13 @@ from llama_lib.sampler import SAMPLING_RANGES
 
 from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
-from .drain import add_drain_flags, check_drain_flags
-from .errors import ApiError
-from .structured import get_grammar
-from .transport import CORS_HEADERS, CORS_METHODS
+from .cli_drain import add_drain_flags, check_drain_flags
+from ..errors import ApiError
+from ..api.structured import get_grammar
+
+# CORS defaults (llama-server's --cors-methods / --cors-headers)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "*"
 
 # KV cache types llama-server's -ctk/-ctv accept (common/arg.cpp kv_cache_types), by
 # ggml_type_name()
@@ -89,7 +92,7 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         import platform
 
-        from . import __version__
+        from .. import __version__
         try:
             import llama_lib
             llama_version = llama_lib.load_library().version
