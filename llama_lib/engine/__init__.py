@@ -5,7 +5,8 @@ checks there is no cycle, and that only this package and `pool` import `core`):
 
 - `types`: configuration, request parameters, output chunks, timings, statistics, errors;
 - `outbox`: a step's output, delivered to readers when the step ends;
-- `request`: the handle of a submitted request (its stream, result, cancellation; asyncio reads);
+- `handle`: what every handle has (id, timings, finish reason, error, wait, cancel);
+- `request`: the handle of a generation request (its stream, result; asyncio reads);
 - `callbacks`: on_chunk / on_done callbacks of a request, on callback threads;
 - `output`: stop strings, whole UTF-8 characters, token probabilities;
 - `slot`: a slot and its phase (idle / wait / prefill / generate), and how slots fill a batch;
@@ -35,6 +36,7 @@ from .core import Engine
 from .output import StopMatcher, token_probs
 from .pool import EnginePool, split_config
 from .prompt_cache import PromptCache, common_prefix
+from .handle import Handle
 from .request import Request
 from .slot import Slot, SlotPhase
 from .system_prompt import starts_with_bos
@@ -52,7 +54,7 @@ __all__ = [
     "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EnginePool", "EngineConfig", "EngineStats", "FinishReason",
     "PromptCache", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
     "StopMatcher", "Timings", "TokenProbs", "common_prefix", "split_config", "token_probs",
-    "starts_with_bos",
+    "Handle", "starts_with_bos",
     # imported by the single-module engine, still reachable as llama_lib.engine.X
     "Batch", "Context", "ContextParams", "DECODE_NO_KV_SLOT", "Model", "Sampler", "SamplingParams",
 ]
