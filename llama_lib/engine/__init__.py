@@ -14,6 +14,7 @@ checks there is no cycle, and that only this package and `pool` import `core`):
   sequences;
 - `system_prompt`: the system prompt and its rules (the prefix a request wants, BOS), warm-up;
 - `sequences`: the slots' KV sequences as the prompt cache sees them;
+- `ram_tier`: sequences saved to and loaded from the host-RAM tier;
 - `prefix_share`: prefixes copied between sequences, waits for a live prefill;
 - `prompt_cache`: the prompt cache's narrow interface (choose, claim, cache_finished, evict);
 - `parts`: the engine's parts that a step's phases take (`StepParts`);

@@ -6,7 +6,7 @@ Its interface is narrow, as SGLang's BasePrefixCache (`PrefixCache` below): `cho
 `claim` match and take a prefix for a request, `cache_finished` keeps what a finished request
 leaves, `evict` frees an idle prefix. Behind it are its parts, each in its own module: the
 slots' sequences (sequences.py), prefixes shared between them (prefix_share.py), holder
-sequences (holders.py) and the host-RAM tier (ram_cache.py). `choose()` only reads slot state;
+sequences (holders.py) and the host-RAM tier (ram_tier.py over ram_cache.py). `choose()` only reads slot state;
 the rest edits KV sequences (engine thread only).
 """
 
@@ -23,6 +23,7 @@ from .holders import Holders
 from .prefix_share import MIN_SHARED, PrefixShare, ShareStats
 from .prefix_tree import common_prefix
 from .ram_cache import MIN_TOKENS, RamCache
+from .ram_tier import RamTier
 from .request import Request
 from .sequences import SlotSequences
 from .slot import Slot
@@ -32,6 +33,10 @@ from .types import FinishReason
 log = logging.getLogger("llama_lib.engine")
 
 _KEPT_REASONS = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)
+
+
+def _no_save(seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
+    """Where a holder's prefix goes when it is evicted and there is no RAM tier: nowhere."""
 
 
 class PrefixCache(Protocol):
@@ -56,12 +61,14 @@ class PromptCache:
         self.similarity = similarity    # llama-server's --slot-prompt-similarity
         self.n_swa = n_swa
         self.kv_unified = kv_unified
-        # the host-RAM tier (ram_cache.py): sequences' states read and written through `state`
+        # the host-RAM tier (ram_tier.py): sequences' states read and written through `state`
         # (the Context: seq_state / set_seq_state); None when off (--cache-ram 0)
-        self.state = state
         self.ram = RamCache(ram_limit_bytes) if state is not None and ram_limit_bytes > 0 else None
-        # idle prefixes in spare sequences after the slots' (holders.py; unified KV only)
-        self.holders = Holders(memory, len(slots) + 1, n_holders, self._save_seq) \
+        self.ram_tier = RamTier(self.ram, state, self.seqs) if self.ram is not None else None
+        # idle prefixes in spare sequences after the slots' (holders.py; unified KV only),
+        # saved to the RAM tier when they go
+        save = self.ram_tier.save_seq if self.ram_tier is not None else _no_save
+        self.holders = Holders(memory, len(slots) + 1, n_holders, save) \
             if n_holders > 0 and kv_unified and share_prefixes else None
         # other sequences' prefixes copied into a new request's (prefix_share.py); None: off
         self.share = PrefixShare(self.seqs, self.holders) if share_prefixes else None
@@ -203,13 +210,9 @@ class PromptCache:
             self.save_to_ram(s)
 
     def save_to_ram(self, s: Slot) -> None:
-        """Keep the slot's cache in the RAM tier before its sequence is overwritten."""
-        if self.seqs.holds_cache(s):
-            self._save_seq(s.seq_id, s.cache_tokens, s.n_prefix, s.prefix_version)
-
-    def _save_seq(self, seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
-        if self.ram is not None and self.system.is_current(n_prefix, version):
-            self.ram.put(tokens, n_prefix, version, self.state.seq_state(seq_id))
+        """Keep the slot's cache in the RAM tier (when on) before its sequence is overwritten."""
+        if self.ram_tier is not None:
+            self.ram_tier.save_slot(s)
 
     def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> bool:
         """llama-server's prompt-cache update: the slot's cache goes to RAM (or a holder) when
@@ -221,20 +224,7 @@ class PromptCache:
                               len(s.cache_tokens) if own else 0)
         if entry is not None or self._loses(s, keep):
             self.keep_aside(s)
-        if entry is None:
-            return False
-        self.memory.seq_rm(s.seq_id, -1, -1)
-        loaded = self.state.set_seq_state(s.seq_id, entry.data) and \
-            self.memory.seq_pos_max(s.seq_id) == entry.n_prefix + len(entry.tokens) - 1
-        if not loaded:
-            log.warning("slot %d: a RAM cache entry did not load; dropped", s.id)
-            self.ram.remove(entry)
-            self.seqs.reset(s, with_prefix=bool(want_prefix))
-            return False
-        self.seqs.adopt(s, entry.tokens, entry.n_prefix, entry.prefix_version)
-        self.ram.stats.n_loaded += 1
-        self.ram.stats.n_tokens_loaded += len(entry.tokens)
-        return True
+        return entry is not None and self.ram_tier.load(s, entry, want_prefix)
 
     # -- a finished request, eviction --------------------------------------------------------
 
