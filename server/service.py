@@ -187,9 +187,9 @@ class Service:
     # -- generation -------------------------------------------------------------------------
 
     def adds_bos(self, first: bool = True) -> bool:
-        """The server's BOS rule: BOS only where a prompt starts the sequence (its first part,
-        when the model wants BOS), not after a shared system prompt."""
-        return bool(first and self.model.vocab.add_bos and not (self.engine and self.engine.system_prompt))
+        """BOS only on a prompt's first part, and there as the engine's one rule says (where it
+        starts the sequence: the model wants BOS and no shared system prompt comes before)."""
+        return bool(first and (self.engine.adds_bos() if self.engine else self.model.vocab.add_bos))
 
     def _chat_tokens(self, prompt: str) -> list[int]:
         return self.special.tokenize(prompt, add_bos=self.adds_bos())

@@ -5,20 +5,21 @@ This is llama.cpp's `examples/parallel` serving loop, made reusable. One `Engine
 decodes in sequence i + 1 (with a unified KV cache, holder sequences after those keep idle
 prefixes, holders.py). `step()` runs one iteration of the loop, in timed phases:
 
-1. prepare: a new shared system prompt; drop cancelled requests (their slots and KV cells
-   are freed at once);
-2. batch: put each generating slot's last sampled token in the batch;
+1. prepare: the warm-up, a new shared system prompt, other threads' calls; cancelled requests
+   go (their slots and KV cells are freed at once);
+2. batch: each generating slot's last sampled token goes in the batch;
 3. admit: waiting requests into free slots (all free slots with continuous batching, only when
-   nothing is generating without it): the free slot whose cached tokens share the longest prefix
-   with the prompt (llama-server's prompt cache, see prompt_cache.py), else the lowest free
-   one; the longest prefix any sequence holds is copied, one still being decoded is waited for
-   (prefix_share.py); only the rest of the prompt is written (batch: whole prompts, or
-   prefill_chunk tokens per step);
-4. decode_sample: decode in chunks of n_batch, halving a chunk and retrying when the KV cache
-   has no room;
-5. sample every slot whose logits are in a decoded chunk, apply stop rules, stream the text;
-6. release finished slots: their sequence keeps the request's prompt and generated tokens as a
-   cache for the next request (a cancelled or failed request's go back to the system prompt).
+   nothing is generating without it); the prompt cache (prompt_cache.py) picks the slot and
+   the longest cached prefix, or a live prefill to wait for (prefix_share.py); slots whose
+   leader has decoded that prefix start; then prompt pieces go in the batch;
+4. decode and sample (decode.py): chunks of n_batch, halving on a full KV cache; every slot
+   whose logits a chunk holds samples, stop rules apply, text streams; a finished slot keeps
+   its tokens as a cache (a cancelled or failed one goes back to the system prompt);
+5. embed: the embedding lanes (embedding.py).
+
+A phase works on the engine's parts (parts.py: context, batch, slots, cache, stats) and returns
+what happened (requests that ended, slots ready to start); `step()` applies that to what only
+the engine holds: its lock, its waiting queue, its set of unfinished requests.
 
 `submit()` may be called from any thread. `start()` runs `step()` on a background thread that
 sleeps on a condition variable while there is nothing to do. Only that thread touches the
@@ -27,7 +28,6 @@ llama_context.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -38,28 +38,26 @@ import numpy as np
 from ..batch import Batch
 from ..context import Context
 from ..model import Model
-from ..sampler import Sampler
 from .callbacks import CallbackRunner, OnChunk, OnDone
 from .calls import CallQueue
 from .decode import decode_and_sample
 from .embedding import Embedder, EmbeddingRequest
 from .outbox import Outbox
-from .output import StopMatcher
+from .parts import StepParts
+from .prefix_share import pause_leaders, ready_followers
 from .prompt_cache import PromptCache
 from .ram_cache import summary
+from .lifecycle import end_waiting, release, start_request, start_requests
 from .request import Request
-from .prefix_share import join_ready
 from .slot import WAIT, Slot, batch_generated, batch_prompts
-from . import slot_files
-from .system_prompt import apply_system_prompt, prompt_tokens, warmup
+from .slot_files import SlotFile, SlotFiles, on_idle_slot
+from .system_prompt import SystemPrompt, decode_system_prompt, prompt_tokens, starts_with_bos, warmup
 from .waiting import WaitingQueue
 from .types import (
     EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull, RequestParams,
 )
 
 log = logging.getLogger("llama_lib.engine")
-
-_FLUSHED_REASONS = (FinishReason.EOS, FinishReason.LENGTH)
 
 
 class Engine:
@@ -79,12 +77,13 @@ class Engine:
         self.n_batch = self.ctx.n_batch
         self.slots = [Slot(i) for i in range(cfg.n_parallel)]
         self.slot_id_base = 0  # added to the slot id a Request reports (an EnginePool numbers its slots)
+        self.system = SystemPrompt(cfg.system_prompt, cfg.share_system_prompt)
         self.cache = PromptCache(
-            self.memory, self.slots, similarity=cfg.slot_prompt_similarity,
+            self.memory, self.slots, self.system, similarity=cfg.slot_prompt_similarity,
             n_swa=0 if cfg.swa_full else model.n_swa, kv_unified=cfg.kv_unified,
-            share_system_prompt=cfg.share_system_prompt, share_prefixes=cfg.prefix_share,
-            n_holders=cfg.n_holders,
+            share_prefixes=cfg.prefix_share, n_holders=cfg.n_holders,
             state=self.ctx, ram_limit_bytes=(1 << 62) if cfg.cache_ram_mib < 0 else cfg.cache_ram_mib << 20)
+        self.files = SlotFiles(self.ctx, self.cache.seqs, self.n_ctx_slot, self.vocab.n_tokens)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
         self._waiting = WaitingQueue()  # guarded by _lock
@@ -95,12 +94,13 @@ class Engine:
             self.ctx.close()
             raise
         self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder, _cache=self.cache)
+        self.parts = StepParts(self.ctx, self.memory, self.batch, self.slots, self.cache, self.vocab,
+                               self.stats, cfg, self.n_ctx_slot, self.n_batch)
         self._cond = threading.Condition(self._lock)
         self._next_id = 0
         self._closed = False
         self._thread: threading.Thread | None = None
         self._pending_system: str | None = cfg.system_prompt if cfg.share_system_prompt else None
-        self.system_prompt = cfg.system_prompt
         self._all: set[Request] = set()  # unfinished requests, for shutdown
         # Work for the engine thread from other threads (state reads such as seq_pos_max).
         self._calls = CallQueue()
@@ -113,23 +113,28 @@ class Engine:
         self._warmup_pending = cfg.warmup
         self._ready = threading.Event()
         if self._pending_system is None and cfg.system_prompt:
-            self.system_tokens = self.vocab.tokenize(cfg.system_prompt, add_special=True)
+            self.system.tokens = self.vocab.tokenize(cfg.system_prompt, add_special=True)
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt's text (requests admitted from now on continue it)."""
+        return self.system.text
 
     @property
     def system_tokens(self) -> np.ndarray:
         """The system prompt's tokens (in sequence 0 when shared, else put before each prompt)."""
-        return self.cache.system_tokens
-
-    @system_tokens.setter
-    def system_tokens(self, tokens: np.ndarray) -> None:
-        self.cache.system_tokens = tokens
+        return self.system.tokens
 
     # -- public API (any thread) -----------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams) -> np.ndarray:
         """The tokens a request will decode after whatever prefix its slot holds."""
-        return prompt_tokens(self.vocab, prompt, params, self.system_prompt, self.system_tokens,
-                             self.config.share_system_prompt)
+        return prompt_tokens(self.vocab, prompt, params, self.system)
+
+    def adds_bos(self, params: RequestParams | None = None) -> bool:
+        """Whether a text prompt's tokens begin with BOS (system_prompt.starts_with_bos): only
+        where the prompt starts its sequence, not after the system prompt."""
+        return starts_with_bos(self.vocab, self.system.text, params)
 
     def submit(self, prompt: str | Sequence[int] | np.ndarray, params: RequestParams | None = None, *,
                on_chunk: OnChunk | None = None, on_done: OnDone | None = None) -> Request:
@@ -146,13 +151,13 @@ class Engine:
         tokens = self.tokenize_prompt(prompt, params)
         if len(tokens) == 0:
             raise ValueError("the prompt is empty")
-        prefix = len(self.system_tokens) if (params.use_system_prompt and self.config.share_system_prompt) else 0
+        prefix = self.system.wanted(params)
         if prefix + len(tokens) >= self.n_ctx_slot:
             raise PromptTooLong(prefix + len(tokens), self.n_ctx_slot)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
-            if len(self._waiting) >= self.config.max_queue and not self._has_free_slot():
+            if len(self._waiting) >= self.config.max_queue and all(s.busy for s in self.slots):
                 raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests wait")
             req = Request(self._next_id, tokens, params)
             self._next_id += 1
@@ -196,18 +201,19 @@ class Engine:
         copy, so nothing waits and nothing they generate changes.
         """
         with self._cond:
-            self.system_prompt = text
-            if self.config.share_system_prompt:
+            self.system.text = text
+            if self.system.shared:
                 self._pending_system = text
             else:
-                self.system_tokens = self.vocab.tokenize(text, add_special=True) if text else np.zeros(0, np.int32)
+                self.system.tokens = self.vocab.tokenize(text, add_special=True) if text else np.zeros(0, np.int32)
             self._cond.notify()
 
-    def start(self) -> "Engine":
-        """Run step() on a background thread until close(). Returns once that thread has done
-        the warm-up and decoded the system prompt, so the first request pays for neither."""
+    def start(self, name: str = "llama-engine") -> "Engine":
+        """Run step() on a background thread (called `name`) until close(). Returns once that
+        thread has done the warm-up and decoded the system prompt, so the first request pays
+        for neither."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
             self._ready.wait()
         return self
@@ -225,7 +231,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         else:
-            while self._has_work():
+            while self.has_work():
                 self.step()
         for r in list(self._all):
             r._finish(FinishReason.CANCELLED)
@@ -247,8 +253,18 @@ class Engine:
         self.close()
 
     @property
+    def is_running(self) -> bool:
+        """Whether step() runs on the engine's own thread (start() was called, close() not)."""
+        return self._thread is not None
+
+    @property
     def n_waiting(self) -> int:
         return len(self._waiting)
+
+    def waiting_prompts(self) -> list[np.ndarray]:
+        """The prompt tokens of the requests waiting for a slot, in order (a snapshot)."""
+        with self._lock:
+            return [r.prompt_tokens for r in self._waiting]
 
     @property
     def n_busy(self) -> int:
@@ -268,17 +284,17 @@ class Engine:
 
     # -- slot files (llama-server's /slots/{id}?action=...): on the engine thread, slot idle --
 
-    def save_slot(self, slot_id: int, path: str) -> slot_files.SlotFile:
+    def save_slot(self, slot_id: int, path: str) -> SlotFile:
         """Save the slot's KV sequence and tokens to `path` (waits for the slot to be idle)."""
-        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.save(self, s, path))
+        return on_idle_slot(self.slots, self.call, slot_id, lambda s: self.files.save(s, path))
 
-    def restore_slot(self, slot_id: int, path: str) -> slot_files.SlotFile:
+    def restore_slot(self, slot_id: int, path: str) -> SlotFile:
         """Load a saved sequence into the slot, as its prompt cache. ValueError if it cannot."""
-        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.restore(self, s, path))
+        return on_idle_slot(self.slots, self.call, slot_id, lambda s: self.files.restore(s, path))
 
     def erase_slot(self, slot_id: int) -> int:
         """Drop the slot's prompt cache; returns the tokens it held."""
-        return slot_files.on_idle_slot(self, slot_id, lambda s: slot_files.erase(self, s))
+        return on_idle_slot(self.slots, self.call, slot_id, self.files.erase)
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest KV position of a sequence (read by the engine thread between steps)."""
@@ -302,10 +318,9 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
-    def _has_free_slot(self) -> bool:
-        return any(s.req is None for s in self.slots)
-
-    def _has_work(self) -> bool:
+    def has_work(self) -> bool:
+        """Whether a step would do anything: requests waiting or running, a system prompt or
+        the warm-up to decode, calls from other threads, embeddings."""
         return (bool(self._waiting) or any(s.busy for s in self.slots) or self._pending_system is not None
                 or self._warmup_pending or bool(self._calls)
                 or (self.embedder is not None and self.embedder.has_work()))
@@ -319,9 +334,9 @@ class Engine:
             self._ready.set()
         while True:
             with self._cond:
-                while not self._has_work() and not self._closed:
+                while not self.has_work() and not self._closed:
                     self._cond.wait()
-                if self._closed and not self._has_work():
+                if self._closed and not self.has_work():
                     return
             try:
                 self.step()
@@ -330,10 +345,12 @@ class Engine:
                 for s in self.slots:
                     if s.req is not None:
                         self._release(s, FinishReason.ERROR, f"internal error: {e}")
+                with self._lock:  # requests the failed phase ended before it raised
+                    self._all = {r for r in self._all if not r.done}
 
     def run_until_idle(self) -> None:
         """Step until no request is waiting or running (for callers without start())."""
-        while self._has_work():
+        while self.has_work():
             self.step()
 
     def step(self) -> bool:
@@ -351,7 +368,9 @@ class Engine:
             if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
                 self._admit()
             if any(s.phase is WAIT or s.hold_at for s in self.slots):
-                join_ready(self)
+                for f, r in ready_followers(self.slots):
+                    start_request(self.parts, f, r, self.slot_id_base)
+                pause_leaders(self.slots)
             t_admitted = time.perf_counter()
             st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
             t_batched = time.perf_counter()
@@ -360,7 +379,7 @@ class Engine:
             st.t_batch += (t_generated - t_prepared) + (t_batched - t_admitted)
             did = self.batch.n_tokens > 0
             if did:
-                decode_and_sample(self)
+                self._forget(decode_and_sample(self.parts))
             t_done = time.perf_counter()
             st.t_decode_sample += t_done - t_batched
             if self.embedder is not None and self.embedder.has_work():  # the embed phase
@@ -381,9 +400,20 @@ class Engine:
             if self.embedder is not None:
                 self.embedder.warmup()
         if self._pending_system is not None:
-            apply_system_prompt(self)
+            self._apply_system_prompt()
         self._calls.run()
         self._drop_cancelled()
+
+    def _apply_system_prompt(self) -> None:
+        """Decode the pending system prompt into sequence 0 (idle slots pick it up now)."""
+        with self._lock:
+            text, self._pending_system = self._pending_system, None
+        if text is None:
+            return
+        tokens = decode_system_prompt(self.ctx, self.batch, self.vocab, text, self.n_ctx_slot)
+        self.stats.n_prompt_tokens += len(tokens)
+        self.stats.n_system_prompt_tokens = len(tokens)
+        self.cache.set_system_tokens(tokens)
 
     def _admit(self) -> None:
         """Start waiting requests in free slots, first come first served. The requests and
@@ -394,64 +424,27 @@ class Engine:
             return
         with self._lock:
             chosen = self._waiting.take(free, self.slots, self.cache.choose)
-        for s, r in chosen:
-            try:
-                self._start(s, r)
-            except Exception as e:
-                log.exception("request %d could not start", r.id)
-                self._release(s, FinishReason.ERROR, f"internal error: {e}")
-
-    def _start(self, s: Slot, r: Request) -> None:
-        """Put a request in its reserved slot, reusing what the slot's cache shares."""
-        n_keep = self.cache.claim(s, r)
-        if n_keep is None:  # waits for another slot's prefill (prefix_share.join_ready)
-            return
-        r.slot_id = s.id + self.slot_id_base
-        r.n_cached_tokens = s.n_prefix + n_keep
-        r.n_prompt_tokens = len(r.prompt_tokens) - n_keep
-        self.stats.n_prompt_tokens_cached += n_keep
-        r.timings.started = time.perf_counter()
-        sampling = r.params.sampling
-        if sampling.repeat_last_n == -1:  # llama.cpp's "the whole context"
-            sampling = dataclasses.replace(sampling, repeat_last_n=self.n_ctx_slot)
-        s.begin(r, s.n_prefix + n_keep, n_keep, Sampler(sampling, self.vocab.n_tokens, self.vocab),
-                StopMatcher(r.params.stop))
+        self._forget(start_requests(self.parts, chosen, self.slot_id_base))
 
     def _release(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:
-        """Finish the slot's request. A finished request's tokens stay in the slot's KV as a
-        prompt cache; a cancelled or failed one's cells are freed (back to the system prompt)."""
-        r = s.req
-        if r is None:
-            return
-        if reason in _FLUSHED_REASONS and s.matcher is not None:
-            r._emit(s.matcher.flush(), [])
-        waited = s.phase is WAIT  # never started: the sequence still holds the slot's cache
-        s.end(time.perf_counter())
-        if not waited:
-            self.cache.on_finish(s, r, reason)
-        st = self.stats
-        if reason == FinishReason.CANCELLED:
-            st.n_requests_cancelled += 1
-        elif reason == FinishReason.ERROR:
-            st.n_requests_failed += 1
-        else:
-            st.n_requests_done += 1
-        with self._lock:
-            self._all.discard(r)
-        r._finish(reason, error)
+        """Finish the slot's request (release.py) and forget it."""
+        r = release(s, reason, error, self.cache, self.stats)
+        if r is not None:
+            self._forget([r])
+
+    def _forget(self, ended: list[Request]) -> None:
+        """Requests that ended are no longer the engine's to cancel at close()."""
+        if ended:
+            with self._lock:
+                self._all.difference_update(ended)
 
     def _drop_cancelled(self) -> None:
         if self._waiting:
             with self._lock:
                 gone = self._waiting.pop_cancelled()
             for r in gone:
-                reason, error = r.cancel_reason
-                if reason == FinishReason.ERROR:
-                    self.stats.n_requests_failed += 1
-                else:
-                    self.stats.n_requests_cancelled += 1
                 self._all.discard(r)
-                r._finish(reason, error)
+                end_waiting(r, self.stats)
         for s in self.slots:
             if s.req is not None and s.req._cancel.is_set():
                 self._release(s, *s.req.cancel_reason)

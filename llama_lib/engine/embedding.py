@@ -29,7 +29,8 @@ from .. import _bindings as B
 from ..batch import Batch
 from ..context import DECODE_NO_KV_SLOT, Context, ContextParams
 from ..model import Model
-from .types import QueueFull, DEFAULT_EMBD_BATCH, DEFAULT_EMBD_LANES, DEFAULT_EMBD_NORMALIZE  # noqa: F401 (re-exported)
+from .handle import Handle
+from .types import FinishReason, QueueFull, DEFAULT_EMBD_BATCH, DEFAULT_EMBD_LANES, DEFAULT_EMBD_NORMALIZE  # noqa: F401 (re-exported)
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -91,47 +92,40 @@ def normalize(v: np.ndarray, mode: int) -> np.ndarray:
     return (x * scale).astype(np.float32)
 
 
-class EmbeddingRequest:
+class EmbeddingRequest(Handle):
     """Handle of submitted embedding inputs: `result()` blocks for the vectors, rows in input
-    order; `cancel()` drops what is not computed yet. Written by the engine thread only."""
+    order; `cancel()` drops what is not computed yet. Written by the engine thread only.
+    id, timings, finish_reason (STOP once every input is embedded), error, done, wait, cancel:
+    handle.py, as a generation Request."""
+
+    kind = "embedding request"
 
     def __init__(self, rid: int, inputs: list[np.ndarray], normalize_mode: int, pooling: int):
-        self.id = rid
+        super().__init__(rid)
         self.inputs = inputs
         self.normalize = normalize_mode
         self.pooling = pooling
         self.n_prompt_tokens = sum(len(t) for t in inputs)
         self.vectors: list[np.ndarray | None] = [None] * len(inputs)
-        self.error: str | None = None
-        self.cancelled = False
-        self.submitted = time.perf_counter()
-        self.done_at = 0.0
         self._n_left = len(inputs)
-        self._done = threading.Event()
-        self._cancel = threading.Event()
-        self._wake_engine = None
 
     @property
-    def done(self) -> bool:
-        return self._done.is_set()
+    def submitted(self) -> float:
+        """timings.submitted (the name this had before the handles shared a base)."""
+        return self.timings.submitted
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def cancel(self) -> None:
-        if not self._done.is_set():
-            self._cancel.set()
-            if self._wake_engine is not None:
-                self._wake_engine()
+    @property
+    def done_at(self) -> float:
+        """timings.done (the name this had before the handles shared a base)."""
+        return self.timings.done
 
     def result(self, timeout: float | None = None) -> list[np.ndarray]:
         """One float32 vector per input (pooling none: an (n_tokens, n_embd) array each).
         Raises RuntimeError if the request failed or was cancelled."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"embedding request {self.id} not finished after {timeout} s")
+        self._wait_or_raise(timeout)
         if self.error is not None:
             raise RuntimeError(self.error)
-        if self.cancelled:
+        if self.finish_reason == FinishReason.CANCELLED:
             raise RuntimeError(f"embedding request {self.id} was cancelled")
         return self.vectors  # type: ignore[return-value]
 
@@ -156,8 +150,10 @@ class EmbeddingRequest:
     def _finish(self, error: str | None = None, cancelled: bool = False) -> None:
         if self._done.is_set():
             return
-        self.error, self.cancelled = error, cancelled
-        self.done_at = time.perf_counter()
+        if cancelled:
+            self._cancel.set()
+        reason = FinishReason.CANCELLED if cancelled else FinishReason.ERROR if error is not None else FinishReason.STOP
+        self._record_end(reason, error)
         self._done.set()
 
 

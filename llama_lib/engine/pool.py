@@ -159,6 +159,10 @@ class EnginePool:
     def system_tokens(self) -> np.ndarray:
         return self.engines[0].system_tokens
 
+    def adds_bos(self, params: RequestParams | None = None) -> bool:
+        """Whether a text prompt's tokens begin with BOS (Engine.adds_bos)."""
+        return self.engines[0].adds_bos(params)
+
     @property
     def embedder(self):
         """The engine's Embedder that computes the pool's embeddings (None: not configured)."""
@@ -232,8 +236,7 @@ class EnginePool:
         try:
             # The tokens go on as they are, unless the engine would put an unshared system
             # prompt in front of them again.
-            unshared = params.use_system_prompt and not first.config.share_system_prompt \
-                and len(first.system_tokens)
+            unshared = params.use_system_prompt and not first.system.shared and len(first.system_tokens)
             return self.engines[i].submit(prompt if unshared else tokens, params, **callbacks)
         finally:
             with self._lock:
@@ -283,9 +286,7 @@ class EnginePool:
     def start(self) -> "EnginePool":
         """Start every engine's thread (each returns once warmed up, as Engine.start)."""
         for i, e in enumerate(self.engines):
-            e.start()
-            if e._thread is not None:
-                e._thread.name = f"llama-engine-{i}"
+            e.start(name=f"llama-engine-{i}")
         return self
 
     def step(self) -> bool:
@@ -297,7 +298,7 @@ class EnginePool:
         return did
 
     def run_until_idle(self) -> None:
-        while any(e._has_work() for e in self.engines):
+        while any(e.has_work() for e in self.engines):
             self.step()
 
     def close(self, cancel: bool = True) -> None:
@@ -332,7 +333,7 @@ def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
     copy or wait for what they decode (prefix_share.py), so requests sent together stay together;
     so do the prefixes its holder sequences keep (a snapshot of their list: the engine thread
     edits the holders' tree)."""
-    want_prefix = len(e.system_tokens) if (params.use_system_prompt and e.config.share_system_prompt) else 0
+    want_prefix = e.system.wanted(params)
     best = 0
     others: list[np.ndarray] = []
     for s in e.slots:
@@ -342,10 +343,6 @@ def _cached_prefix(e: Engine, tokens: np.ndarray, params: RequestParams) -> int:
         elif live is not None:
             others.append(live.prompt_tokens)
     if e.config.prefix_share:
-        with e._lock:
-            others += [r.prompt_tokens for r in e._waiting]
+        others += e.waiting_prompts()
         best = max([best] + [common_prefix(p, tokens) for p in others])
-    if e.cache.holders is not None:
-        best = max([best] + [common_prefix(h.tokens, tokens) for h in list(e.cache.holders.held)
-                             if h.n_prefix == want_prefix])
-    return best
+    return max([best] + [common_prefix(held, tokens) for held in e.cache.held_prefixes(want_prefix)])

@@ -1,26 +1,33 @@
-"""The prompt cache (llama-server's): which free slot a request gets, how much of the slot's KV
-sequence it reuses, what a finished request leaves behind, and which idle cache goes when the
-KV cache is full.
+"""The prompt cache (llama-server's, and more): which free slot a request gets, how much of a
+prompt its sequence reuses, what a finished request leaves behind, which idle cache goes when
+the KV cache is full.
 
-Every slot's KV sequence starts with the shared system prompt (when the request continues it)
-and, while idle, holds the last request's prompt and generated tokens. `choose()` only reads
-slot state; `claim()`, `on_finish()` and `evict()` edit KV sequences (engine thread only).
+Its interface is narrow, as SGLang's BasePrefixCache (`PrefixCache` below): `choose` and
+`claim` match and take a prefix for a request, `cache_finished` keeps what a finished request
+leaves, `evict` frees an idle prefix. Behind it are its parts, each in its own module: the
+slots' sequences (sequences.py), prefixes shared between them (prefix_share.py), holder
+sequences (holders.py) and the host-RAM tier (ram_tier.py over ram_cache.py). `choose()` only reads slot state;
+the rest edits KV sequences (engine thread only).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Protocol
 
 import numpy as np
 
 from ..context import Memory
-from . import prefix_share
 from .holders import Holders
+from .prefix_share import MIN_SHARED, PrefixShare, ShareStats
 from .prefix_tree import common_prefix
 from .ram_cache import MIN_TOKENS, RamCache
+from .ram_tier import RamTier
 from .request import Request
+from .sequences import SlotSequences
 from .slot import Slot
+from .system_prompt import SystemPrompt
 from .types import FinishReason
 
 log = logging.getLogger("llama_lib.engine")
@@ -28,67 +35,70 @@ log = logging.getLogger("llama_lib.engine")
 _KEPT_REASONS = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)
 
 
-class PromptCache:
-    """The slots' KV sequences as a cache of prompts, and the shared system prompt they start with."""
+def _no_save(seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
+    """Where a holder's prefix goes when it is evicted and there is no RAM tier: nowhere."""
 
-    def __init__(self, memory: Memory, slots: list[Slot], *, similarity: float, n_swa: int,
-                 kv_unified: bool, share_system_prompt: bool, state=None, ram_limit_bytes: int = 0,
+
+class PrefixCache(Protocol):
+    """What the engine asks of its prompt cache."""
+
+    def choose(self, r: Request, free: list[Slot]) -> Slot: ...
+    def claim(self, s: Slot, r: Request) -> int | None: ...
+    def cache_finished(self, s: Slot, r: Request, reason: FinishReason) -> None: ...
+    def evict(self) -> bool: ...
+
+
+class PromptCache:
+    """The slots' KV sequences as a cache of prompts, with its parts (see the module docstring)."""
+
+    def __init__(self, memory: Memory, slots: list[Slot], system: SystemPrompt, *, similarity: float,
+                 n_swa: int, kv_unified: bool, state=None, ram_limit_bytes: int = 0,
                  share_prefixes: bool = True, n_holders: int = 0):
+        self.seqs = SlotSequences(memory, slots, system, n_swa=n_swa, kv_unified=kv_unified)
         self.memory = memory
-        # other sequences' prefixes copied into a new request's (prefix_share.py)
-        self.share_prefixes = share_prefixes
-        self.share_stats = prefix_share.ShareStats()
-        # the host-RAM tier (ram_cache.py): sequences' states read and written through `state`
+        self.slots = slots
+        self.system = system
+        self.similarity = similarity    # llama-server's --slot-prompt-similarity
+        self.n_swa = n_swa
+        self.kv_unified = kv_unified
+        # the host-RAM tier (ram_tier.py): sequences' states read and written through `state`
         # (the Context: seq_state / set_seq_state); None when off (--cache-ram 0)
-        self.state = state
         self.ram = RamCache(ram_limit_bytes) if state is not None and ram_limit_bytes > 0 else None
-        # idle prefixes in spare sequences after the slots' (holders.py; unified KV only)
-        self.holders = Holders(memory, len(slots) + 1, n_holders, self._save_seq) \
+        self.ram_tier = RamTier(self.ram, state, self.seqs) if self.ram is not None else None
+        # idle prefixes in spare sequences after the slots' (holders.py; unified KV only),
+        # saved to the RAM tier when they go
+        save = self.ram_tier.save_seq if self.ram_tier is not None else _no_save
+        self.holders = Holders(memory, len(slots) + 1, n_holders, save) \
             if n_holders > 0 and kv_unified and share_prefixes else None
+        # other sequences' prefixes copied into a new request's (prefix_share.py); None: off
+        self.share = PrefixShare(self.seqs, self.holders) if share_prefixes else None
+        self.share_stats = self.share.stats if self.share is not None else ShareStats()
         self.n_kv_evictions = 0  # idle caches dropped from KV (holders' and slots') to make room
         # prompt tokens requests found cached, by where: their slot's own cache, another KV
         # sequence (a slot, a holder), the host-RAM tier
         self.hits = {"own": 0, "shared": 0, "ram": 0}
-        self.slots = slots
-        self.similarity = similarity    # llama-server's --slot-prompt-similarity
-        self.n_swa = n_swa              # sliding-window size whose old cells the KV drops; 0: none
-        self.kv_unified = kv_unified
-        self.share_system_prompt = share_system_prompt
-        self.system_tokens = np.zeros(0, dtype=np.int32)  # what sequence 0 holds
-        self.system_version = 0         # bumped for every new system prompt
-
-    # -- the system prompt -------------------------------------------------------------------
 
     def set_system_tokens(self, tokens: np.ndarray) -> None:
         """Sequence 0 now holds `tokens`: idle slots take them now, busy ones when they finish."""
-        self.system_tokens = tokens
-        self.system_version += 1
+        self.system.replace(tokens)
         if self.holders is not None:
-            self.holders.drop_stale(self.system_version)
+            self.holders.drop_stale(self.system.version)
         for s in self.slots:
             if s.req is None:
-                self.reset_sequence(s, with_prefix=True)
+                self.seqs.reset(s, with_prefix=True)
 
-    def prefix_for(self, r: Request) -> int:
-        """System prompt tokens the request's sequence must start with."""
-        shared = r.params.use_system_prompt and self.share_system_prompt
-        return len(self.system_tokens) if shared else 0
-
-    def prefix_fits(self, s: Slot, want_prefix: int) -> bool:
-        """Whether the slot's sequence starts with the system prompt the request continues."""
-        return s.n_prefix == want_prefix and (not want_prefix or s.prefix_version == self.system_version)
-
-    # -- admission ---------------------------------------------------------------------------
+    # -- match and claim ---------------------------------------------------------------------
 
     def choose(self, r: Request, free: list[Slot]) -> Slot:
         """llama-server's slot choice: the free slot whose cache shares the largest fraction
         of the prompt (above the similarity threshold), else the free slot with the lowest id."""
         thold = self.similarity
         if thold > 0 and r.params.cache_prompt:
-            want_prefix = self.prefix_for(r)
+            want_prefix = self.system.wanted(r.params)
+            fits = self.system.fits
             best, best_sim = None, 0.0
             for s in free:
-                if not len(s.cache_tokens) or not self.prefix_fits(s, want_prefix):
+                if not len(s.cache_tokens) or not fits(s, want_prefix):
                     continue
                 sim = common_prefix(s.cache_tokens, r.prompt_tokens) / len(r.prompt_tokens)
                 if sim > best_sim and sim > thold:
@@ -103,14 +113,15 @@ class PromptCache:
     def claim(self, s: Slot, r: Request) -> int | None:
         """Prepare the slot's sequence for the request; returns the prompt tokens it keeps, or
         None when the request waits for a live request to decode the prefix they share (the
-        slot is then in phase WAIT and its sequence untouched; prefix_share.join_ready).
+        slot is then in phase WAIT and its sequence untouched; prefix_share.ready_followers).
 
         The sequence gets the longest prefix of the prompt found in its own cache, in another
         KV sequence (prefix_share.py) or in the host-RAM tier (at least the last prompt token
         is decoded again, for its logits); without one it is reset to the system prompt alone.
         """
-        want_prefix = self.prefix_for(r)
-        if self.share_prefixes and r.params.cache_prompt:
+        want_prefix = self.system.wanted(r.params)
+        seqs = self.seqs
+        if self.share is not None and r.params.cache_prompt:
             n_keep = self._claim_shared(s, r, want_prefix)
             if n_keep is None:
                 return None
@@ -125,11 +136,11 @@ class PromptCache:
         cached = s.cache_tokens
         s.cache_tokens = np.zeros(0, np.int32)
         n_keep = 0
-        if self.prefix_fits(s, want_prefix) \
+        if self.system.fits(s, want_prefix) \
                 and self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(cached) - 1:
             if r.params.cache_prompt and len(cached):
                 n_keep = min(common_prefix(cached, r.prompt_tokens), len(r.prompt_tokens) - 1)
-                if n_keep > 0 and not self.window_kept(s.seq_id, s.n_prefix + n_keep):
+                if n_keep > 0 and not seqs.window_kept(s.seq_id, s.n_prefix + n_keep):
                     log.info("slot %d: %d cached tokens are past the sliding window; "
                              "the prompt is processed again", s.id, n_keep)
                     n_keep = 0
@@ -137,9 +148,9 @@ class PromptCache:
                 if not self.memory.seq_rm(s.seq_id, s.n_prefix + n_keep, -1):
                     n_keep = 0
             if n_keep == 0 and len(cached):
-                self.reset_sequence(s, with_prefix=bool(want_prefix))
+                seqs.reset(s, with_prefix=bool(want_prefix))
         else:
-            self.reset_sequence(s, with_prefix=bool(want_prefix))
+            seqs.reset(s, with_prefix=bool(want_prefix))
         self._hit(s, "ram" if from_ram else "own", n_keep)
         return n_keep
 
@@ -147,59 +158,38 @@ class PromptCache:
         self.hits[tier] += n_keep
         s.cache_hit = (tier if n_keep else "", n_keep)
 
-    def summary(self) -> dict[str, int]:
-        """Cached prompt tokens by tier, prefixes shared between sequences, idle caches
-        evicted from KV, and the holders (all counters since start, but the holders' gauges)."""
-        h = self.holders
-        return {**dataclasses.asdict(self.share_stats),
-                "tokens_own": self.hits["own"], "tokens_shared": self.hits["shared"],
-                "tokens_ram": self.hits["ram"], "kv_evictions": self.n_kv_evictions,
-                "holders": len(h) if h is not None else 0,
-                "holder_tokens": h.n_tokens if h is not None else 0,
-                "holders_kept": h.stats.n_kept if h is not None else 0,
-                "holders_evicted": h.stats.n_evicted if h is not None else 0}
-
     def _own_keep(self, s: Slot, r: Request, want_prefix: int) -> int:
         """Prompt tokens the slot's own cache gives the request (read only)."""
-        if not self.holds_cache(s, want_prefix):
+        if not self.seqs.holds_cache(s, want_prefix):
             return 0
         n = min(common_prefix(s.cache_tokens, r.prompt_tokens), len(r.prompt_tokens) - 1)
-        return n if n > 0 and self.window_kept(s.seq_id, s.n_prefix + n) else 0
+        return n if n > 0 and self.seqs.window_kept(s.seq_id, s.n_prefix + n) else 0
 
     def _claim_shared(self, s: Slot, r: Request, want_prefix: int) -> int | None:
         """Wait for, or copy, another sequence's prefix when it beats the slot's own cache and
-        the RAM tier by prefix_share.MIN_SHARED tokens; 0 when neither is worth it."""
+        the RAM tier by MIN_SHARED tokens; 0 when neither is worth it."""
         own = self._own_keep(s, r, want_prefix)
-        now, later = prefix_share.sources(self, s, r, want_prefix)
+        now, later = self.share.sources(s, r, want_prefix)
         best_now = now.n_keep if now is not None else 0
-        margin = prefix_share.MIN_SHARED
-        if later is not None and later.n_keep >= max(own, best_now) + margin:
+        if later is not None and later.n_keep >= max(own, best_now) + MIN_SHARED:
             s.wait_for(r, later.src, later.n_keep)
-            self.share_stats.n_waits += 1
+            self.share.stats.n_waits += 1
             return None
-        if now is None or best_now < own + margin:
+        if now is None or best_now < own + MIN_SHARED:
             return 0
         if self.ram is not None:
-            entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, own,
+            entry = self.ram.best(r.prompt_tokens, want_prefix, self.system.version, own,
                                   len(s.cache_tokens) if own else 0)
             if entry is not None and common_prefix(entry.tokens, r.prompt_tokens) > best_now:
                 return 0  # the RAM entry gives more
         if self._loses(s, own):
             self.keep_aside(s, protect=now.src)
-        if prefix_share.copy_prefix(self, now.src, s, best_now):
+        if self.share.copy_prefix(now.src, s, best_now):
             return best_now
-        self.reset_sequence(s, with_prefix=bool(want_prefix))
+        self.seqs.reset(s, with_prefix=bool(want_prefix))
         return 0
 
-    def holds_cache(self, s: Slot, want_prefix: int | None = None) -> bool:
-        """Does the slot's sequence hold exactly its prefix and cached tokens (and, if given,
-        the prefix the request wants)?"""
-        if want_prefix is not None and not self.prefix_fits(s, want_prefix):
-            return False
-        if s.n_prefix and s.prefix_version != self.system_version:
-            return False
-        return bool(len(s.cache_tokens)) and \
-            self.memory.seq_pos_max(s.seq_id) == s.n_prefix + len(s.cache_tokens) - 1
+    # -- keeping a cache aside: a holder, else the RAM tier ----------------------------------
 
     @staticmethod
     def _loses(s: Slot, keep: int) -> bool:
@@ -213,82 +203,44 @@ class PromptCache:
         """Keep the slot's cache before its sequence is overwritten: in a holder sequence
         (unified KV, no copy; never evicting `protect`, the holder about to be copied from),
         else in the RAM tier."""
-        if not self.holds_cache(s):
+        if not self.seqs.holds_cache(s):
             return
         if self.holders is None or not self.holders.keep(s.seq_id, s.cache_tokens, s.n_prefix,
                                                          s.prefix_version, protect):
             self.save_to_ram(s)
 
     def save_to_ram(self, s: Slot) -> None:
-        """Keep the slot's cache in the RAM tier before its sequence is overwritten."""
-        if self.holds_cache(s):
-            self._save_seq(s.seq_id, s.cache_tokens, s.n_prefix, s.prefix_version)
-
-    def _save_seq(self, seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
-        if self.ram is not None and (not n_prefix or version == self.system_version):
-            self.ram.put(tokens, n_prefix, version, self.state.seq_state(seq_id))
+        """Keep the slot's cache in the RAM tier (when on) before its sequence is overwritten."""
+        if self.ram_tier is not None:
+            self.ram_tier.save_slot(s)
 
     def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> bool:
         """llama-server's prompt-cache update: the slot's cache goes to RAM (or a holder) when
         the request would overwrite part of it (_loses), and a RAM entry that suits the prompt
         better comes back (True then)."""
-        own = self.holds_cache(s, want_prefix)
+        own = self.seqs.holds_cache(s, want_prefix)
         keep = common_prefix(s.cache_tokens, r.prompt_tokens) if own else 0
-        entry = self.ram.best(r.prompt_tokens, want_prefix, self.system_version, keep,
+        entry = self.ram.best(r.prompt_tokens, want_prefix, self.system.version, keep,
                               len(s.cache_tokens) if own else 0)
         if entry is not None or self._loses(s, keep):
             self.keep_aside(s)
-        if entry is None:
-            return False
-        self.memory.seq_rm(s.seq_id, -1, -1)
-        loaded = self.state.set_seq_state(s.seq_id, entry.data) and \
-            self.memory.seq_pos_max(s.seq_id) == entry.n_prefix + len(entry.tokens) - 1
-        if not loaded:
-            log.warning("slot %d: a RAM cache entry did not load; dropped", s.id)
-            self.ram.remove(entry)
-            self.reset_sequence(s, with_prefix=bool(want_prefix))
-            return False
-        self.adopt(s, entry.tokens, entry.n_prefix, entry.prefix_version)
-        self.ram.stats.n_loaded += 1
-        self.ram.stats.n_tokens_loaded += len(entry.tokens)
-        return True
+        return entry is not None and self.ram_tier.load(s, entry, want_prefix)
 
-    def adopt(self, s: Slot, tokens: np.ndarray, n_prefix: int, prefix_version: int) -> None:
-        """The slot's sequence was just loaded with a prefix of n_prefix system prompt tokens
-        then `tokens`: they are its cache now."""
-        s.cache_tokens = tokens.copy()
-        s.n_prefix, s.prefix_version = n_prefix, prefix_version
-        s.n_past = n_prefix + len(tokens)
-        s.kv_pos_max = s.n_past - 1
+    # -- a finished request, eviction --------------------------------------------------------
 
-    def window_kept(self, seq_id: int, n_past: int) -> bool:
-        """Whether the sequence's KV still holds what a token at position n_past attends to.
-
-        A sliding-window cache that is not full-size (Gemma 3: window 512) overwrites cells
-        that fell out of the window, so a sequence may hold only its last positions;
-        decoding from n_past needs the window before it (llama-server checks the same with
-        llama_memory_seq_pos_min and re-processes the whole prompt otherwise).
-        """
-        if self.n_swa <= 0:
-            return True
-        pos_min = self.memory.seq_pos_min(seq_id)
-        return 0 <= pos_min <= max(0, n_past - self.n_swa)
-
-    # -- release and eviction ----------------------------------------------------------------
-
-    def on_finish(self, s: Slot, r: Request, reason: FinishReason) -> None:
+    def cache_finished(self, s: Slot, r: Request, reason: FinishReason) -> None:
         """Keep what a finished request leaves in its sequence as the slot's cache, or (for a
         cancelled or failed request, a replaced system prompt, a sequence that does not hold
         exactly those tokens) reset the sequence to the system prompt."""
         if not self._keep(s, r, reason):
-            self.reset_sequence(s, with_prefix=self.share_system_prompt)
+            self.seqs.reset_to_default(s)
         s.n_past = s.n_prefix + len(s.cache_tokens)
         s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
 
     def _keep(self, s: Slot, r: Request, reason: FinishReason) -> bool:
         if reason not in _KEPT_REASONS:
             return False
-        if s.n_prefix and s.prefix_version != self.system_version:
+        if not self.system.is_current(s.n_prefix, s.prefix_version):
             return False
         # the last sampled token was never decoded
         cache = np.concatenate([r.prompt_tokens, np.asarray(r.tokens[:-1], np.int32)]).astype(np.int32)
@@ -313,20 +265,29 @@ class PromptCache:
             log.info("KV cache full: dropping the prompt cache of idle slot %d (%d tokens)",
                      slot.id, len(slot.cache_tokens))
             self.save_to_ram(slot)
-            self.reset_sequence(slot, with_prefix=self.share_system_prompt)
+            self.seqs.reset_to_default(slot)
         else:
             return False
         self.n_kv_evictions += 1
         return True
 
-    def reset_sequence(self, s: Slot, with_prefix: bool) -> None:
-        """Empty a slot's sequence, then give it the current system prompt if asked."""
-        self.memory.seq_rm(s.seq_id, -1, -1)
-        s.n_prefix = 0
-        s.cache_tokens = np.zeros(0, np.int32)
-        if with_prefix and len(self.system_tokens):
-            self.memory.seq_cp(0, s.seq_id, -1, -1)
-            s.n_prefix = len(self.system_tokens)
-            s.prefix_version = self.system_version
-        s.n_past = s.n_prefix
-        s.kv_pos_max = self.memory.seq_pos_max(s.seq_id)
+    # -- reads from any thread -----------------------------------------------------------------
+
+    def held_prefixes(self, n_prefix: int) -> list[np.ndarray]:
+        """The token arrays the holders keep after n_prefix system tokens (a snapshot of their
+        list: the engine thread edits it)."""
+        if self.holders is None:
+            return []
+        return [h.tokens for h in list(self.holders.held) if h.n_prefix == n_prefix]
+
+    def summary(self) -> dict[str, int]:
+        """Cached prompt tokens by tier, prefixes shared between sequences, idle caches
+        evicted from KV, and the holders (all counters since start, but the holders' gauges)."""
+        h = self.holders
+        return {**dataclasses.asdict(self.share_stats),
+                "tokens_own": self.hits["own"], "tokens_shared": self.hits["shared"],
+                "tokens_ram": self.hits["ram"], "kv_evictions": self.n_kv_evictions,
+                "holders": len(h) if h is not None else 0,
+                "holder_tokens": h.n_tokens if h is not None else 0,
+                "holders_kept": h.stats.n_kept if h is not None else 0,
+                "holders_evicted": h.stats.n_evicted if h is not None else 0}

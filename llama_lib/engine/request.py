@@ -11,24 +11,25 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .types import Chunk, FinishReason, RequestParams, TokenProbs, Timings
+from .handle import Handle
+from .types import Chunk, FinishReason, RequestParams, TokenProbs
 
 _END = object()
 
 
-class Request:
+class Request(Handle):
     """Handle of a submitted request: iterate it to stream `Chunk`s, `cancel()` it any time.
 
-    The engine thread writes; any thread may read. Once `done` is set, every field is final.
+    The engine thread writes; any thread may read. Once `done` is set, every field is final
+    (id, timings, finish_reason, error, done, wait, cancel: handle.py).
     """
 
     def __init__(self, rid: int, prompt_tokens: np.ndarray, params: RequestParams):
-        self.id = rid
+        super().__init__(rid)
         self.params = params
         self.prompt_tokens = prompt_tokens      # the prompt after the shared system prompt
         # Set at admission: prompt tokens decoded (llama-server's prompt_n) and those found in
@@ -40,15 +41,9 @@ class Request:
         # with params.n_probs > 0: one entry per generated token that was emitted (an
         # end-of-generation token that ends the request has none)
         self.probs: list[TokenProbs] = []
-        self.finish_reason: FinishReason | None = None
         self.stopping_word = ""
-        self.error: str | None = None
         self.slot_id = -1
-        self.timings = Timings(submitted=time.perf_counter())
-        self._cancel = threading.Event()
-        self._done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_engine: Callable[[], None] | None = None  # set by the engine
         self._outbox = None  # the engine's Outbox: a step's output reaches readers at its end
         # Who is told of new output: one-shot wakers of waiting coroutines (any output, or the
         # end only) and a listener that stays (the callback runner). _lock orders a write and
@@ -95,13 +90,9 @@ class Request:
                 self._done_wakers.append(_waker(loop, fut))
             await _await_or_cancel(self, fut)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
     def result(self, timeout: float | None = None) -> str:
         """Block until finished and return the whole text."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        self._wait_or_raise(timeout)
         return self.text
 
     @property
@@ -109,24 +100,8 @@ class Request:
         return "".join(self.text_parts)
 
     @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
     def n_generated(self) -> int:
         return len(self.tokens)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; the slot and its KV cells are freed within one engine step."""
-        if self._done.is_set():
-            return
-        self._cancel.set()
-        if self._wake_engine is not None:
-            self._wake_engine()
 
     def fail(self, error: str) -> None:
         """End the request with FinishReason.ERROR and `error` (e.g. its callback raised):
@@ -154,9 +129,7 @@ class Request:
     def _finish(self, reason: FinishReason, error: str | None = None) -> None:
         if self._done.is_set():
             return
-        self.finish_reason = reason
-        self.error = error
-        self.timings.done = time.perf_counter()
+        self._record_end(reason, error)
         if not self.timings.prompt_done:
             self.timings.prompt_done = self.timings.done
         if not self.timings.started:

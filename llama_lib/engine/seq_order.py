@@ -26,14 +26,10 @@ cheaper without one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from .parts import StepParts
 from .slot import IDLE, PREFILL, repoint_rows
-
-if TYPE_CHECKING:
-    from .core import Engine
 
 FILLER_TOKEN = 0  # any valid id: its cell is removed before anything reads it
 # What a ubatch costs, in tokens: a fixed part for the pass over the weights, a part for each
@@ -44,33 +40,33 @@ PASS_COST = 6.0
 SEQUENCE_COST = 2.0
 
 
-def arrange(e: "Engine") -> list[tuple[int, int]]:
+def arrange(p: StepParts) -> list[tuple[int, int]]:
     """Sort the batch, and add the throw-away rows (gap fillers, padding) of the layout that
     `decode_cost` finds cheapest; slots' logits rows follow. Returns the fillers as (sequence
     id, first position), for `remove_fillers` once the decode is done."""
-    batch = e.batch
+    batch = p.batch
     n = batch.n_tokens
-    if n == 0 or e.cache.kv_unified or not e.config.pack_sequences:
+    if n == 0 or p.cache.kv_unified or not p.config.pack_sequences:
         return []  # (one stream: llama.cpp splits simply, in any order)
     seqs, pos = batch.seq_id[:n, 0], batch.pos[:n]
-    prompts = any(s.phase is PREFILL for s in e.slots)  # only a prompt has more than one row
+    prompts = any(s.phase is PREFILL for s in p.slots)  # only a prompt has more than one row
     if not prompts and already_packed(seqs):
         return []  # the usual step: busy slots side by side, one row each
     present, rows = np.unique(seqs, return_counts=True)
     ends = {int(sid): int(pos[seqs == sid].max()) + 1 for sid in present}  # where fillers go
-    ends.update(fillable_gaps(e, present))
+    ends.update(fillable_gaps(p, present))
     ids = np.array(sorted(ends), dtype=np.int64)
     counts = np.zeros(len(ids), dtype=np.int64)
     counts[np.searchsorted(ids, present)] = rows
-    target = cheapest_layout(e, ids, counts, np.array([ends[sid] for sid in ids.tolist()]))
+    target = cheapest_layout(p, ids, counts, np.array([ends[sid] for sid in ids.tolist()]))
     fillers = []
     for sid, have, want in zip(ids.tolist(), counts.tolist(), target.tolist()):
         if want > have:
             start = ends[sid]
-            for p in range(start, start + want - have):
-                batch.add(FILLER_TOKEN, p, sid, False)
+            for pos_f in range(start, start + want - have):
+                batch.add(FILLER_TOKEN, pos_f, sid, False)
             fillers.append((sid, start))
-    sort_rows(e)
+    sort_rows(p)
     return fillers
 
 
@@ -82,36 +78,36 @@ def already_packed(seqs: np.ndarray) -> bool:
     return bool(((step == 0) | (step == 1)).all())
 
 
-def fillable_gaps(e: "Engine", present: np.ndarray) -> dict[int, int]:
+def fillable_gaps(p: StepParts, present: np.ndarray) -> dict[int, int]:
     """The idle slots between the batch's lowest and highest sequence id whose cache can take a
     throw-away token without losing anything: sequence id -> where their cache ends."""
-    n_swa = e.cache.n_swa
+    n_swa = p.cache.n_swa
     gaps: dict[int, int] = {}
     for sid in range(int(present[0]) + 1, int(present[-1])):
-        if sid in present or not 1 <= sid <= len(e.slots):
+        if sid in present or not 1 <= sid <= len(p.slots):
             continue
-        s = e.slots[sid - 1]
+        s = p.slots[sid - 1]
         if s.req is not None or s.phase is not IDLE:
             continue
-        end = e.memory.seq_pos_max(sid) + 1
-        if end + 1 > e.n_ctx_slot or (n_swa > 0 and end + 1 > n_swa):
+        end = p.memory.seq_pos_max(sid) + 1
+        if end + 1 > p.n_ctx_slot or (n_swa > 0 and end + 1 > n_swa):
             continue
         gaps[sid] = end
     return gaps
 
 
-def cheapest_layout(e: "Engine", ids: np.ndarray, counts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def cheapest_layout(p: StepParts, ids: np.ndarray, counts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Rows each sequence gets (its own plus fillers), the cheapest of: the gaps (count 0 here)
     left alone or given one row each; and then nothing padded, the prompts padded to the
     longest, or every sequence padded to it. A filler never takes a sequence past its context
     or its sliding window; padding never takes the batch past n_batch (one decode call), and
     a batch that needs several gets gap fillers only."""
     width = int(counts.max())
-    limit = min(e.n_ctx_slot, e.cache.n_swa or e.n_ctx_slot)
+    limit = min(p.n_ctx_slot, p.cache.n_swa or p.n_ctx_slot)
     n = int(counts.sum())
-    padding = n <= e.n_batch
-    room = (min(e.batch.capacity, e.n_batch) if padding else e.batch.capacity) - n
-    n_ubatch = e.ctx.n_ubatch
+    padding = n <= p.n_batch
+    room = (min(p.batch.capacity, p.n_batch) if padding else p.batch.capacity) - n
+    n_ubatch = p.ctx.n_ubatch
     gap = counts == 0
     best, best_cost = counts, float("inf")  # (the first option is the batch as it is)
     for base in ((counts, np.where(gap, 1, counts)) if gap.any() else (counts,)):
@@ -158,26 +154,26 @@ def decode_cost(shapes: list[tuple[int, int]]) -> float:
     return sum(PASS_COST + SEQUENCE_COST * n + n * width for n, width in shapes)
 
 
-def sort_rows(e: "Engine") -> None:
+def sort_rows(p: StepParts) -> None:
     """Rows in order of sequence id, each sequence's rows in their order; logits rows follow."""
-    batch = e.batch
+    batch = p.batch
     order = np.argsort(batch.seq_id[:batch.n_tokens, 0], kind="stable")
     if (order != np.arange(len(order))).any():
-        repoint_rows(e.slots, batch.permute(order))
+        repoint_rows(p.slots, batch.permute(order))
 
 
-def remove_fillers(e: "Engine", fillers: list[tuple[int, int]]) -> None:
+def remove_fillers(p: StepParts, fillers: list[tuple[int, int]]) -> None:
     for sid, pos in fillers:
-        e.memory.seq_rm(sid, pos, -1)
+        p.memory.seq_rm(sid, pos, -1)
 
 
-def drop_fillers(e: "Engine", fillers: list[tuple[int, int]], start: int) -> bool:
-    """Take the fillers not yet decoded (rows from `start` on) out of the batch, e.g. before a
+def drop_fillers(p: StepParts, fillers: list[tuple[int, int]], start: int) -> bool:
+    """Take the fillers not yet decoded (rows from `start` on) out of the batch, p.g. before a
     retry on a full KV cache. Returns whether there were any."""
-    batch = e.batch
+    batch = p.batch
     n = batch.n_tokens
     left = [f for f in fillers if ((batch.seq_id[start:n, 0] == f[0]) & (batch.pos[start:n] >= f[1])).any()]
     for sid, pos in left:
-        repoint_rows(e.slots, batch.remove_sequence(sid, start, from_pos=pos), start)
+        repoint_rows(p.slots, batch.remove_sequence(sid, start, from_pos=pos), start)
         fillers.remove((sid, pos))
     return bool(left)

@@ -1,13 +1,15 @@
-"""Decoding outside the slots: the shared system prompt into sequence 0, and the warm-up.
+"""The shared system prompt: its rules, and the decoding done outside the slots.
 
-Both run on the engine thread before any slot decodes; the slots then copy sequence 0's cells
-(PromptCache.reset_sequence) instead of decoding the system prompt again.
+`SystemPrompt` holds the one rule for the system prefix a request's sequence must start with
+(`wanted`), and `starts_with_bos` the one rule for whether a text prompt begins with BOS. The
+other functions decode on the engine thread before any slot does: the warm-up, and the shared
+system prompt into sequence 0, whose cells the slots then copy (SlotSequences.reset) instead of
+decoding it again.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,10 +18,64 @@ from ..context import Context
 from ..model import Vocab
 from .types import RequestParams
 
-if TYPE_CHECKING:
-    from .core import Engine
-
 log = logging.getLogger("llama_lib.engine")
+
+
+class SystemPrompt:
+    """The system prompt: its text, its tokens (what sequence 0 holds when shared, else what
+    goes in front of each prompt), and a version bumped for every new shared one."""
+
+    __slots__ = ("text", "tokens", "version", "shared")
+
+    def __init__(self, text: str, shared: bool):
+        self.text = text
+        self.shared = shared            # EngineConfig.share_system_prompt: decoded once, in sequence 0
+        self.tokens = np.zeros(0, dtype=np.int32)
+        self.version = 0
+
+    def wanted(self, params: RequestParams) -> int:
+        """System prompt tokens the request's sequence must start with (0: none)."""
+        return len(self.tokens) if (params.use_system_prompt and self.shared) else 0
+
+    def replace(self, tokens: np.ndarray) -> None:
+        """Sequence 0 now holds `tokens`: a new version."""
+        self.tokens = tokens
+        self.version += 1
+
+    def is_current(self, n_prefix: int, version: int) -> bool:
+        """Whether a sequence starting with n_prefix system tokens of `version` starts with
+        the current system prompt (or with none)."""
+        return not n_prefix or version == self.version
+
+    def fits(self, seq, want_prefix: int) -> bool:
+        """Whether a sequence (a Slot or a Holder: n_prefix, prefix_version) starts with the
+        system prefix a request wants."""
+        return seq.n_prefix == want_prefix and (not want_prefix or seq.prefix_version == self.version)
+
+
+def starts_with_bos(vocab: Vocab, system_prompt: str, params: RequestParams | None = None) -> bool:
+    """Whether a text prompt's tokens begin with BOS: `params.add_bos` when set, else only when
+    the prompt starts its sequence (no system prompt before it) and the model adds BOS."""
+    params = params or RequestParams()
+    if params.add_bos is not None:
+        return params.add_bos
+    starts_sequence = not (params.use_system_prompt and system_prompt)
+    return starts_sequence and vocab.add_bos
+
+
+def prompt_tokens(vocab: Vocab, prompt, params: RequestParams, system: SystemPrompt) -> np.ndarray:
+    """The tokens a request decodes after the prefix its slot holds: BOS as starts_with_bos
+    says; an unshared system prompt goes in front."""
+    if isinstance(prompt, str):
+        tokens = vocab.tokenize(prompt, add_special=starts_with_bos(vocab, system.text, params),
+                                parse_special=True)
+    else:
+        tokens = np.asarray(prompt, dtype=np.int32).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab.n_tokens):
+            raise ValueError(f"prompt token ids must be in 0..{vocab.n_tokens - 1}")
+    if params.use_system_prompt and not system.shared and len(system.tokens):
+        tokens = np.concatenate([system.tokens, tokens])
+    return tokens
 
 
 def warmup(ctx: Context, batch: Batch, vocab: Vocab) -> None:
@@ -52,34 +108,4 @@ def decode_system_prompt(ctx: Context, batch: Batch, vocab: Vocab, text: str, n_
         n = min(n_batch, len(tokens) - start)
         if ctx.decode(batch.view(start, n)) != 0:
             raise RuntimeError("no KV room for the system prompt; raise -c/--ctx-size")
-    return tokens
-
-
-def apply_system_prompt(e: "Engine") -> None:
-    """Decode the engine's pending system prompt into sequence 0 (idle slots pick it up now)."""
-    with e._lock:
-        text, e._pending_system = e._pending_system, None
-    if text is None:
-        return
-    tokens = decode_system_prompt(e.ctx, e.batch, e.vocab, text, e.n_ctx_slot)
-    e.stats.n_prompt_tokens += len(tokens)
-    e.stats.n_system_prompt_tokens = len(tokens)
-    e.cache.set_system_tokens(tokens)
-
-
-def prompt_tokens(vocab: Vocab, prompt, params: RequestParams, system_prompt: str,
-                  system_tokens: np.ndarray, share_system_prompt: bool) -> np.ndarray:
-    """The tokens a request decodes after the prefix its slot holds: BOS only when the prompt
-    starts a sequence; an unshared system prompt goes in front."""
-    shared = share_system_prompt and params.use_system_prompt
-    if isinstance(prompt, str):
-        starts_sequence = not (params.use_system_prompt and system_prompt)
-        add_bos = params.add_bos if params.add_bos is not None else (starts_sequence and vocab.add_bos)
-        tokens = vocab.tokenize(prompt, add_special=add_bos, parse_special=True)
-    else:
-        tokens = np.asarray(prompt, dtype=np.int32).reshape(-1)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab.n_tokens):
-            raise ValueError(f"prompt token ids must be in 0..{vocab.n_tokens - 1}")
-    if params.use_system_prompt and not shared and len(system_tokens):
-        tokens = np.concatenate([system_tokens, tokens])
     return tokens
