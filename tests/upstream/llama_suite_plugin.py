@@ -20,9 +20,10 @@ What it changes, the same for every server so that a comparison is about behavio
     stories15m_moe, jina_reranker_tiny, tinygemma3) serves the local model with `--model`
     instead of a Hugging Face download; `ServerPreset.router` keeps no model (that is what it
     is); `ServerPreset.load_all` is a no-op. Nothing reaches Hugging Face: a test that itself
-    asks for another model (`model_hf_repo`/`model_url` set when it starts a server) or calls
-    `utils.download_file` (LoRA adapters, draft models) is SKIPPED with the reason "needs a
-    model from Hugging Face", on every server.
+    asks for another model (`model_hf_repo`/`model_url` set when it starts a server), calls
+    `utils.download_file` (LoRA adapters, draft models) or fetches from huggingface.co with
+    `requests` (test images) is SKIPPED with the reason "needs a file from Hugging Face", on
+    every server.
   - every server gets `--threads 1` (two busy cores: ~8x faster than 2 threads each) and a
     free port of its own (chosen when the ServerProcess is made; upstream's fixed 8080 would
     collide with other runs on the machine).
@@ -48,7 +49,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / ".llama" / "models" / "gemma-3-270m-q4_k_m.gguf"
-HF_SKIP = "needs a model from Hugging Face (unreachable; the suite runs offline on the local model)"
+HF_SKIP = "needs a file from Hugging Face (unreachable; the suite runs offline on the local model)"
 
 # upstream's rootdir (the copied tools/server/tests) must be importable before its conftest
 sys.path.insert(0, os.getcwd())
@@ -86,7 +87,16 @@ _orig_start = utils.ServerProcess.start
 def _start(self, *args, **kwargs):
     if self.model_hf_repo or self.model_url:
         pytest.skip(f"{HF_SKIP}: {self.model_hf_repo or self.model_url}")
-    return _orig_start(self, *args, **kwargs)
+    if not self.log_path:  # the server's output to a file, so a refusal can be quoted
+        logs = Path(os.getcwd()) / "tmp" / "server-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = str(logs / f"{self.server_port}.log")
+    try:
+        return _orig_start(self, *args, **kwargs)
+    except RuntimeError as e:
+        lines = [ln for ln in Path(self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
+        said = [ln for ln in lines if "error" in ln.lower()] or lines
+        raise RuntimeError(f"{e}: {said[-1].strip() if said else '(no output)'}") from None
 
 
 utils.ServerProcess.start = _start
@@ -115,6 +125,18 @@ def _no_download(url, output_file_path=None):
 
 
 utils.download_file = _no_download
+
+_orig_session_request = utils.requests.sessions.Session.request
+
+
+def _session_request(self, method, url, *args, **kwargs):
+    """Test files fetch images from huggingface.co with `requests` too: skipped, as above."""
+    if "huggingface.co" in str(url):
+        pytest.skip(f"{HF_SKIP}: {url}")
+    return _orig_session_request(self, method, url, *args, **kwargs)
+
+
+utils.requests.sessions.Session.request = _session_request
 
 # -- the one relaxed expectation ------------------------------------------------------------------
 
@@ -157,6 +179,7 @@ utils.requests = _Requests()
 # -- selection and results ------------------------------------------------------------------------
 
 _results: dict[str, str] = {}
+_reasons: dict[str, str] = {}  # first line of a failure or a skip
 _selection: list[int] = [0]  # ids left by -m (upstream's "not slow"), before UPSTREAM_SELECT_FILE
 
 
@@ -206,10 +229,16 @@ def pytest_runtest_logreport(report):
             _results[tid] = "failed"
     elif report.when == "teardown" and report.failed and _results.get(tid) == "passed":
         _results[tid] = "error"
+    if report.failed and tid not in _reasons:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        _reasons[tid] = (crash.message if crash else str(report.longrepr)).strip()[:400]
+    elif report.skipped and isinstance(report.longrepr, tuple) and tid not in _reasons:
+        _reasons[tid] = str(report.longrepr[2])[:400]
 
 
 def pytest_sessionfinish(session, exitstatus):
     out = os.environ.get("UPSTREAM_RESULTS_JSON")
     if out:
         Path(out).write_text(json.dumps({"selection": _selection[0],
-                                         "results": dict(sorted(_results.items()))}, indent=1) + "\n")
+                                         "results": dict(sorted(_results.items())),
+                                         "reasons": dict(sorted(_reasons.items()))}, indent=1) + "\n")
