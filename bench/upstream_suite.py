@@ -74,7 +74,16 @@ def compare(out: Path) -> None:
         for f, names in groups.items():
             print(f"  {f} ({len(names)})")
             for n in names:
-                print(f"    {n}  [{other['results'].get('unit/' + f + '::' + n, 'not run')}]")
+                tid = f"unit/{f}::{n}"
+                why = other.get("reasons", {}).get(tid, "")
+                print(f"    {n}  [{other['results'].get(tid, 'not run')}] {why[:160]}")
+    print("\n| test file (feature) | ids in the selection | ours | C++ | C++ and not ours | ours and not C++ |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    files = by_file(set(ours["results"]) | set(cpp["results"]))
+    for f, names in files.items():
+        ids = {f"unit/{f}::{n}" for n in names}
+        print(f"| {f} | {len(ids)} | {len(ids & po)} | {len(ids & pc)} | {len(ids & (pc - po))} "
+              f"| {len(ids & (po - pc))} |")
 
 
 def main(argv=None) -> int:
