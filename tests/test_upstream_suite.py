@@ -17,17 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "upstream"))
 import suite  # noqa: E402  (tests/upstream/suite.py)
 
 
-def _say(config, line: str) -> None:
-    """A line in the terminal whatever the capture mode (-q, no -s)."""
-    tr = config.pluginmanager.getplugin("terminalreporter")
-    if tr is not None:
-        tr.ensure_newline()
-        tr.write_line(line)
-    else:
-        print(line, file=sys.__stdout__, flush=True)
+def _say(capsys, line: str) -> None:
+    """A line in the terminal whatever the capture mode (with -q and without -s too)."""
+    with capsys.disabled():
+        print(f"\n{line}", flush=True)
 
 
-def test_upstream_expected_ids_pass(request, tmp_path):
+def test_upstream_expected_ids_pass(capsys, tmp_path):
     assert suite.UPSTREAM_TESTS.is_dir(), f"{suite.UPSTREAM_TESTS} missing: run scripts/fetch_llama.sh"
     expected = suite.read_ids(suite.EXPECTED)
     assert expected, f"{suite.EXPECTED} lists no test id"
@@ -35,7 +31,7 @@ def test_upstream_expected_ids_pass(request, tmp_path):
     res = r["results"]
     passed = [t for t in expected if res.get(t) == "passed"]
     not_passed = {t: res.get(t, "not run") for t in expected if res.get(t) != "passed"}
-    _say(request.config,
+    _say(capsys,
          f"upstream llama-server suite: {len(passed)} of {len(expected)} expected ids passed; "
          f"{len(expected)} of {r['selection']} in the '{suite.SELECTION}' selection "
          f"({r['seconds']:.0f} s)")
