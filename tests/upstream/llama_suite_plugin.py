@@ -34,6 +34,10 @@ What it changes, the same for every server so that a comparison is about behavio
     upstream's as it is.
   - bounded waits: requests time out after UPSTREAM_REQUEST_TIMEOUT s instead of 600 s, and
     streamed requests (no time-out upstream) after the same time.
+  - a server's output goes to `tmp/server-logs/<port>.log` (upstream: the test's stdout) unless
+    the test names a log file, so that a server that exits at start (ours refuses flags of
+    features it lacks, exit 2) is quoted in the failure; the results JSON also keeps the first
+    line of each failure or skip ("reasons").
 """
 
 from __future__ import annotations
