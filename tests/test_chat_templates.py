@@ -1,4 +1,4 @@
-"""Chat templates rendered with jinja2 (server/templates.py), from the templates of the fetched
+"""Chat templates rendered with jinja2 (server/chat/templates.py), from the templates of the fetched
 llama.cpp source (models/templates/, read at test time), and the server using them."""
 
 from __future__ import annotations

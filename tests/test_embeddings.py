@@ -1,5 +1,5 @@
 """Embeddings on the real default model: the engine's lanes (llama_lib.engine.embedding) and the
-server's /v1/embeddings and /embedding (server/embeddings.py).
+server's /v1/embeddings and /embedding (server/api/embeddings.py).
 
 What must hold (issue 14): one vector per input, in order, of the model's size, normalised; an
 input's vector does not depend on its batch (cosine >= 0.9999 at every position); token ids

@@ -1,4 +1,4 @@
-"""Splitting generated text into reasoning and content (server/reasoning.py): marker detection on
+"""Splitting generated text into reasoning and content (server/chat/reasoning.py): marker detection on
 the real templates of the fetched llama.cpp source (read at test time), fixed splits, and the
 streaming property the server relies on: what a prefix's split emitted is never taken back."""
 
