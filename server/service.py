@@ -70,11 +70,6 @@ def engine_errors():
         raise bad_request(str(e)) from None
 
 
-def ended_cancelled(h) -> bool:
-    """A generation handle that ended because it was cancelled."""
-    return h.finish_reason == FinishReason.CANCELLED
-
-
 class Service:
     def __init__(self, settings: Settings):
         self.settings = s = settings
@@ -291,14 +286,13 @@ class Service:
                              prompt_text=self.prompt_text, closing=lambda: self.closing,
                              record=self.record)
 
-    def run_to_end(self, handle, watch=no_watch, *, cancelled: Callable[[Any], bool] = ended_cancelled,
-                   record: Callable[[Any], None] | None = None) -> None:
+    def run_to_end(self, handle, watch=no_watch, *, record: Callable[[Any], None] | None = None) -> None:
         """Wait for a submitted handle (or a HandleGroup) to finish; every non-streamed answer
         runs through here. `watch(handle)` is a context manager held meanwhile; the HTTP side
         uses it to cancel the handle when the client goes away (its value is then a non-empty
         list). The handle is cancelled on the way out (a no-op once finished), each finished
-        handle goes to `record`, and ClientGone is raised when the client went away and
-        `cancelled(h)` holds for any of them."""
+        handle goes to `record`, and ClientGone is raised when the client went away and any of
+        them ended cancelled (generation and embedding handles alike: engine.Handle)."""
         members = handle.handles if isinstance(handle, HandleGroup) else [handle]
         try:
             with watch(handle) as gone:
@@ -308,7 +302,7 @@ class Service:
         if record is not None:
             for h in members:
                 record(h)
-        if gone and any(cancelled(h) for h in members):
+        if gone and any(h.finish_reason == FinishReason.CANCELLED for h in members):
             raise ClientGone()
 
     def complete(self, job: Job, watch=no_watch) -> dict | list:
@@ -334,8 +328,8 @@ class Service:
         job = parse_embedding(body, oai_route, emb.pooling == 0)
         with engine_errors():
             h = self.engine.submit_embedding(job.inputs, job.normalize)
-        self.run_to_end(h, watch, cancelled=lambda h: h.cancelled)
-        if h.error is not None or h.cancelled:
+        self.run_to_end(h, watch)
+        if h.finish_reason != FinishReason.STOP:
             raise ApiError(503 if self.closing else 500, "unavailable_error" if self.closing else "server_error",
                            "the server is shutting down" if self.closing else h.error or "cancelled")
         with self._lock:
