@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = _listen(service, args.hosts, args.port,
                           api_key=args.api_keys or None,
                           static_root=args.path, timeout=args.timeout,
-                          threads_http=args.threads_http, cors_origins=args.cors_origin,
+                          threads_http=args.threads_http, timeout_head=args.timeout_head,
+                          max_connections_per_ip=args.max_connections_per_ip, cors_origins=args.cors_origin,
                           cors_methods=args.cors_methods, cors_headers=args.cors_headers,
                           cors_credentials=args.cors_credentials)
     except OSError as e:

@@ -23,12 +23,9 @@ from llama_lib.sampler import SAMPLING_RANGES
 from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
 from .cli_drain import add_drain_flags, check_drain_flags
+from .cli_http import add_http_flags, check_http_flags, csv_list as _csv
 from ..errors import ApiError
 from ..api.structured import get_grammar
-
-# CORS defaults (llama-server's --cors-methods / --cors-headers)
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-CORS_HEADERS = "*"
 
 # KV cache types llama-server's -ctk/-ctv accept (common/arg.cpp kv_cache_types), by
 # ggml_type_name()
@@ -64,11 +61,6 @@ def _cache_type(value: str) -> int:
         raise argparse.ArgumentTypeError(
             f"unsupported cache type: {value} (allowed: {', '.join(KV_CACHE_TYPES)})")
     return KV_CACHE_TYPES[value]
-
-
-def _csv(value: str) -> list[str]:
-    """A comma-separated list as llama-server splits it: items stripped, empty ones dropped."""
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 class _Refuse(argparse.Action):
@@ -169,36 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-r", "--reverse-prompt", action="append", default=[], metavar="PROMPT",
       help="stop generation at PROMPT (an anti-prompt, never emitted); repeatable. Applies to every "
            "generation request; /completion's system_prompt+anti_prompt+assistant_name replace it")
-    a("--host", default="127.0.0.1", metavar="HOST",
-      help="IP addresses to listen on, comma-separated (e.g. 127.0.0.1,::1), one listener each "
-           "on the same port; with several addresses :: binds IPv6 only (default: 127.0.0.1)")
-    a("--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)")
-    a("--path", metavar="DIR", help="serve static files from DIR instead of the built-in chat page")
-    a("--ui", "--webui", dest="webui", action="store_true", default=True,
-      help="serve the built-in web page at / (default: enabled)")
-    a("--no-ui", "--no-webui", dest="webui", action="store_false",
-      help="do not serve the web UI: / (and any other page, --path's files too) answers 404")
-    a("-to", "--timeout", type=float, default=600, metavar="N",
-      help="read/write timeout in seconds: a request's head and body must arrive within N s of its "
-           "first byte (else 408 / closed), each write must go through within N s (default: 600)")
-    a("--threads-http", type=int, default=-1, metavar="N",
-      help="most connections handled at once, one thread each; more wait briefly, then get 503 "
-           "(default: -1 = --parallel + --max-queue + 8, at most 1024)")
-    a("--cors-origin", action="append", default=[], metavar="ORIGIN",
-      help="allow browser pages from ORIGIN (e.g. https://example.org, or *) to call the API: "
-           "Access-Control-Allow-Origin and preflight answers; repeatable (default: no CORS)")
-    a("--cors-origins", action="append", type=_csv, default=[], metavar="ORIGINS",
-      help="llama-server's spelling: a comma-separated list of origins, added to --cors-origin's")
-    a("--cors-methods", default=CORS_METHODS, metavar="METHODS",
-      help="comma-separated list of allowed methods for CORS (default: GET, POST, DELETE, OPTIONS)")
-    a("--cors-headers", default=CORS_HEADERS, metavar="HEADERS",
-      help="comma-separated list of allowed headers for CORS (default: *)")
-    cc = p.add_mutually_exclusive_group()
-    cc.add_argument("--cors-credentials", dest="cors_credentials", action="store_true", default=True,
-                    help="allow credentials for CORS (default); with origin *, the Origin header "
-                         "is echoed back")
-    cc.add_argument("--no-cors-credentials", dest="cors_credentials", action="store_false",
-                    help="do not allow credentials for CORS")
+    add_http_flags(p)  # --host, --port, --path, --ui, -to, --timeout-head, --threads-http, CORS
     a("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=False,
       help="one KV buffer of -c cells shared by all slots (any slot may fill it; a "
            "request that finds it full mid-generation ends with an error)")
@@ -335,7 +298,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.prefill_chunk is None:  # a prompt piece per step is one ubatch, whatever -ub is
         args.prefill_chunk = args.ubatch_size
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),
-                     ("n_predict", -1), ("port", 0), ("max_queue", 0), ("threads_http", -1),
+                     ("n_predict", -1), ("port", 0), ("max_queue", 0),
                      ("prefill_chunk", 0), ("keep", -1), ("cache_reuse", 0), ("repeat_last_n", 0),
                      ("seed", -1)):
         if getattr(args, name) < lo:
@@ -346,8 +309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pooling rank: reranking is not supported by this server")
     check_drain_flags(p, args)
     check_engine_flags(p, args)
-    if args.timeout <= 0:
-        p.error("--timeout must be > 0")
+    check_http_flags(p, args)
     if args.slot_save_path:
         try:
             os.makedirs(args.slot_save_path, exist_ok=True)
@@ -367,12 +329,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--slot-prompt-similarity must be in 0..1")
     if not 0 <= args.poll <= 100:
         p.error("--poll must be in 0..100")
-    if args.threads_http == 0:
-        p.error("--threads-http must be >= 1 (or -1)")
-    if args.threads_http < 0:
-        args.threads_http = min(1024, args.parallel + args.max_queue + 8)
-    if args.path and not os.path.isdir(args.path):
-        p.error(f"--path {args.path}: not a directory")
     args.temp = max(args.temp, 0.0)  # llama-server clamps it the same way
     args.top_k = max(args.top_k, 0)  # <= 0 disables top-k in llama.cpp
     low_side_done = {"temp", "top_k", "seed", "repeat_last_n"}  # clamped, or checked above

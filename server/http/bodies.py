@@ -10,7 +10,7 @@ import socket
 import time
 
 from ..errors import ApiError, bad_request
-from .transport import KEEP_ALIVE_TIMEOUT, MAX_BODY
+from .transport import MAX_BODY
 
 
 def _reject_constant(name: str):
@@ -18,33 +18,44 @@ def _reject_constant(name: str):
 
 
 class DeadlineReader(io.RawIOBase):
-    """The raw side of a handler's rfile: every recv gets at most what is left of the
-    request's deadline (set when its first byte arrived), or the idle time-out before that."""
+    """The raw side of a handler's rfile: first the bytes the door's loop read already, then
+    the socket, every recv given at most what is left of the request's deadline."""
 
-    def __init__(self, sock: socket.socket, io_timeout: float):
+    def __init__(self, sock: socket.socket, io_timeout: float, prefix: bytes, deadline: float):
         self.sock = sock
         self.io_timeout = io_timeout
-        self.idle_timeout = min(KEEP_ALIVE_TIMEOUT, io_timeout)
-        self.deadline: float | None = None
+        self.deadline = deadline
+        self._prefix = memoryview(prefix)
+        self._socket_done = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        if self.deadline is None:
-            wait = self.idle_timeout
-        else:
-            wait = self.deadline - time.monotonic()
-            if wait <= 0:
-                raise socket.timeout("the request did not arrive within the time-out")
+        if self._prefix:
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        if self._socket_done:
+            return 0
+        wait = self.deadline - time.monotonic()
+        if wait <= 0:
+            raise socket.timeout("the request did not arrive within the time-out")
         self.sock.settimeout(wait)
         try:
-            n = self.sock.recv_into(b)
+            return self.sock.recv_into(b)
         finally:
             self.sock.settimeout(self.io_timeout)  # writes keep the plain per-send time-out
-        if self.deadline is None and n:
-            self.deadline = time.monotonic() + self.io_timeout
-        return n
+
+    def leftover(self, rfile: io.BufferedReader) -> bytes:
+        """After a request: the bytes read but not used (a pipelined next request), without
+        reading the socket any further."""
+        self._socket_done = True
+        parts = []
+        while chunk := rfile.read1(65536):
+            parts.append(chunk)
+        return b"".join(parts)
 
 
 class BodyReader:
@@ -106,23 +117,12 @@ class BodyReader:
         raise bad_request("malformed chunked body: bad trailer")
 
     def _read_body(self) -> bytes:
-        te = self.headers.get("Transfer-Encoding")
-        if te is not None:
-            if te.strip().lower() != "chunked" or self.headers.get("Content-Length") is not None:
-                self.close_connection = True
-                raise bad_request("unsupported Transfer-Encoding (only 'chunked', without Content-Length)")
+        if self.framing.chunked:  # any other coding, or both, were refused at the door
             return self._read_chunked()
-        raw_len = self.headers.get("Content-Length")
-        if raw_len is None:
+        n = self.framing.content_length
+        if n is None:
             self.close_connection = True
             raise ApiError(411, "invalid_request_error", "Content-Length is required")
-        try:
-            n = int(raw_len)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise bad_request("Content-Length is not a valid length") from None
         if n > MAX_BODY:
             self.close_connection = self._linger = True  # the body is not read: no next request
             raise ApiError(413, "invalid_request_error",

@@ -34,16 +34,19 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
 
     _body_done = False  # the request's body was read, or need not be
 
+    disable_nagle_algorithm = True  # TCP_NODELAY: no wait for the client's delayed ACK
+    parked = False  # the connection went back to the door's loop after this request
+
     def setup(self) -> None:
+        """The request arrived through the door (server.http.acceptor.Arrival): its bytes read
+        so far come first, then the socket, within the time-out from its first byte."""
+        arrival = self.request
+        self.request = arrival.sock
+        self.framing = arrival.head  # the body's length or coding, as server.http.heads read it
         self.timeout = self.server.io_timeout  # socket timeout for writes (and reads, see below)
         super().setup()
-        # answers go out as soon as they are written: with Nagle's algorithm on, the second
-        # write of an answer waits for the client's delayed ACK (~40 ms on a kept-alive connection)
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        self._reader = DeadlineReader(self.connection, self.server.io_timeout)
+        self._reader = DeadlineReader(self.connection, self.server.io_timeout, arrival.data,
+                                      arrival.started + self.server.io_timeout)
         self.rfile = io.BufferedReader(self._reader, 65536)
 
     def parse_request(self) -> bool:
@@ -54,20 +57,29 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
             return False
         return True
 
-    def handle_one_request(self) -> None:
-        self._reader.deadline = None  # the time-out runs from the request's first byte
+    def handle(self) -> None:
+        """One request; finish() then hands a kept-alive connection back to the door."""
+        done = False
         try:
-            super().handle_one_request()
+            self.handle_one_request()
+            done = True
         except (ConnectionResetError, BrokenPipeError):
-            # the client dropped its (kept-alive) connection: nothing to answer, nothing to log
-            self.close_connection = True
+            pass  # the client dropped its connection: nothing to answer, nothing to log
+        finally:
+            if not done:
+                self.close_connection = True
 
     _linger = False  # the connection closes with a request body unread: see LINGER_SECONDS
 
     def finish(self) -> None:
+        keep = not (self.close_connection or self._linger or self.server.service.closing)
+        leftover = self._reader.leftover(self.rfile) if keep else b""
         super().finish()  # flushes the answer
         if self._linger:
             linger_close(self.connection)
+        elif keep:
+            self.server.acceptor.park(self.connection, self.client_address, leftover)
+            self.parked = True
 
     # -- logging / errors from http.server ------------------------------------------------
 
@@ -103,15 +115,10 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
         if self._body_done:
             return
         self._body_done = True
-        if self.headers.get("Transfer-Encoding"):
+        if self.framing.chunked:
             self.close_connection = True
             return
-        if self.command in ("GET", "HEAD", "OPTIONS", "DELETE") and self.headers.get("Content-Length") is None:
-            return
-        try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            n = -1
+        n = self.framing.content_length or 0
         if n == 0:
             return
         if 0 < n <= 65536:

@@ -13,13 +13,11 @@ import logging
 import mimetypes
 import socket
 import time
-from typing import Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import info
 from ..api.embeddings import refuse_not_enabled
 from ..api.job import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
-from ..config.cli import CORS_HEADERS, CORS_METHODS
 from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
 from ..service import Service
 from . import slot_files
@@ -323,16 +321,10 @@ class Handler(Connection):
         self.send_bytes(200, data, ctype, {"X-Content-Type-Options": "nosniff"})
 
 
-def make_server(service: Service, host: str, port: int, *, v6only: bool = False,
-                api_key: str | Sequence[str] | None = None, static_root: str | None = None,
-                timeout: float = 600.0, threads_http: int = 64,
-                cors_origins: list[str] | None = None, cors_methods: str = CORS_METHODS,
-                cors_headers: str = CORS_HEADERS, cors_credentials: bool = True) -> Server:
-    """A server on (host, port); an IPv6 literal host gets an AF_INET6 socket (IPv6 only with
+def make_server(service: Service, host: str, port: int, *, v6only: bool = False, **kw) -> Server:
+    """A server on (host, port) with Server's keyword options (API keys, static root, time
+    limits, threads, caps, CORS); an IPv6 literal host gets an AF_INET6 socket (IPv6 only with
     `v6only`)."""
-    kw = dict(api_key=api_key, static_root=static_root, timeout=timeout, threads_http=threads_http,
-              cors_origins=cors_origins, cors_methods=cors_methods, cors_headers=cors_headers,
-              cors_credentials=cors_credentials)
     if ":" in host:
         return Server6((host, port), Handler, service, v6only=v6only, **kw)
     return Server((host, port), Handler, service, **kw)

@@ -1,36 +1,38 @@
-"""The listening side over ThreadingHTTPServer: a bounded number of handler threads, the
+"""The listening side over ThreadingHTTPServer: a selector loop at the door
+(server.http.acceptor), at most `--threads-http` handler threads (server.http.workers), the
 count of requests in flight (for the drain), the size and time limits every connection uses.
 
-One handler thread per connection (daemon threads), at most `--threads-http` of them: when
-all are taken, a new connection waits up to ACCEPT_WAIT seconds for one, then gets 503 with
-Retry-After.
+A connection holds a handler thread only while a request is being handled: heads (and small
+bodies) are read by the door's loop, idle kept-alive connections wait there, and a handler
+thread gives its connection back after each answer. http.server's handler classes serve each
+request as before (server.http.connection, server.http.routes).
 
-Time limits (`-to/--timeout`): once a request's first byte has arrived, its request line,
-headers and body must all arrive within the timeout (a client that trickles bytes is cut off:
-408 while the body is read, a closed connection while the head is; server.http.bodies); an
-idle connection is closed after KEEP_ALIVE_TIMEOUT seconds (or the timeout if shorter), as
-cpp-httplib does for llama-server. Writes time out after `--timeout` per send.
+Time limits: a request's head must arrive within `--timeout-head` of its first byte (408);
+its body within `-to/--timeout` of it (408); an idle kept-alive connection closes after
+KEEP_ALIVE_TIMEOUT seconds (or the timeout if shorter), as cpp-httplib does for llama-server.
+Writes time out after `--timeout` per send.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import resource
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
-from ..config.cli import CORS_HEADERS, CORS_METHODS
-from ..errors import error_body
+from ..config.cli_http import CORS_HEADERS, CORS_METHODS, TIMEOUT_HEAD
+from .acceptor import Acceptor, Arrival, to_json
 from .disconnect import DisconnectWatcher
+from .workers import HandlerPool
 
 log = logging.getLogger("server.http")
 
 MAX_BODY = 8 * 1024 * 1024        # bytes of a request body before 413
 KEEP_ALIVE_TIMEOUT = 5.0          # seconds an idle connection may wait for its next request
-ACCEPT_WAIT = 0.25                # seconds a new connection waits for a free handler thread
+FD_RESERVE = 128                  # file descriptors kept for the model, logs, slot files, ...
 # A body left unread (413, or a large body an error answered before reading) is read and
 # dropped after the answer, up to these bounds, before the connection closes: closing with
 # unread bytes would send a reset, and a client still sending (http.client sends the whole body
@@ -39,9 +41,18 @@ LINGER_SECONDS = 5.0
 LINGER_BYTES = 8 * MAX_BODY
 LOCALHOST_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
-def to_json(obj) -> bytes:
-    """A body or an event as llama-server writes it: UTF-8, no space after separators."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def connection_limit() -> int:
+    """Most connections open at once: the file-descriptor limit (raised to its hard limit)
+    less a reserve."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(16, soft - FD_RESERVE)
 
 
 class Server(ThreadingHTTPServer):
@@ -52,7 +63,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, addr, handler: type[BaseHTTPRequestHandler], service,
                  api_key: str | Sequence[str] | None = None,
                  static_root: str | None = None, timeout: float = 600.0,
-                 threads_http: int = 64, cors_origins: list[str] | None = None,
+                 threads_http: int = 64, timeout_head: float = TIMEOUT_HEAD,
+                 max_connections_per_ip: int = 0, cors_origins: list[str] | None = None,
                  cors_methods: str = CORS_METHODS, cors_headers: str = CORS_HEADERS,
                  cors_credentials: bool = True):
         self.service = service  # server.service.Service: what the handler's endpoints call
@@ -71,44 +83,44 @@ class Server(ThreadingHTTPServer):
         self.cors_credentials = cors_credentials
         self.active = 0
         self.active_cond = threading.Condition()
-        self._handler_slots = threading.BoundedSemaphore(threads_http)
         self.watcher = DisconnectWatcher()
         super().__init__(addr, handler)
+        self.pool = HandlerPool(threads_http, self._serve)
+        self.acceptor = Acceptor(
+            self.socket, self.pool.submit, head_timeout=min(timeout_head, timeout),
+            body_timeout=timeout, keep_alive=min(KEEP_ALIVE_TIMEOUT, timeout),
+            max_conns=connection_limit(), max_per_ip=max_connections_per_ip)
+        self._serving = False
 
-    # -- a bounded number of handler threads ----------------------------------------------
+    # -- the door's loop and the handler threads --------------------------------------------
 
-    def process_request(self, request, client_address) -> None:
-        if not self._handler_slots.acquire(timeout=ACCEPT_WAIT):
-            self._refuse(request)
-            return
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the door's loop (server.http.acceptor) until shutdown()."""
+        self._serving = True
+        self.acceptor.run()
+
+    def shutdown(self) -> None:
+        """Stop the loop and wait for it; idle connections are closed, requests in flight end."""
+        self.acceptor.stop()
+        if self._serving:
+            self.acceptor.stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.close()
+
+    def _serve(self, arrival: Arrival) -> None:
+        """On a handler thread: one request; the connection then goes back to the door, or closes."""
+        parked = False
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._handler_slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
+            handler = self.RequestHandlerClass(arrival, arrival.addr, self)
+            parked = handler.parked
+        except Exception:
+            log.exception("error while serving %s", arrival.addr[0])
         finally:
-            self._handler_slots.release()
-
-    def _refuse(self, sock: socket.socket) -> None:
-        """All handler threads are busy: a short 503 from the accepting thread, then close."""
-        body = to_json(error_body(503, "unavailable_error", "too many connections; retry later"))
-        head = (b"HTTP/1.1 503 Service Unavailable\r\nServer: pyllama-server\r\n"
-                b"Content-Type: application/json; charset=utf-8\r\nRetry-After: 1\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
-        try:
-            sock.settimeout(0.5)
-            try:
-                sock.recv(65536, socket.MSG_DONTWAIT)  # what came already: no RST on close
-            except OSError:
-                pass
-            sock.sendall(head + body)
-        except OSError:
-            pass
-        self.shutdown_request(sock)
+            if not parked:
+                self.shutdown_request(arrival.sock)
+                self.acceptor.closed(arrival.addr)
 
     def begin(self) -> None:
         with self.active_cond:
