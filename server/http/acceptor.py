@@ -282,19 +282,25 @@ class Acceptor:
                 reason = "Bad Request" if e.status == 400 else "Request Header Fields Too Large"
                 self._answer(c, e.status, reason, str(e))
                 return
-            self._set_deadline(c, c.started + self.body_timeout)
-        head = c.head
-        need = head.length
-        if head.content_length and head.content_length <= SMALL_BODY and not head.expects_continue:
-            need += head.content_length
-        if len(c.buf) >= need:
+            if len(c.buf) < self._wanted(c.head):  # the body is on its way: its deadline now
+                self._set_deadline(c, c.started + self.body_timeout)
+        if len(c.buf) >= self._wanted(c.head):
             self._hand_over(c)
+
+    @staticmethod
+    def _wanted(head: Head) -> int:
+        """Bytes to read before a handler is taken: the head, and a small body with it."""
+        n = head.content_length
+        if n and n <= SMALL_BODY and not head.expects_continue:
+            return head.length + n
+        return head.length
 
     def _hand_over(self, c: _Conn) -> None:
         self._sel.unregister(c.sock)
         self._conns.discard(c)
         c.sock.setblocking(True)
-        self.dispatch(Arrival(c.sock, c.addr, bytes(c.buf), c.started, c.head))
+        data, c.buf = bytes(c.buf), bytearray()  # a stale timer entry must not keep the bytes
+        self.dispatch(Arrival(c.sock, c.addr, data, c.started, c.head))
 
     def _expire(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
