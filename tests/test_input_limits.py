@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from server_util import ROOT, ServerProcess, proc_rss_kb
+
+sys.path.insert(0, str(ROOT))
+from server.api.grammar_limits import measure  # noqa: E402
 
 THREADS = os.environ.get("TEST_THREADS", "2")
 LLAMA_GRAMMARS = ROOT / ".llama" / "src" / "llama.cpp" / "grammars"
@@ -68,6 +71,16 @@ def schema_items(depth: int) -> dict:
 
 
 # -- grammars --------------------------------------------------------------------------------
+
+def test_scan_skips_literals_classes_and_comments():
+    """Parentheses and bars inside "...", [...] (escapes included) and comments are text."""
+    g = 'root ::= "((|\\"((" [(|\\]] # ((((|\n  ("a" | ("b" | "c" | "d")))? x{2,5}\nx ::= "y"'
+    s = measure(g)
+    assert (s.depth, s.alternatives, s.total_alternatives) == (2, 3, 3)
+    assert s.rules == 2 + 2 + 1 + 3  # two definitions, two groups, one ?, x{2,5}: 3 optional copies
+    assert s.expansion == (1 + 2) * 5
+    assert measure('root ::= "' + "(" * 1000).depth == 0  # an unclosed literal swallows the rest
+
 
 def test_deep_grammar_refused_and_server_lives(srv):
     grammar = "root ::= " + "(" * 50_000 + '"a"' + ")" * 50_000

@@ -52,11 +52,7 @@ class GrammarSize:
 def _item_size(token: str) -> int:
     """Elements a repetition copies of the item before it: a literal's characters, else one
     (a group or a rule name is a reference; a class is copied too, as few elements)."""
-    if token.startswith('"'):
-        return max(1, len(token) - 2)
-    if token.startswith("["):
-        return max(1, len(token) - 2)
-    return 1
+    return max(1, len(token) - 2) if token[:1] in ('"', "[") else 1
 
 
 def measure(text: str) -> GrammarSize:
