@@ -13,6 +13,10 @@ from typing import Any, Iterable, Protocol, Sequence
 from llama_lib.sampler import Range
 
 from .errors import bad_request
+from .limits import (
+    MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TEXT_BYTES, MAX_STOP, MAX_STOP_BYTES, check_count, check_strings,
+    utf8_len,
+)
 
 _MISSING = object()  # "not in the body (or null)", distinct from every JSON value
 
@@ -34,6 +38,12 @@ class Tokenizer(Protocol):
 def check_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    return body
+
+
+def check_body(body: Any) -> dict:
+    """A JSON object whose strings are all valid Unicode (limits.check_strings)."""
+    check_strings(check_object(body))
     return body
 
 
@@ -101,12 +111,14 @@ def get_stop(body: dict) -> list[str]:
     if v is _MISSING:
         return []
     if isinstance(v, str):
-        return [v] if v else []
-    if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        if len(v) > 64:
-            raise bad_request("'stop' holds at most 64 strings")
-        return [s for s in v if s]
-    raise bad_request("'stop' must be a string or a list of strings")
+        v = [v]
+    if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+        raise bad_request("'stop' must be a string or a list of strings")
+    check_count(v, MAX_STOP, "stop")
+    for s in v:
+        if utf8_len(s) > MAX_STOP_BYTES:
+            raise bad_request(f"'stop': a stop string is longer than {MAX_STOP_BYTES} bytes")
+    return [s for s in v if s]
 
 
 def check_token_ids(tokens: Iterable[int], n_vocab: int, what: str) -> None:
@@ -128,6 +140,8 @@ def get_logit_bias(body: dict, tok: Tokenizer | None = None) -> dict[int, float]
     v = first_present(body, "logit_bias")
     if v is _MISSING:
         return {}
+    if isinstance(v, (dict, list)):
+        check_count(v, MAX_LOGIT_BIAS, "logit_bias")
     pairs: list[tuple[Any, Any]]
     if isinstance(v, dict):
         pairs = []
@@ -150,6 +164,8 @@ def get_logit_bias(body: dict, tok: Tokenizer | None = None) -> dict[int, float]
         if isinstance(key, str):
             if tok is None:
                 raise bad_request(f"'logit_bias' key {key[:20]!r} is not a token id")
+            if utf8_len(key) > MAX_LOGIT_BIAS_TEXT_BYTES:
+                raise bad_request(f"'logit_bias': a text key is longer than {MAX_LOGIT_BIAS_TEXT_BYTES} bytes")
             toks = tok.tokenize_text(key)
         elif isinstance(key, bool) or not isinstance(key, int):
             raise bad_request("'logit_bias' keys must be token ids (integers) or texts")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ApiError, bad_request
+from ..fields import check_body
 
 NOT_ENABLED = "This server does not support embeddings. Start it with `--embeddings`"
 NONE_NOT_OAI = "Pooling type 'none' is not OAI compatible. Please use a different pooling type"
@@ -38,8 +39,7 @@ def parse_embedding(body, oai_route: bool, pooling_none: bool) -> EmbeddingJob:
     submit_embedding, whose ValueError is a 400 too."""
     if oai_route and pooling_none:
         raise bad_request(NONE_NOT_OAI)
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
+    check_body(body)
     oai = oai_route
     if "input" in body:
         raw = body["input"]

@@ -17,9 +17,11 @@ from llama_lib.sampler import SAMPLING_RANGES
 from ..chat.render import render_chat
 from ..errors import bad_request
 from ..fields import (
-    Tokenizer, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
+    Tokenizer, check_body, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
     get_stop, get_str,
 )
+from ..limits import N_PROBS_MAX
+from .grammar_limits import check_grammar
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
 from .shapes import shape_for
 from .structured import get_grammar
@@ -152,7 +154,7 @@ class ServerInfo:
 def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None = None) -> Job:
     """POST /completion (llama-server shape) or /v1/completions (OpenAI shape)."""
     info = info or ServerInfo()
-    body = check_object(body)
+    body = check_body(body)
     shape = shape_for(kind)
     if shape.refuses_echo and get_bool(body, "echo", False):
         raise bad_request("'echo' is not supported")
@@ -167,13 +169,15 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     common, slot = _common_fields(body, info)
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
-    n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX, aliases=("logprobs",)), d)
+    n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX, aliases=("logprobs",)), d)
     return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
                stream=stream, system_update=update, prompts=tuple(prompts), **common)
 
 
 def _n_probs(n: int, d: Defaults) -> int:
-    """n_probs as the engine takes it: at most the whole vocabulary."""
+    """n_probs as the engine takes it: at most the whole vocabulary. The request's value is
+    at most N_PROBS_MAX (llama-server has no bound: each candidate is a JSON object per
+    generated token, and 1,000,000 grew its memory by half a gigabyte for a few tokens)."""
     return min(n, d.n_vocab)
 
 
@@ -189,7 +193,7 @@ def _chat_n_probs(body: dict, d: Defaults) -> int:
         return _n_probs(top, d)
     if body.get("top_logprobs") is not None:
         raise bad_request("top_logprobs requires logprobs to be set to true")
-    return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PREDICT_MAX), d)
+    return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX), d)
 
 
 def _common_fields(body: dict, info: ServerInfo) -> tuple[dict[str, Any], int | None]:
@@ -230,6 +234,7 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     if plan.grammar:
         if get_grammar(body) is not None:
             raise bad_request("Cannot use custom grammar constraints with tools.")
+        check_grammar(plan.grammar, "tools")
         params = replace(params, sampling=replace(params.sampling, grammar=plan.grammar,
                                                   grammar_lazy=plan.lazy, grammar_triggers=plan.triggers))
     transcript: dict[str, Any] = {}
@@ -255,7 +260,7 @@ def parse_job(body: Any, kind: str, d: Defaults, template, info: ServerInfo | No
 
 def parse_tokenize(body: Any) -> tuple[str, bool, bool, bool]:
     """(content, add_special, parse_special, with_pieces)"""
-    body = check_object(body)
+    body = check_body(body)
     content = get_str(body, "content")
     if content is None:
         raise bad_request("'content' is required")
@@ -264,7 +269,7 @@ def parse_tokenize(body: Any) -> tuple[str, bool, bool, bool]:
 
 
 def parse_detokenize(body: Any, n_vocab: int) -> list[int]:
-    body = check_object(body)
+    body = check_body(body)
     toks = body.get("tokens", [])
     if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
         raise bad_request("'tokens' must be a list of token ids")

@@ -12,7 +12,8 @@ llama-server's fields (tools/server/server-schema.cpp, server-common.cpp):
 llama-server does for chat. llama-server reads `response_format` only in chat requests and, on
 /completion, lets `grammar` win over `json_schema`; here every generation endpoint reads the three
 fields the same way. A grammar that does not parse is refused when the request is submitted (the
-engine parses it against the model's vocabulary, llama_lib.sampler.SamplingParams.validate).
+engine parses it against the model's vocabulary, llama_lib.sampler.SamplingParams.validate);
+before that, every grammar, written or converted, is measured against grammar_limits' bounds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from llama_lib.json_schema import schema_to_grammar
 
 from ..errors import bad_request
 from ..fields import _MISSING
+from ..limits import check_schema
+from .grammar_limits import check_grammar
 
 
 def _schema_grammar(schema: Any, field: str) -> str:
+    check_schema(schema, field)
     try:
         return schema_to_grammar(schema)
     except ValueError as e:
@@ -68,5 +72,8 @@ def get_grammar(body: dict) -> str | None:
             raise bad_request("Cannot use both json_schema and grammar")
 
     if schema is not _MISSING:
-        return _schema_grammar(schema, field)
+        grammar = _schema_grammar(schema, field)
+    else:
+        field = "grammar"
+    check_grammar(grammar, field)
     return grammar or None

@@ -12,7 +12,11 @@ from typing import Any
 
 from .plan import ChatPlan, plan_chat, with_system_text
 from ..errors import bad_request
-from ..fields import check_object, get_bool
+from ..fields import check_body, check_object, get_bool
+from ..limits import (
+    MAX_MESSAGES, MAX_MESSAGES_BYTES, MAX_TOOLS, MAX_TOOLS_BYTES, SCHEMA_MAX_DEPTH, check_count,
+    check_schema, json_shape,
+)
 from .templates import TranscriptTemplate
 
 # A message's fields other than role and content that templates read (tool calls, their ids,
@@ -53,6 +57,7 @@ def parse_messages(body: dict, mark=None) -> list[dict]:
         raise bad_request("Expected 'messages' to be an array")
     if not msgs:
         raise bad_request("'messages' must not be empty")
+    _check_size(msgs, "messages", MAX_MESSAGES_BYTES)
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
@@ -75,6 +80,7 @@ def _tools(body: dict) -> list | None:
         return None
     if not isinstance(tools, list):
         raise bad_request("tools must be an array")
+    _check_size(tools, "tools", MAX_TOOLS_BYTES)
     for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type", "function") != "function":
             raise bad_request(f"tools[{i}] must be an object with type \"function\"")
@@ -85,7 +91,26 @@ def _tools(body: dict) -> list | None:
             raise bad_request(f"tools[{i}].function.name must be a non-empty string")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object")
+        check_schema(fn.get("parameters"), f"tools[{i}].function.parameters")
     return tools or None
+
+
+def _check_size(values: list, field: str, max_bytes: int) -> None:
+    """The bytes of a list's strings in all (keys too) and its nesting, bounded: each is
+    rendered by the template (which recurses into nested values)."""
+    depth, _, n_bytes = json_shape(values, SCHEMA_MAX_DEPTH + 3, 1 << 62)
+    if n_bytes > max_bytes:
+        raise bad_request(f"'{field}' hold {n_bytes} bytes of text; the limit is {max_bytes}")
+    if depth > SCHEMA_MAX_DEPTH + 3:  # the list, an entry, a field, then a schema
+        raise bad_request(f"'{field}' are nested too deeply (more than {SCHEMA_MAX_DEPTH} levels)")
+
+
+def _bound(body: dict) -> None:
+    """The counts of messages and tools, first: a body of 100,000 messages is refused in
+    microseconds, before any string of it is read."""
+    for field, limit in (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)):
+        if isinstance(body.get(field), list):
+            check_count(body[field], limit, field)
 
 
 def _template_kwargs(body: dict) -> dict:
@@ -109,7 +134,8 @@ def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None)
     a final assistant message is a prefill the model continues (no generation prompt after
     it); two assistant messages at the end, or both options true, are refused (400).
     `mark(text)` marks special-token texts in what users wrote (SpecialText.mark, handed down by the Service)."""
-    body = check_object(body)
+    _bound(check_object(body))
+    check_body(body)
     messages = parse_messages(body, mark)
     tools, kwargs = _tools(body), _template_kwargs(body)
     plan = plan_chat(body, template, tools, messages, default_reasoning)
