@@ -190,9 +190,11 @@ def test_slow_heads_hold_no_thread_and_health_answers(door):
     t = threading.Thread(target=lambda: result.update(trickle(door.port, 300, stop)))
     t.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while open_fds(pid) < base_fds + 250 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the connections are open, in the door's loop
+        assert open_fds(pid) >= base_fds + 250, open_fds(pid)
         peak_threads = proc_threads(pid)
-        assert open_fds(pid) >= base_fds + 250  # the connections are open, in the door's loop
         lat = []
         for _ in range(40):
             t0 = time.perf_counter()
@@ -200,7 +202,7 @@ def test_slow_heads_hold_no_thread_and_health_answers(door):
             lat.append(time.perf_counter() - t0)
             assert r.status_code == 200
             time.sleep(0.05)
-        time.sleep(1.5)  # past --timeout-head: every trickler had its 408
+        time.sleep(2.5)  # past --timeout-head: every trickler had its 408
     finally:
         stop.set()
         t.join(30)

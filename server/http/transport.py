@@ -58,7 +58,7 @@ def connection_limit() -> int:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024  # a burst of connections waits in the kernel, not in SYN retries
 
     def __init__(self, addr, handler: type[BaseHTTPRequestHandler], service,
                  api_key: str | Sequence[str] | None = None,
