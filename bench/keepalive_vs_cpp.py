@@ -17,9 +17,12 @@ requests after one warm-up, on one kept-alive connection and on a new connection
   max_tokens 2 (one client, kept alive as the SDK does);
 - a streamed `/completion`'s first chunk (time to the first `data:` line), 2 tokens.
 
-Both servers start side by side (-np 1) and are measured alternately, the order flipped every
-round; the table gives the median over --rounds of each p50, ours against llama-server, and
-what each process mapped (libllama, OpenMP, CPU backend).
+Both servers start side by side (-np 1) and are measured alternately, each measure on one then
+the other after waiting (up to --wait-idle) for other processes to leave the CPUs, the order
+flipped every round; the table gives the median over --rounds of each p50, ours against llama-server, and
+what each process mapped (libllama, OpenMP, CPU backend). "reused" counts the kept-alive requests
+that really went on a reused connection: llama-server closes its connection after every stream
+(though its head says Keep-Alive), so its streamed "kept" figures are new connections.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import argparse
 import http.client
 import json
 import os
+import select
+import socket
 import statistics
 import sys
 import time
@@ -69,20 +74,33 @@ def raw_once(conn: http.client.HTTPConnection, path: str, body: dict, streamed: 
     return time.perf_counter() - t0
 
 
-def raw_p50(port: int, name: str, kept: bool, n: int) -> float:
+def closed_by_server(conn: http.client.HTTPConnection) -> bool:
+    """Whether the server closed the connection after its last answer (llama-server does after
+    every stream, though its head says Keep-Alive); waits up to 20 ms for the close to come."""
+    if conn.sock is None:
+        return True
+    readable, _, _ = select.select([conn.sock], [], [], 0.02)
+    return bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+
+
+def raw_p50(port: int, name: str, kept: bool, n: int) -> tuple[float, int]:
+    """(p50 seconds, how many of the n requests went on a reused connection)."""
     path, body, streamed = RAW[name]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     times = []
+    reused = 0
     try:
         raw_once(conn, path, body, streamed)
         for _ in range(n):
-            if not kept:
+            if not kept or closed_by_server(conn):
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            else:
+                reused += 1
             times.append(raw_once(conn, path, body, streamed))
     finally:
         conn.close()
-    return statistics.median(times)
+    return statistics.median(times), reused
 
 
 def sdk_p50(url: str, name: str, kept: bool, n: int) -> float:
@@ -106,10 +124,10 @@ def sdk_p50(url: str, name: str, kept: bool, n: int) -> float:
             times.append(time.perf_counter() - t0)
     finally:
         client.close()
-    return statistics.median(times)
+    return statistics.median(times), n if kept else 0  # the SDK's pool reuses what the server keeps
 
 
-def measure(server, name: str, mode: str, n: int) -> float:
+def measure(server, name: str, mode: str, n: int) -> tuple[float, int]:
     kept = mode == "kept"
     if name in RAW:
         return raw_p50(server.port, name, kept, n)
@@ -123,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--requests", type=int, default=20, help="timed requests per p50 (default 20)")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--wait-idle", type=float, default=20, metavar="SECONDS")
+    ap.add_argument("--wait-idle", type=float, default=60, metavar="SECONDS")
     ap.add_argument("--idle-threshold", type=float, default=0.3, metavar="CORES")
     ap.add_argument("--json", action="store_true")
     x = ap.parse_args(argv)
@@ -137,20 +155,25 @@ def main(argv=None) -> int:
     kinds = ("ours", "cpp")
     servers = {k: scaling.make_server(k, a, 1, 1024, log_dir, f"{x.build}-{k}") for k in kinds}
     p50s: dict[tuple, list[float]] = {}
+    reused: dict[tuple, int] = {}
     mapped = {}
     try:
         for k, s in servers.items():
             s.start()
             mapped[k] = _builds.describe(_builds.process_build(s.pid))
         for rnd in range(x.rounds):
-            scaling.settle(a)
-            for k in (kinds if rnd % 2 == 0 else kinds[::-1]):
-                for name in MEASURES:
-                    for mode in MODES:
-                        p50s.setdefault((k, name, mode), []).append(measure(servers[k], name, mode, x.requests))
+            busy = []
+            for name in MEASURES:  # the two sides of a ratio back to back, after a quiet moment
+                for mode in MODES:
+                    busy.append(scaling.settle(a) or 0.0)
+                    for k in (kinds if rnd % 2 == 0 else kinds[::-1]):
+                        p50, n_reused = measure(servers[k], name, mode, x.requests)
+                        p50s.setdefault((k, name, mode), []).append(p50)
+                        reused[k, name, mode] = reused.get((k, name, mode), 0) + n_reused
             scaling.say(f"round {rnd + 1}: " + ", ".join(
                 f"{k} {name} {mode} {1000 * p50s[k, name, mode][-1]:.1f}"
-                for name in ("/tokenize",) for k in kinds for mode in MODES) + " ms")
+                for name in ("/tokenize",) for k in kinds for mode in MODES)
+                + f" ms; other processes kept {max(busy):.2f} cores busy at most before a measure")
     finally:
         for s in servers.values():
             s.stop()
@@ -159,14 +182,17 @@ def main(argv=None) -> int:
           f"{x.requests} requests, ms")
     for k in kinds:
         print(f"  {scaling.SERVER_LABELS[k]:26s} {mapped[k]}")
-    print(f"{'':30s} {'connection':10s} {'ours':>7s} {'llama-server':>12s} {'ours/C++':>8s}")
+    print(f"{'':30s} {'connection':10s} {'ours':>7s} {'llama-server':>12s} {'ours/C++':>8s}  reused (ours, C++)")
     rows = []
+    total = x.rounds * x.requests
     for name in MEASURES:
         for mode in MODES:
             o, c = med["ours", name, mode], med["cpp", name, mode]
+            ro, rc = reused["ours", name, mode], reused["cpp", name, mode]
             rows.append({"measure": name, "connection": mode, "ours_ms": round(o, 3), "cpp_ms": round(c, 3),
-                         "ratio": round(o / c, 3)})
-            print(f"{name:30s} {mode:10s} {o:7.2f} {c:12.2f} {o / c:8.2f}")
+                         "ratio": round(o / c, 3), "reused_ours": ro, "reused_cpp": rc, "requests": total})
+            print(f"{name:30s} {mode:10s} {o:7.2f} {c:12.2f} {o / c:8.2f}  "
+                  + (f"{ro}/{total}, {rc}/{total}" if mode == "kept" else ""))
         gap = med["ours", name, "kept"] - med["ours", name, "new"]
         print(f"{'':30s} {'kept - new':10s} {gap:+7.2f} {med['cpp', name, 'kept'] - med['cpp', name, 'new']:+12.2f}")
     if x.json:
