@@ -54,10 +54,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
+    scaling.add_keep_alive_flag(ap)
     x = ap.parse_args(argv)
     a = argparse.Namespace(model=Path(os.environ.get("LLAMA_MODEL") or scaling.DEFAULT_MODEL).resolve(),
                            threads=x.threads, n_predict=x.n_predict, n_predict_of=None, np=x.np,
-                           sampling=x.sampling, build=_builds.get(x.build), timeout=600)
+                           sampling=x.sampling, build=_builds.get(x.build), timeout=600,
+                           keep_alive=x.keep_alive)
     kinds = [k.strip() for k in x.servers.split(",") if k.strip()]
     log_dir = scaling.DOT / "bench-logs" / f"thread_cpu-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,10 @@ def main() -> int:
     ap.add_argument("--np", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sampling", choices=sorted(scaling.SAMPLING), default="default")
+    scaling.add_keep_alive_flag(ap)
     a = ap.parse_args()
     cfg = SimpleNamespace(model=Path(scaling.DEFAULT_MODEL).resolve(), threads=2, build=_builds.get(a.build),
-                          sampling=a.sampling, n_predict=64, timeout=600, wait_idle=30, idle_threshold=0.3)
+                          sampling=a.sampling, keep_alive=a.keep_alive, n_predict=64, timeout=600, wait_idle=30, idle_threshold=0.3)
     log_dir = scaling.DOT / "bench-logs" / "waves"
     log_dir.mkdir(parents=True, exist_ok=True)
     kinds = ["ours", "cpp"]

@@ -373,9 +373,14 @@ def run_one_openai(session: requests.Session, url: str, n_predict: int, eog: lis
 
 
 def request_fn(server: Server, a, eog: list[int], n_predict: int):
+    """Request i sent by the calling client thread: on the thread's kept-alive connection (as
+    every SDK does; the default), or with `a.keep_alive` False on a new one each time."""
     local = threading.local()
+    keep_alive = getattr(a, "keep_alive", True)
 
     def session() -> requests.Session:
+        if not keep_alive:
+            return fresh_session()
         if not hasattr(local, "s"):
             local.s = requests.Session()
         return local.s
@@ -390,6 +395,20 @@ def request_fn(server: Server, a, eog: list[int], n_predict: int):
         return lambda i: run_one(session(), SimpleNamespace(**{**vars(args), "n_predict": lengths(i)}),
                                  i, prompt_text(i))
     return lambda i: run_one(session(), args, i, prompt_text(i))
+
+
+def fresh_session() -> requests.Session:
+    """A session whose one request asks the server to close the connection after it (for the
+    load generators' --no-keep-alive)."""
+    s = requests.Session()
+    s.headers["Connection"] = "close"
+    return s
+
+
+def add_keep_alive_flag(ap) -> None:
+    ap.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
+                    help="a new connection per request (default: each client thread keeps its "
+                         "connection alive, as the OpenAI SDK and every HTTP client library do)")
 
 
 def warm_up(server: Server, a, eog: list[int]) -> None:
@@ -738,6 +757,7 @@ def main(argv=None) -> int:
                          "measured again (default 0.3)")
     ap.add_argument("--retries", type=int, default=1, help="how many times (default 1)")
     ap.add_argument("--timeout", type=float, default=600, help="per request, seconds")
+    add_keep_alive_flag(ap)
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file (default bench/results/scaling-<time>.jsonl)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where --report writes (default docs/)")
     a = ap.parse_args(argv)

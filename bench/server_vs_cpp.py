@@ -19,7 +19,10 @@ then medians over --rounds of generated tokens/s, first-token p50 and peak RSS, 
 Targets: throughput >= 1.00x, first-token p50 <= 1.0x, RSS within +60 MB. The throughput ratio is
 given both as the ratio of the medians and as the median of the ratios within each round. About
 13 minutes a build on an idle 2-core machine (5 rounds). The C++ programs are built once into
-.llama/cpp-build if missing.
+.llama/cpp-build if missing. Each client thread keeps its connection alive, as the OpenAI SDK and
+every HTTP client library do; `--no-keep-alive` opens a new one per request instead (issue 30:
+on kept-alive connections an answer split in two writes waited ~40 ms for a delayed ACK).
+Non-streamed answers and the OpenAI SDK, kept alive or not: bench/keepalive_vs_cpp.py.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
     def med(key, *k):
         return statistics.median(m[key] for m in results[k])
 
-    print(f"\n== build {build.name}: both servers on the same libllama")
+    print(f"\n== build {build.name}: both servers on the same libllama; "
+          f"{'each client keeps its connection alive' if a.keep_alive else 'a new connection per request'}")
     for k in a.servers:
         print(f"   {scaling.SERVER_LABELS[k]:26s} {_builds.describe(mapped.get(k, {}))}")
     print(f"{'load':24s} {'sampling':8s} {'server':6s} {'tok/s':>7s} {'ft p50':>7s} {'it p50':>7s} {'RSS MiB':>8s}")
@@ -111,7 +115,7 @@ def summarize(a, build: _builds.Build, results: dict, mapped: dict) -> list[dict
                 "inter_token_p50_ratio": (med("inter_token_p50_s", np_, mode, "ours")
                                           / med("inter_token_p50_s", np_, mode, "cpp")),
                 "rss_delta_mib": med("rss_peak_mib", np_, mode, "ours") - med("rss_peak_mib", np_, mode, "cpp"),
-                "rounds": a.rounds,
+                "rounds": a.rounds, "keep_alive": a.keep_alive,
             }
             # Each round measures the two back to back: the ratio within a round leaves out the
             # machine's drift from round to round (here often more than the gap between them).
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default=",".join(str(np_) for np_, _ in POINTS), metavar="LIST",
                     help="comma list of the loads to run, by concurrency (default 4,8)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object at the end")
+    scaling.add_keep_alive_flag(ap)
     a = ap.parse_args(argv)
     wanted = {x.strip() for x in a.concurrency.split(",") if x.strip()}
     a.points = [p for p in POINTS if str(p[0]) in wanted]

@@ -8,7 +8,8 @@ Each request is POST /completion with "stream": true (llama-server's native endp
 both our server and llama-server answer). Per request it prints the time to first token, the
 tokens generated, tokens/s after the first token, and why it stopped; then the aggregate:
 requests/s, generated tokens/s, first-token p50/p95 and inter-token p50. `--json` prints one
-JSON object instead, for scripts.
+JSON object instead, for scripts. Each of the C clients keeps its connection alive, as SDKs do;
+`--no-keep-alive` opens a new one per request.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--api-key", help="sent as Authorization: Bearer")
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds (default: 600)")
+    p.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
+                   help="a new connection per request (default: each client keeps its connection "
+                        "alive, as the OpenAI SDK and HTTP client libraries do)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-request lines")
     args = p.parse_args(argv)
@@ -154,6 +158,10 @@ def main(argv=None) -> int:
     local = threading.local()
 
     def session() -> requests.Session:
+        if not args.keep_alive:  # the server closes the connection after the answer
+            s = requests.Session()
+            s.headers["Connection"] = "close"
+            return s
         if not hasattr(local, "s"):
             local.s = requests.Session()
         return local.s

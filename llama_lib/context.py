@@ -316,16 +316,23 @@ class Context(OwnedPointer):
 
     def seq_state(self, seq_id: int) -> bytes:
         """One sequence's KV state as bytes (llama_state_seq_get_data)."""
+        return bytes(self.seq_state_view(seq_id))
+
+    def seq_state_view(self, seq_id: int) -> memoryview:
+        """seq_state without the copy to bytes: a view of the buffer libllama filled (a slot
+        file writes it out directly, so a large state is held once)."""
         L = lib()
         size = L.llama_state_seq_get_size(self.ptr, seq_id)
         buf = (ctypes.c_uint8 * max(1, size))()
         n = L.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
-        return bytes(memoryview(buf)[:n])
+        return memoryview(buf).cast("B")[:n]
 
-    def set_seq_state(self, seq_id: int, data: bytes) -> bool:
+    def set_seq_state(self, seq_id: int, data: bytes | bytearray) -> bool:
         """Load bytes from seq_state into sequence `seq_id` (emptied first by the caller);
-        False when llama.cpp refuses them (no KV room, another model or context)."""
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        False when llama.cpp refuses them (no KV room, another model or context). A bytearray
+        is passed without a copy."""
+        array = ctypes.c_uint8 * len(data)
+        buf = array.from_buffer(data) if isinstance(data, bytearray) else array.from_buffer_copy(data)
         return lib().llama_state_seq_set_data(self.ptr, buf, len(data), seq_id) == len(data)
 
     def seq_save_file(self, path: str, seq_id: int, tokens: np.ndarray) -> int:

@@ -105,3 +105,56 @@ def test_without_slot_save_path_actions_are_501(tmp_path):
     with served(["-np", "1", "-c", "512"], tmp_path / "server.log") as s:
         r = s.post("/slots/0?action=save", {"filename": "x.bin"})
         assert r.status_code == 501 and "--slot-save-path" in r.json()["error"]["message"]
+
+
+def test_a_symlink_in_the_folder_is_never_followed(srv, tmp_path):
+    """Issue 30: a symlink planted in --slot-save-path, to a file outside the folder or inside it,
+    is refused (400) by save and restore, and the file it points to is left as it was."""
+    complete(srv, 1)
+    assert action(srv, 1, "save", {"filename": "real.bin"}).status_code == 200
+    real = srv.save_dir / "real.bin"
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious, not a slot")
+    stolen = tmp_path / "saved-elsewhere.bin"
+    stolen.write_bytes(real.read_bytes())  # a valid slot file, outside the folder
+    links = {"out.bin": outside, "stolen.bin": stolen, "inner.bin": real}
+    for name, target in links.items():
+        (srv.save_dir / name).symlink_to(target)
+    try:
+        for name in links:
+            r = action(srv, 1, "save", {"filename": name})
+            assert r.status_code == 400 and "symbolic link" in r.json()["error"]["message"], (name, r.text)
+        for name in ("stolen.bin", "inner.bin"):
+            r = action(srv, 0, "restore", {"filename": name})
+            assert r.status_code == 400 and "symbolic link" in r.json()["error"]["message"], (name, r.text)
+        assert action(srv, 0, "erase").status_code == 200
+        assert outside.read_bytes() == b"precious, not a slot"
+        assert stolen.read_bytes() == real.read_bytes()
+        assert all((srv.save_dir / name).is_symlink() for name in links)
+        assert action(srv, 0, "restore", {"filename": "real.bin"}).status_code == 200
+    finally:
+        for name in links:
+            (srv.save_dir / name).unlink()
+
+
+def test_files_are_llama_state_seq_save_file_bytes(model, tmp_path):
+    """The file written through a no-follow descriptor is byte for byte what libllama's
+    llama_state_seq_save_file writes (files stay interchangeable with llama-server's), and it
+    loads back into another sequence."""
+    import numpy as np
+
+    from conftest import N_THREADS
+    from llama_lib import Batch, Context, state_file
+
+    tokens = np.asarray(model.vocab.tokenize("The capital of France is Paris."), np.int32)
+    with Context(model, n_ctx=512, n_batch=512, n_ubatch=512, n_seq_max=2, kv_unified=True,
+                 n_threads=N_THREADS, n_threads_batch=N_THREADS) as ctx, Batch(512, 2) as batch:
+        batch.add_sequence(tokens, 0, 1)
+        assert ctx.decode(batch.c_batch) == 0
+        ours, theirs = tmp_path / "ours.bin", tmp_path / "theirs.bin"
+        n = state_file.write(str(ours), 1, tokens, ctx.seq_state_view(1))
+        assert n == ctx.seq_save_file(str(theirs), 1, tokens) == ours.stat().st_size
+        assert ours.read_bytes() == theirs.read_bytes()
+        read_tokens, state, n_read = state_file.read(str(theirs), 0, 512)
+        assert n_read == n and np.array_equal(read_tokens, tokens)
+        assert ctx.set_seq_state(0, state) and ctx.memory.seq_pos_max(0) == len(tokens) - 1

@@ -1,5 +1,6 @@
 """A slot's KV sequence saved to a file and restored into any slot later (llama-server's
-`POST /slots/{id}?action=save|restore|erase`), through llama_state_seq_save_file / _load_file.
+`POST /slots/{id}?action=save|restore|erase`), in llama_state_seq_save_file's format through
+llama_lib.state_file, which never follows a symlink in the folder (issue 30).
 
 `SlotFiles` is a part of the prompt cache's family: it reads and edits the slots' sequences
 (sequences.py) through the context's state calls. Each action runs on the engine thread
@@ -18,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from .. import state_file
 from ..context import Context, ContextError
 from .sequences import SlotSequences
 from .slot import Slot
@@ -70,8 +72,12 @@ class SlotFiles:
             self.seqs.reset_to_default(s)
         tokens = self.sequence_tokens(s)
         try:
-            n = self.ctx.seq_save_file(path, s.seq_id, tokens)
-        except ContextError as err:
+            n = state_file.write(path, s.seq_id, tokens, self.ctx.seq_state_view(s.seq_id))
+        except state_file.StateFileError as err:
+            raise ValueError(f"Unable to save slot: {err}") from None
+        except IsADirectoryError:
+            raise ValueError("Unable to save slot: the name is a folder's") from None
+        except OSError as err:
             raise OSError(f"Unable to save slot: {err}") from None
         return SlotFile(len(tokens), n, (time.perf_counter() - t0) * 1000.0)
 
@@ -79,9 +85,14 @@ class SlotFiles:
         t0 = time.perf_counter()
         seqs = self.seqs
         memory = self.ctx.memory
+        try:  # read first: a file refused leaves the slot's cache as it was
+            tokens, state, n = state_file.read(path, s.seq_id, self.n_ctx_slot)
+        except state_file.StateFileError as err:
+            raise ValueError(f"Unable to restore slot: {err}") from None
         memory.seq_rm(s.seq_id, -1, -1)
         try:
-            tokens, n = self.ctx.seq_load_file(path, s.seq_id, self.n_ctx_slot)
+            if not self.ctx.set_seq_state(s.seq_id, state):
+                raise ContextError("no available space in the KV cache, or not a valid slot save file")
             if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.n_vocab):
                 raise ContextError("invalid tokens in slot save file")
             if memory.seq_pos_max(s.seq_id) != len(tokens) - 1:
@@ -96,7 +107,8 @@ class SlotFiles:
         return SlotFile(len(tokens), n, (time.perf_counter() - t0) * 1000.0)
 
     def erase(self, s: Slot) -> int:
-        """Drop the slot's cache; returns how many tokens it held (llama-server's n_erased)."""
+        """Drop the slot's cache; returns how many tokens it held (llama-server's n_erased). No file
+        is touched (llama-server's erase takes no filename either)."""
         n = s.n_prefix + len(s.cache_tokens)
         self.seqs.reset_to_default(s)
         return n

@@ -2,7 +2,8 @@
 slot's prompt cache (its KV sequence and tokens) written to DIR/filename and loaded into any slot
 later. The engine does the work (llama_lib.engine.slot_files); this module checks the request
 and shapes the answer (llama-server's fields: n_saved / n_written, n_restored / n_read,
-n_erased, timings)."""
+n_erased, timings). The engine opens the file itself, in the folder and without following a
+symlink (llama_lib.state_file): a path checked here could be swapped before it is opened."""
 
 from __future__ import annotations
 
@@ -53,8 +54,6 @@ def slot_action(engine, save_dir: str, id_slot: int, action: str, body: Any) -> 
             r = engine.save_slot(id_slot, path)
             return {"id_slot": id_slot, "filename": name, "n_saved": r.n_tokens, "n_written": r.n_bytes,
                     "timings": {"save_ms": r.t_ms}}
-        if not os.path.isfile(path):
-            raise bad_request(f"Unable to restore slot: no file {name!r} in the slot save path")
         r = engine.restore_slot(id_slot, path)
         return {"id_slot": id_slot, "filename": name, "n_restored": r.n_tokens, "n_read": r.n_bytes,
                 "timings": {"restore_ms": r.t_ms}}
