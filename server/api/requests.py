@@ -21,6 +21,7 @@ from ..fields import (
     get_stop, get_str,
 )
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
+from .samplers import chain_fields
 from .shapes import shape_for
 from .structured import get_grammar
 
@@ -46,6 +47,7 @@ def sampling_params(body: dict, d: Defaults, tok: Tokenizer | None = None) -> Sa
     values = {name: _sampling_field(body, name, kind, getattr(ds, name)) for name, kind in SAMPLING_FIELDS}
     return SamplingParams(
         **values,
+        **chain_fields(body, ds),
         seed=None if seed == -1 else seed,
         logit_bias=get_logit_bias(body, tok),
         grammar=_or_default(get_grammar(body), ds.grammar),
