@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _bindings as B
 from ._resource import OwnedPointer
-from .chain import argmax_exact, chain_samplers, merged_bias, top_k_first
+from .chain import argmax_exact, chain_samplers, is_off, merged_bias, top_k_first
 from .loader import lib
 from .sampling_params import (  # noqa: F401  (re-exported: the names' old home)
     SAMPLING_RANGES, Range, SamplingParams, _trigger_regex, init_grammar,
@@ -120,6 +120,17 @@ class Sampler(OwnedPointer):
             raise MemoryError("llama_sampler_chain_init failed")
         for smpl in samplers:
             L.llama_sampler_chain_add(self.ptr, smpl)  # the chain owns it from here on
+
+    def prime(self, tokens) -> None:
+        """Feed the prompt's tokens to the chain (not the grammar), as llama-server does before
+        it samples (server_slot::init_sampler): penalties and DRY count them as history. Only
+        they keep any, so nothing is fed when neither acts."""
+        p = self.params
+        if p.mirostat or all(is_off(n, p) for n in ("penalties", "dry") if n in p.samplers):
+            return
+        accept, ptr = lib().llama_sampler_accept, self.ptr
+        for t in tokens:
+            accept(ptr, int(t))
 
     def sample(self, ctx, i: int) -> int:
         """Sample from output row i of ctx's last decode and accept the token into the chain
