@@ -294,9 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dashes(argv: list[str]) -> list[str]:
+    """llama.cpp reads "--backend_sampling" as "--backend-sampling": '_' in a long flag's name is
+    '-' (common/arg.cpp), and upstream's test harness writes some flags that way."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and "_" in a.split("=", 1)[0]:
+            name, eq, rest = a.partition("=")
+            a = name.replace("_", "-") + eq + rest
+        out.append(a)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = p.parse_args(_dashes(sys.argv[1:] if argv is None else argv))
     if args.prefill_chunk is None:  # a prompt piece per step is one ubatch, whatever -ub is
         args.prefill_chunk = args.ubatch_size
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),

@@ -43,6 +43,9 @@ def add_sampling_flags(g) -> None:
                         f"{''.join(SAMPLER_LETTERS[n] for n in DEFAULT_SAMPLERS)})")
     for flags, name, kind, text in CHAIN_FLAGS:
         g.add_argument(*flags, dest=name, type=kind, default=getattr(_D, name), metavar="N", help=text)
+    g.add_argument("-bs", "--backend-sampling", action="store_true",
+                   help="accepted without effect: the chain always runs on the CPU here (llama-server "
+                        "runs the same chain in its graph; the tokens are the same)")
     g.add_argument("--dry-sequence-breaker", action="append", default=[], metavar="STRING",
                    help="add sequence breaker for DRY sampling, clearing out default breakers "
                         "('\\n', ':', '\"', '*') in the process; use \"none\" to not use any")
