@@ -50,8 +50,12 @@ class Sampler(OwnedPointer):
     _argmax = False
     _cut_k = 0  # > 0: sample over topk.top_superset candidates (see _sample_top_k)
     _bias_ids = None
+    _full = None  # with keep_candidates: the whole row's candidates (see _sample_full)
+    _last_cp = None  # the candidate array the chain picked from last (post_probs)
 
-    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None, keep_candidates: bool = False):
+        """`keep_candidates`: the chain's last candidates stay readable (`post_probs`), so the
+        whole-row pick runs the chain over our own array instead of llama_sampler_sample."""
         L = lib()
         self.params = params
         self._free = L.llama_sampler_free
@@ -120,6 +124,10 @@ class Sampler(OwnedPointer):
             raise MemoryError("llama_sampler_chain_init failed")
         for smpl in samplers:
             L.llama_sampler_chain_add(self.ptr, smpl)  # the chain owns it from here on
+        if keep_candidates and not self._argmax and not self._cut_k and not p.grammar:
+            self._full = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+            self._full_ids = np.arange(n_vocab, dtype=np.int32)
+            self._full_p = B.llama_token_data_array()
 
     def prime(self, tokens) -> None:
         """Feed the prompt's tokens to the chain (not the grammar), as llama-server does before
@@ -141,7 +149,9 @@ class Sampler(OwnedPointer):
                 return int(np.argmax(row))
             return self._biased_argmax(row)
         if self.grammar is None:
-            return self._sample_top_k(ctx, i) if self._cut_k else self._sample(self.ptr, ctx.ptr, i)
+            if self._cut_k:
+                return self._sample_top_k(ctx, i)
+            return self._sample(self.ptr, ctx.ptr, i) if self._full is None else self._sample_full(ctx, i)
         L = lib()
         tok = self._pick(ctx, i, with_grammar=False)
         if not self._allowed(tok):
@@ -174,13 +184,40 @@ class Sampler(OwnedPointer):
             self._cut = np.zeros(len(ids), dtype=_TOKEN_DATA)
         cp = self._cut_p
         _point(cp, self._cut, ids, row[ids])
+        return self._apply_accept(cp)
+
+    def _sample_full(self, ctx, i: int) -> int:
+        """llama_sampler_sample, over our own copy of the row (its candidates stay readable)."""
+        cp = self._full_p
+        _point(cp, self._full, self._full_ids, ctx.logits(i))
+        return self._apply_accept(cp)
+
+    def _apply_accept(self, cp) -> int:
         L = lib()
         L.llama_sampler_apply(self.ptr, ctypes.byref(cp))
         if cp.selected < 0 or cp.selected >= cp.size:
             raise RuntimeError("the sampler chain selected no token")
+        self._last_cp = cp
         tok = int(cp.data[cp.selected].id)
         L.llama_sampler_accept(self.ptr, tok)
         return tok
+
+    def post_probs(self, tok: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+        """llama-server's post_sampling_probs for the token just sampled: the log of its
+        probability among the candidates the chain left, and the n most probable of those
+        (best first, zeros dropped), as (id, log p). Needs keep_candidates (or a top-k chain or a
+        grammar); greedy's argmax leaves one candidate of probability 1."""
+        cp = self._last_cp
+        if self._argmax or cp is None:
+            return 0.0, [(tok, 0.0)] if n > 0 else []
+        nbytes = cp.size * _TOKEN_DATA.itemsize
+        cand = np.frombuffer((ctypes.c_char * nbytes).from_address(ctypes.addressof(cp.data.contents)),
+                             dtype=_TOKEN_DATA)
+        order = np.argsort(-cand["p"], kind="stable")
+        ids, p = cand["id"][order], cand["p"][order]
+        hit = np.flatnonzero(ids == tok)
+        lp = math.log(float(p[hit[0]])) if len(hit) and p[hit[0]] > 0 else -math.inf
+        return lp, [(int(t), math.log(float(q))) for t, q in zip(ids[:n], p[:n]) if q > 0]
 
     def _biased_argmax(self, row: np.ndarray) -> int:
         """argmax of row + bias (llama_sampler_logit_bias then greedy: the first of equal
@@ -244,6 +281,7 @@ class Sampler(OwnedPointer):
         L.llama_sampler_apply(self.ptr, ref)
         if cp.selected < 0 or cp.selected >= cp.size:
             raise RuntimeError("the sampler chain selected no token")
+        self._last_cp = cp
         return int(cp.data[cp.selected].id)
 
     def _pick_top(self, ctx, i: int) -> int:
@@ -265,6 +303,7 @@ class Sampler(OwnedPointer):
         L.llama_sampler_apply(self.ptr, ref)
         if cp.selected < 0 or cp.selected >= cp.size:
             return -1
+        self._last_cp = cp
         return int(cp.data[cp.selected].id)
 
     def _allowed(self, tok: int, grammar=None) -> bool:

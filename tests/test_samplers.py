@@ -162,3 +162,24 @@ def test_cli_flags_show_in_props(tmp_path):
     assert (p["mirostat"], p["mirostat_eta"], p["mirostat_tau"]) == (2, 0.2, 4)
     assert (p["adaptive_target"], p["adaptive_decay"]) == (0.5, 0.8)
     assert a["generation_settings"]["mirostat"] == 2  # a request without its own fields keeps them
+
+
+def test_post_sampling_probs_are_the_chains(srv):
+    """post_sampling_probs: "prob" / "top_probs" of the candidates the chain left (greedy: one,
+    of probability 1; top_k 3: at most three, summing to 1); the OpenAI shapes keep log-probs."""
+    def probs(**f):
+        r = srv.post("/completion", {"prompt": STORY, "n_predict": 3, "n_probs": 5, "seed": 1,
+                                     "post_sampling_probs": True, **f})
+        assert r.status_code == 200, r.text
+        return r.json()["completion_probabilities"]
+    for e in probs(temperature=0):
+        assert e["prob"] == 1.0 and [t["id"] for t in e["top_probs"]] == [e["id"]]
+    for e in probs(top_k=3):
+        tops = e["top_probs"]
+        assert 1 <= len(tops) <= 3 and sum(t["prob"] for t in tops) == pytest.approx(1.0, abs=1e-5)
+        assert e["prob"] == next(t["prob"] for t in tops if t["id"] == e["id"])
+    for e in probs(top_k=0, top_p=1.0, min_p=0.0, samplers=["temperature"]):  # the whole row
+        assert len(e["top_probs"]) == 5 and "logprob" not in e
+    r = srv.post("/v1/completions", {"prompt": STORY, "max_tokens": 2, "logprobs": 3, "top_k": 3,
+                                     "post_sampling_probs": True}).json()
+    assert all(t["logprob"] <= 0 for t in r["choices"][0]["logprobs"]["content"])

@@ -138,6 +138,7 @@ def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
         ignore_eos=ignore_eos,
         min_tokens=get_int(body, "min_tokens", 0, lo=0, hi=N_PREDICT_MAX),
         cache_prompt=get_bool(body, "cache_prompt", d.cache_prompt),
+        post_sampling_probs=get_bool(body, "post_sampling_probs", False),
     )
 
 

@@ -127,7 +127,7 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "reasoning_in_content": False,
         "generation_prompt": "",
         "timings_per_token": False,
-        "post_sampling_probs": False,
+        "post_sampling_probs": p.post_sampling_probs,
         "backend_sampling": False,
         "lora": [],
     }
@@ -189,13 +189,16 @@ def _logprob(x: float) -> float:
 
 
 def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
-               strip_leading: bool = False) -> list[dict]:
+               strip_leading: bool = False, post: bool = False) -> list[dict]:
     """llama-server's completion_probabilities / OpenAI's logprobs.content: per generated token
     (engine `TokenProbs`) its id, the text sent with it ("token", with "bytes"), its logprob
     and its top_logprobs (each candidate's text is its piece; `piece(id)` gives the bytes).
 
     `strip_leading`: the answer's text had its leading whitespace dropped; the first
-    entries' texts are stripped alike, so that the tokens still spell the answer."""
+    entries' texts are stripped alike, so that the tokens still spell the answer. `post`:
+    llama-server's post_sampling_probs keys, "prob" and "top_probs" (probabilities, not logs)."""
+    key, top_key = ("prob", "top_probs") if post else ("logprob", "top_logprobs")
+    value = math.exp if post else _logprob
     out = []
     strip = strip_leading
     for e in entries:
@@ -207,9 +210,9 @@ def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
         for tid, lp in e.top:
             b = piece(tid)
             top.append({"id": tid, "token": b.decode("utf-8", "ignore"), "bytes": list(b),
-                        "logprob": _logprob(lp)})
+                        key: value(lp)})
         out.append({"id": e.token, "token": text, "bytes": list(text.encode("utf-8")),
-                    "logprob": _logprob(e.logprob), "top_logprobs": top})
+                    key: value(e.logprob), top_key: top})
     return out
 
 
@@ -223,7 +226,7 @@ def handle_error(h, closing: bool) -> ApiError:
 
 
 def final_probs(h, job: Job, piece: Callable[[int], bytes],
-                tokenize_text: Callable[[str], list[int]]) -> list[dict]:
+                tokenize_text: Callable[[str], list[int]], post: bool = False) -> list[dict]:
     """The per-token probabilities of a finished (not streamed) request. After a stop
     string, as llama-server, the last entries are dropped, at most as many as the stop
     string has tokens (those that spelled it); here only those that sent no text, so
@@ -235,4 +238,4 @@ def final_probs(h, job: Job, piece: Callable[[int], bytes],
         while n > lo and not entries[n - 1].text:
             n -= 1
         entries = entries[:n]
-    return probs_json(entries, piece, job.strip_leading)
+    return probs_json(entries, piece, job.strip_leading, post)
