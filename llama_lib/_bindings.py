@@ -417,6 +417,17 @@ LLAMA_FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     "llama_sampler_init_temp": (llama_sampler_p, [c_float]),
     "llama_sampler_init_temp_ext": (llama_sampler_p, [c_float, c_float, c_float]),
     "llama_sampler_init_penalties": (llama_sampler_p, [c_int32, c_int32, c_float, c_float, c_float]),
+    "llama_sampler_init_dry": (
+        llama_sampler_p,
+        [llama_vocab_p, c_float, c_float, c_int32, c_int32, POINTER(c_char_p), c_size_t],
+    ),
+    "llama_sampler_init_xtc": (llama_sampler_p, [c_float, c_float, c_size_t, c_uint32]),
+    "llama_sampler_init_top_n_sigma": (llama_sampler_p, [c_float]),
+    "llama_sampler_init_mirostat": (llama_sampler_p, [c_int32, c_uint32, c_float, c_float, c_int32]),
+    "llama_sampler_init_mirostat_v2": (llama_sampler_p, [c_uint32, c_float, c_float]),
+    "llama_sampler_init_adaptive_p": (llama_sampler_p, [c_float, c_float, c_uint32]),
+    "llama_sampler_init_infill": (llama_sampler_p, [llama_vocab_p]),
+    "llama_vocab_get_suppress_tokens": (POINTER(llama_token), [llama_vocab_p, POINTER(c_int32)]),
     "llama_sampler_init_logit_bias": (
         llama_sampler_p,
         [c_int32, c_int32, POINTER(llama_logit_bias)],

@@ -5,14 +5,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import re
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _bindings as B
 from ._resource import OwnedPointer
+from .chain import argmax_exact, chain_samplers, is_off, merged_bias, top_k_first
 from .loader import lib
+from .sampling_params import (  # noqa: F401  (re-exported: the names' old home)
+    SAMPLING_RANGES, Range, SamplingParams, _trigger_regex, init_grammar,
+)
 from .topk import top_superset
 
 log = logging.getLogger(__name__)
@@ -33,131 +35,6 @@ def _point(cp: B.llama_token_data_array, buf: np.ndarray, ids: np.ndarray, logit
     cp.size, cp.selected, cp.sorted = n, -1, False
 
 
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a sampling field may take: [lo, hi], or (lo, hi] with `lo_open`."""
-
-    lo: float
-    hi: float
-    lo_open: bool = False
-
-    def __contains__(self, v: float) -> bool:
-        return (v > self.lo if self.lo_open else v >= self.lo) and v <= self.hi
-
-    def describe(self, number=_number) -> str:
-        """"between 0 and 1" or "> 0 and <= 10"; `number` writes the bounds."""
-        if self.lo_open:
-            return f"> {number(self.lo)} and <= {number(self.hi)}"
-        return f"between {number(self.lo)} and {number(self.hi)}"
-
-    __str__ = describe
-
-    def describe_hi(self, number=_number) -> str:
-        """"<= 100": for a value whose low side is taken care of (clamped, or checked apart)."""
-        return f"<= {number(self.hi)}"
-
-
-# The one table of sampling ranges: SamplingParams.validate, the server's request parser and its
-# command line (--temp, --top-k, ...) all check these, so a server default is always a value a
-# request could ask for, and anything a request may ask for passes validate().
-SAMPLING_RANGES: dict[str, Range] = {
-    "temperature": Range(0.0, 100.0),        # <= 0: greedy (validate lets below 0 through)
-    "top_k": Range(0, 1 << 30),              # 0 disables it
-    "top_p": Range(0.0, 1.0),
-    "min_p": Range(0.0, 1.0),
-    "typical_p": Range(0.0, 1.0),
-    "repeat_penalty": Range(0.0, 10.0, lo_open=True),
-    "repeat_last_n": Range(-1, 1 << 20),     # -1: the whole context, 0 disables it
-    "frequency_penalty": Range(-2.0, 2.0),
-    "presence_penalty": Range(-2.0, 2.0),
-    "seed": Range(-1, 2**32 - 1),            # -1: random (SamplingParams.seed None)
-}
-
-
-@dataclass
-class SamplingParams:
-    """Sampling settings with llama.cpp's defaults (common_params_sampling).
-
-    temperature <= 0 means greedy. seed None (or LLAMA_DEFAULT_SEED) draws a random seed.
-    """
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    grammar: str | None = None  # GBNF text, start symbol "root"; None or "" = unconstrained
-    # A lazy grammar constrains nothing until one of these regexes matches the generated text
-    # (llama_sampler_init_grammar_lazy_patterns): from the match's first non-empty group (else
-    # the match) on, the text must follow the grammar. How a tool call can start: "<tool_call>".
-    grammar_lazy: bool = False
-    grammar_triggers: tuple[str, ...] = ()
-
-    def validate(self, n_vocab: int | None = None, vocab=None) -> None:
-        """Raise ValueError naming the first field outside SAMPLING_RANGES. With `vocab` (a Vocab
-        or a llama_vocab pointer) the grammar is parsed too, so a bad one is refused up front."""
-        for name, allowed in SAMPLING_RANGES.items():
-            v = getattr(self, name)
-            if name == "seed":  # None is random; any 32-bit value reaches C as a uint32
-                if v is not None and not -(2**31) <= v < 2**32:
-                    raise ValueError("seed must fit in 32 bits")
-            elif name == "temperature":  # below 0 is greedy too
-                if not v == v or v > allowed.hi:  # NaN or silly
-                    raise ValueError(f"temperature must be a number {allowed}")
-            elif v not in allowed:
-                raise ValueError(f"{name} must be {allowed}")
-        if n_vocab is not None:
-            for tok in self.logit_bias:
-                if not 0 <= tok < n_vocab:
-                    raise ValueError(f"logit_bias token {tok} is outside the vocabulary")
-        if self.grammar is not None and not isinstance(self.grammar, str):
-            raise ValueError("grammar must be a string")
-        if self.grammar_lazy:
-            if not self.grammar or not self.grammar_triggers:
-                raise ValueError("a lazy grammar needs a grammar and at least one trigger pattern")
-            for pattern in self.grammar_triggers:
-                _trigger_regex(pattern)
-        if self.grammar and vocab is not None:
-            lib().llama_sampler_free(init_grammar(vocab, self.grammar))
-
-
-def _trigger_regex(pattern: str) -> re.Pattern:
-    """A trigger as Python reads it, on bytes as std::regex does; ValueError if it does not
-    compile (std::regex would throw through the C API and end the process)."""
-    try:
-        return re.compile(pattern.encode("utf-8"))
-    except re.error as e:
-        raise ValueError(f"grammar trigger {pattern!r} is not a valid regex: {e}") from None
-
-
-def init_grammar(vocab, text: str, triggers: tuple[str, ...] = ()) -> int:
-    """A llama.cpp grammar sampler for GBNF `text` (root "root"), lazy when `triggers` are
-    given; the caller owns it.
-
-    llama.cpp returns NULL when it cannot parse the text (undefined symbol, no "root", left
-    recursion, syntax); that becomes a ValueError, never a crash."""
-    ptr = getattr(vocab, "ptr", vocab)
-    if triggers:
-        patterns = (ctypes.c_char_p * len(triggers))(*[t.encode("utf-8") for t in triggers])
-        smpl = lib().llama_sampler_init_grammar_lazy_patterns(
-            ptr, text.encode("utf-8"), b"root", patterns, len(triggers), None, 0)
-    else:
-        smpl = lib().llama_sampler_init_grammar(ptr, text.encode("utf-8"), b"root")
-    if not smpl:
-        raise ValueError("Failed to initialize samplers: failed to parse grammar")
-    return smpl
-
-
 class Sampler(OwnedPointer):
     """A sampler chain; `sample(ctx, i)` picks a token from output row i of the last decode.
 
@@ -173,13 +50,18 @@ class Sampler(OwnedPointer):
     _argmax = False
     _cut_k = 0  # > 0: sample over topk.top_superset candidates (see _sample_top_k)
     _bias_ids = None
+    _full = None  # with keep_candidates: the whole row's candidates (see _sample_full)
+    _last_cp = None  # the candidate array the chain picked from last (post_probs)
 
-    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None, keep_candidates: bool = False):
+        """`keep_candidates`: the chain's last candidates stay readable (`post_probs`), so the
+        whole-row pick runs the chain over our own array instead of llama_sampler_sample."""
         L = lib()
         self.params = params
         self._free = L.llama_sampler_free
         self._sample = L.llama_sampler_sample
         self.grammar = None
+        bias = merged_bias(params, vocab)  # what the chain's logit_bias applies
         if params.grammar:
             if vocab is None:
                 raise ValueError("a grammar needs the vocabulary")
@@ -197,73 +79,66 @@ class Sampler(OwnedPointer):
             self._one = B.llama_token_data()
             self._one_p = B.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
             # The shortcut below is exact only if the chain keeps the order of the raw logits
-            # up to its cut-off: no bias or penalty, and greedy or a top_k within the subset.
-            p = params
+            # up to its cut-off: no bias, and greedy or a top_k first (see chain.py).
             self._top_need = 0
-            if (not p.logit_bias and p.repeat_penalty == 1.0 and not p.frequency_penalty
-                    and not p.presence_penalty and n_vocab > 4 * _TOP_N):
-                if p.temperature <= 0:
-                    self._top_need = 1
-                elif 0 < p.top_k <= _TOP_N:
-                    self._top_need = p.top_k
+            if not bias and n_vocab > 4 * _TOP_N:
+                k = top_k_first(params)
+                self._top_need = 1 if argmax_exact(params) else (k if k <= _TOP_N else 0)
             if self._top_need:
                 self._sub = np.zeros(_TOP_N, dtype=self._cur.dtype)
                 self._sub_p = B.llama_token_data_array()
+        p = params
+        # Greedy that nothing but a bias can turn away from the top logit (chain.argmax_exact) is
+        # an argmax of the (biased) logits row: numpy does it in tens of microseconds where the
+        # chain first copies all 262k candidates. Its chain is still built (the seed, /slots).
+        self._argmax = not p.grammar and argmax_exact(p)
+        if self._argmax and bias:
+            self._bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
+            self._bias = np.fromiter(bias.values(), np.float32, len(bias))
+        # A chain that cuts to top_k first sees only the top_k highest (biased) logits: it is
+        # run over a few hundred candidates that hold them (topk.py), not all n_vocab.
+        k = top_k_first(p)
+        self._cut_k = 0
+        if not p.grammar and not self._argmax and 0 < k <= _TOP_N and n_vocab > 4 * _TOP_N:
+            self._cut_k = k
+            self._cut_bias = (np.fromiter(bias.keys(), np.int64, len(bias))
+                              if bias else None)  # distinct: the keys of a dict
+            self._cut = np.zeros(8 * _TOP_N, dtype=_TOKEN_DATA)
+            self._cut_p = B.llama_token_data_array()
+        try:
+            samplers = chain_samplers(p, n_vocab, vocab)
+        except Exception:
+            if self.grammar:
+                L.llama_sampler_free(self.grammar)
+                self.grammar = None
+            raise
         chain_params = L.llama_sampler_chain_default_params()
         chain_params.no_perf = False
         self.ptr = L.llama_sampler_chain_init(chain_params)
         if not self.ptr:
+            for smpl in samplers:
+                L.llama_sampler_free(smpl)
             if self.grammar:
                 L.llama_sampler_free(self.grammar)
                 self.grammar = None
             raise MemoryError("llama_sampler_chain_init failed")
-
-        def add(smpl: int | None) -> None:
-            if not smpl:
-                raise RuntimeError("could not create a sampler (check the parameters)")
+        for smpl in samplers:
             L.llama_sampler_chain_add(self.ptr, smpl)  # the chain owns it from here on
+        if keep_candidates and not self._argmax and not self._cut_k and not p.grammar:
+            self._full = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+            self._full_ids = np.arange(n_vocab, dtype=np.int32)
+            self._full_p = B.llama_token_data_array()
 
-        p = params
-        # Greedy without penalties or grammar is an argmax of the (biased) logits row: numpy
-        # does it in tens of microseconds where the chain first copies all 262k candidates.
-        self._argmax = (p.temperature <= 0 and not p.grammar and p.repeat_penalty == 1.0
-                        and not p.frequency_penalty and not p.presence_penalty)
-        if self._argmax and p.logit_bias:
-            self._bias_ids = np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias))
-            self._bias = np.fromiter(p.logit_bias.values(), np.float32, len(p.logit_bias))
-        if p.logit_bias:
-            arr = (B.llama_logit_bias * len(p.logit_bias))()
-            for i, (tok, bias) in enumerate(p.logit_bias.items()):
-                arr[i].token, arr[i].bias = int(tok), float(bias)
-            add(L.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            last_n = p.repeat_last_n
-            add(L.llama_sampler_init_penalties(n_vocab, last_n, p.repeat_penalty,
-                                               p.frequency_penalty, p.presence_penalty))
-        # A chain that cuts to top_k first sees only the top_k highest (biased) logits: it is
-        # run over a few hundred candidates that hold them (topk.py), not all n_vocab.
-        self._cut_k = 0
-        if (not p.grammar and p.temperature > 0 and 0 < p.top_k <= _TOP_N and n_vocab > 4 * _TOP_N
-                and p.repeat_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty):
-            self._cut_k = p.top_k
-            self._cut_bias = (np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias))
-                              if p.logit_bias else None)  # distinct: the keys of a dict
-            self._cut = np.zeros(8 * _TOP_N, dtype=_TOKEN_DATA)
-            self._cut_p = B.llama_token_data_array()
-        if p.temperature <= 0:
-            add(L.llama_sampler_init_greedy())
-        else:
-            if p.top_k > 0:
-                add(L.llama_sampler_init_top_k(p.top_k))
-            if p.typical_p < 1.0:
-                add(L.llama_sampler_init_typical(p.typical_p, 1))
-            if p.top_p < 1.0:
-                add(L.llama_sampler_init_top_p(p.top_p, 1))
-            if p.min_p > 0.0:
-                add(L.llama_sampler_init_min_p(p.min_p, 1))
-            add(L.llama_sampler_init_temp(p.temperature))
-            seed = B.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
-            add(L.llama_sampler_init_dist(seed))
+    def prime(self, tokens) -> None:
+        """Feed the prompt's tokens to the chain (not the grammar), as llama-server does before
+        it samples (server_slot::init_sampler): penalties and DRY count them as history. Only
+        they keep any, so nothing is fed when neither acts."""
+        p = self.params
+        if p.mirostat or all(is_off(n, p) for n in ("penalties", "dry") if n in p.samplers):
+            return
+        accept, ptr = lib().llama_sampler_accept, self.ptr
+        for t in tokens:
+            accept(ptr, int(t))
 
     def sample(self, ctx, i: int) -> int:
         """Sample from output row i of ctx's last decode and accept the token into the chain
@@ -274,7 +149,9 @@ class Sampler(OwnedPointer):
                 return int(np.argmax(row))
             return self._biased_argmax(row)
         if self.grammar is None:
-            return self._sample_top_k(ctx, i) if self._cut_k else self._sample(self.ptr, ctx.ptr, i)
+            if self._cut_k:
+                return self._sample_top_k(ctx, i)
+            return self._sample(self.ptr, ctx.ptr, i) if self._full is None else self._sample_full(ctx, i)
         L = lib()
         tok = self._pick(ctx, i, with_grammar=False)
         if not self._allowed(tok):
@@ -307,13 +184,40 @@ class Sampler(OwnedPointer):
             self._cut = np.zeros(len(ids), dtype=_TOKEN_DATA)
         cp = self._cut_p
         _point(cp, self._cut, ids, row[ids])
+        return self._apply_accept(cp)
+
+    def _sample_full(self, ctx, i: int) -> int:
+        """llama_sampler_sample, over our own copy of the row (its candidates stay readable)."""
+        cp = self._full_p
+        _point(cp, self._full, self._full_ids, ctx.logits(i))
+        return self._apply_accept(cp)
+
+    def _apply_accept(self, cp) -> int:
         L = lib()
         L.llama_sampler_apply(self.ptr, ctypes.byref(cp))
         if cp.selected < 0 or cp.selected >= cp.size:
             raise RuntimeError("the sampler chain selected no token")
+        self._last_cp = cp
         tok = int(cp.data[cp.selected].id)
         L.llama_sampler_accept(self.ptr, tok)
         return tok
+
+    def post_probs(self, tok: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+        """llama-server's post_sampling_probs for the token just sampled: the log of its
+        probability among the candidates the chain left, and the n most probable of those
+        (best first, zeros dropped), as (id, log p). Needs keep_candidates (or a top-k chain or a
+        grammar); greedy's argmax leaves one candidate of probability 1."""
+        cp = self._last_cp
+        if self._argmax or cp is None:
+            return 0.0, [(tok, 0.0)] if n > 0 else []
+        nbytes = cp.size * _TOKEN_DATA.itemsize
+        cand = np.frombuffer((ctypes.c_char * nbytes).from_address(ctypes.addressof(cp.data.contents)),
+                             dtype=_TOKEN_DATA)
+        order = np.argsort(-cand["p"], kind="stable")
+        ids, p = cand["id"][order], cand["p"][order]
+        hit = np.flatnonzero(ids == tok)
+        lp = math.log(float(p[hit[0]])) if len(hit) and p[hit[0]] > 0 else -math.inf
+        return lp, [(int(t), math.log(float(q))) for t, q in zip(ids[:n], p[:n]) if q > 0]
 
     def _biased_argmax(self, row: np.ndarray) -> int:
         """argmax of row + bias (llama_sampler_logit_bias then greedy: the first of equal
@@ -377,6 +281,7 @@ class Sampler(OwnedPointer):
         L.llama_sampler_apply(self.ptr, ref)
         if cp.selected < 0 or cp.selected >= cp.size:
             raise RuntimeError("the sampler chain selected no token")
+        self._last_cp = cp
         return int(cp.data[cp.selected].id)
 
     def _pick_top(self, ctx, i: int) -> int:
@@ -398,6 +303,7 @@ class Sampler(OwnedPointer):
         L.llama_sampler_apply(self.ptr, ref)
         if cp.selected < 0 or cp.selected >= cp.size:
             return -1
+        self._last_cp = cp
         return int(cp.data[cp.selected].id)
 
     def _allowed(self, tok: int, grammar=None) -> bool:

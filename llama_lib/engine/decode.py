@@ -93,7 +93,7 @@ def _sample_range(p: StepParts, lo: int, hi: int, ended: list[Request]) -> None:
             r.timings.prompt_done = now
             s.phase = GENERATE
         s.sampled = tok
-        reason = take_token(r, s.matcher, tok, vocab, ctx, ib - lo, st)
+        reason = take_token(r, s.matcher, tok, vocab, ctx, ib - lo, st, s.sampler)
         if reason is None and s.n_past >= p.n_ctx_slot:  # no position left for the next token
             reason = FinishReason.LENGTH
         if reason is not None:

@@ -40,8 +40,10 @@ def start_request(p: StepParts, s: Slot, r: Request, slot_id_base: int) -> bool:
     sampling = r.params.sampling
     if sampling.repeat_last_n == -1:  # llama.cpp's "the whole context"
         sampling = dataclasses.replace(sampling, repeat_last_n=p.n_ctx_slot)
-    s.begin(r, s.n_prefix + n_keep, n_keep, Sampler(sampling, p.vocab.n_tokens, p.vocab),
-            StopMatcher(r.params.stop))
+    post = r.params.n_probs > 0 and r.params.post_sampling_probs
+    sampler = Sampler(sampling, p.vocab.n_tokens, p.vocab, keep_candidates=post)
+    sampler.prime(r.prompt_tokens)  # penalties and DRY see the prompt, as in llama-server
+    s.begin(r, s.n_prefix + n_keep, n_keep, sampler, StopMatcher(r.params.stop))
     return True
 
 

@@ -79,7 +79,7 @@ def token_probs(logits: np.ndarray, tok: int, n: int) -> tuple[float, list[tuple
 
 
 def take_token(r: Request, matcher: StopMatcher, tok: int, vocab: Vocab, ctx: Context, row: int,
-               stats: EngineStats) -> FinishReason | None:
+               stats: EngineStats, sampler=None) -> FinishReason | None:
     """Add a token sampled from output `row` to its request: stream its text (and its
     probabilities, when asked) and say whether it ends the request (EOS, a stop string,
     n_predict); None to go on."""
@@ -91,7 +91,10 @@ def take_token(r: Request, matcher: StopMatcher, tok: int, vocab: Vocab, ctx: Co
     text, stop = matcher.feed(vocab.token_to_piece(tok, tok in p.preserved_tokens), check)
     if p.n_probs > 0:
         t0 = time.perf_counter()
-        lp, top = token_probs(ctx.logits(row), tok, p.n_probs)
+        if p.post_sampling_probs and sampler is not None:
+            lp, top = sampler.post_probs(tok, p.n_probs)
+        else:
+            lp, top = token_probs(ctx.logits(row), tok, p.n_probs)
         stats.t_sample += time.perf_counter() - t0
         r._emit(text, [tok], [TokenProbs(tok, text, lp, top)])
     else:

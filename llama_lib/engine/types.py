@@ -184,6 +184,9 @@ class RequestParams:
     # llama-server's n_probs: with n > 0 every generated token carries its log-probability and
     # the n most probable tokens (softmax of the raw logits row, before any sampler). 0: none.
     n_probs: int = 0
+    # llama-server's post_sampling_probs: those figures are the probabilities the sampler chain
+    # left (after top_k, temperature, ...; zeros dropped) instead of the raw logits' softmax
+    post_sampling_probs: bool = False
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 

@@ -23,6 +23,7 @@ from ..fields import (
 from ..limits import N_PROBS_MAX
 from .grammar_limits import check_grammar
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
+from .samplers import chain_fields
 from .shapes import shape_for
 from .structured import get_grammar
 
@@ -48,6 +49,7 @@ def sampling_params(body: dict, d: Defaults, tok: Tokenizer | None = None) -> Sa
     values = {name: _sampling_field(body, name, kind, getattr(ds, name)) for name, kind in SAMPLING_FIELDS}
     return SamplingParams(
         **values,
+        **chain_fields(body, ds),
         seed=None if seed == -1 else seed,
         logit_bias=get_logit_bias(body, tok),
         grammar=_or_default(get_grammar(body), ds.grammar),
@@ -138,6 +140,7 @@ def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
         ignore_eos=ignore_eos,
         min_tokens=get_int(body, "min_tokens", 0, lo=0, hi=N_PREDICT_MAX),
         cache_prompt=get_bool(body, "cache_prompt", d.cache_prompt),
+        post_sampling_probs=get_bool(body, "post_sampling_probs", False),
     )
 
 

@@ -23,6 +23,7 @@ from llama_lib.sampler import SAMPLING_RANGES
 from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
 from .cli_drain import add_drain_flags, check_drain_flags
+from .cli_sampling import add_sampling_flags, check_sampling_flags
 from .cli_http import add_http_flags, check_http_flags, csv_list as _csv
 from ..errors import ApiError
 from ..api.structured import get_grammar
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat alpha presence penalty, -2..2 (default: 0.00, 0.0 = disabled)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="N",
                    help="repeat alpha frequency penalty, -2..2 (default: 0.00, 0.0 = disabled)")
+    add_sampling_flags(g)  # --samplers, --sampling-seq, --dry-*, --xtc-*, --mirostat*, ...
     gg = g.add_mutually_exclusive_group()
     gg.add_argument("--grammar", metavar="GRAMMAR",
                     help="BNF-like grammar (GBNF) to constrain generations")
@@ -292,9 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dashes(argv: list[str]) -> list[str]:
+    """llama.cpp reads "--backend_sampling" as "--backend-sampling": '_' in a long flag's name is
+    '-' (common/arg.cpp), and upstream's test harness writes some flags that way."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and "_" in a.split("=", 1)[0]:
+            name, eq, rest = a.partition("=")
+            a = name.replace("_", "-") + eq + rest
+        out.append(a)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = p.parse_args(_dashes(sys.argv[1:] if argv is None else argv))
     if args.prefill_chunk is None:  # a prompt piece per step is one ubatch, whatever -ub is
         args.prefill_chunk = args.ubatch_size
     for name, lo in (("ctx_size", 0), ("batch_size", 1), ("ubatch_size", 1), ("parallel", 1),
@@ -339,6 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"{flag} must be {allowed.describe_hi()}")
         elif v not in allowed:
             p.error(f"{flag} must be {allowed}")
+    check_sampling_flags(p, args)
     args.grammar_text = _default_grammar(p, args)
     # comma lists: aliases and tags are sets in llama-server (sorted, no duplicates)
     args.aliases = sorted({x for group in args.alias for x in group})

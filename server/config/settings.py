@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from llama_lib import EngineConfig, SamplingParams, default_model_path
 
 from ..api.requests import Defaults
+from .cli_sampling import sampling_kwargs
 
 
 
@@ -93,7 +94,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                grammar=args.grammar_text)),
+                grammar=args.grammar_text, **sampling_kwargs(args))),
         n_keep=args.keep, chat_template=args.chat_template, chat_template_from=args.chat_template_from,
         jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,

@@ -44,6 +44,7 @@ class Shape:
     takes_system_update: ClassVar[bool] = False  # server-parallel's system_prompt fields
     refuses_echo: ClassVar[bool] = False      # OpenAI's `echo` is refused (400)
     ends_with_done: ClassVar[bool] = True     # a stream ends with `data: [DONE]`
+    shows_post_probs: ClassVar[bool] = False  # post_sampling_probs as "prob" (else log-probs)
 
     def __init__(self, job: Job, ctx: AnswerContext, index: int = 0):
         self.job = job
@@ -84,7 +85,8 @@ class Shape:
         res = completion_result(h, self.job, c.model_name, c.n_ctx_slot, text,
                                 c.prompt_text(h, self.job), self.index)
         if self.job.params.n_probs > 0:
-            probs = final_probs(h, self.job, c.token_piece, c.tokenize_text)
+            post = self.shows_post_probs and self.job.params.post_sampling_probs
+            probs = final_probs(h, self.job, c.token_piece, c.tokenize_text, post)
             if probs:
                 res["completion_probabilities"] = probs
         return res

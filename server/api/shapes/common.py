@@ -78,8 +78,7 @@ def format_logit_bias(bias: dict[int, float]) -> list[dict]:
 
 
 def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
-    """llama-server's generation_settings. The samplers we do not have are listed with the
-    values that disable them (what llama.cpp defaults to), so clients find every field."""
+    """llama-server's generation_settings, every sampler field with the value in force."""
     s = p.sampling
     return {
         "n_ctx": n_ctx,
@@ -87,37 +86,36 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "max_tokens": p.n_predict,
         "seed": 0xFFFFFFFF if s.seed is None else s.seed,
         "temperature": s.temperature,
+        "dynatemp_range": s.dynatemp_range,
+        "dynatemp_exponent": s.dynatemp_exponent,
         "top_k": s.top_k,
         "top_p": s.top_p,
         "min_p": s.min_p,
+        "top_n_sigma": s.top_n_sigma,
+        "xtc_probability": s.xtc_probability,
+        "xtc_threshold": s.xtc_threshold,
         "typical_p": s.typical_p,
         "repeat_last_n": s.repeat_last_n,
         "repeat_penalty": s.repeat_penalty,
         "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty,
+        "dry_multiplier": s.dry_multiplier,
+        "dry_base": s.dry_base,
+        "dry_allowed_length": s.dry_allowed_length,
+        "dry_penalty_last_n": s.dry_penalty_last_n,
+        "dry_sequence_breakers": list(s.dry_sequence_breakers),
+        "mirostat": s.mirostat,
+        "mirostat_tau": s.mirostat_tau,
+        "mirostat_eta": s.mirostat_eta,
+        "adaptive_target": s.adaptive_target,
+        "adaptive_decay": s.adaptive_decay,
         "stop": list(p.stop),
         "ignore_eos": p.ignore_eos,
         "stream": stream,
         "logit_bias": format_logit_bias(s.logit_bias),
-        "min_keep": 0,
+        "min_keep": s.min_keep,
         "n_probs": p.n_probs,
-        "samplers": ["penalties", "top_k", "typ_p", "top_p", "min_p", "temperature"],
-        # not implemented here: the values that turn them off
-        "dynatemp_range": 0.0,
-        "dynatemp_exponent": 1.0,
-        "top_n_sigma": -1.0,
-        "xtc_probability": 0.0,
-        "xtc_threshold": 0.1,
-        "dry_multiplier": 0.0,
-        "dry_base": 1.75,
-        "dry_allowed_length": 2,
-        "dry_penalty_last_n": 64,
-        "dry_sequence_breakers": ["\n", ":", "\"", "*"],
-        "mirostat": 0,
-        "mirostat_tau": 5.0,
-        "mirostat_eta": 0.1,
-        "adaptive_target": -1.0,
-        "adaptive_decay": 0.9,
+        "samplers": list(s.samplers),
         "n_keep": 0,
         "n_discard": 0,
         "grammar": s.grammar or "",
@@ -129,7 +127,7 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "reasoning_in_content": False,
         "generation_prompt": "",
         "timings_per_token": False,
-        "post_sampling_probs": False,
+        "post_sampling_probs": p.post_sampling_probs,
         "backend_sampling": False,
         "lora": [],
     }
@@ -191,13 +189,16 @@ def _logprob(x: float) -> float:
 
 
 def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
-               strip_leading: bool = False) -> list[dict]:
+               strip_leading: bool = False, post: bool = False) -> list[dict]:
     """llama-server's completion_probabilities / OpenAI's logprobs.content: per generated token
     (engine `TokenProbs`) its id, the text sent with it ("token", with "bytes"), its logprob
     and its top_logprobs (each candidate's text is its piece; `piece(id)` gives the bytes).
 
     `strip_leading`: the answer's text had its leading whitespace dropped; the first
-    entries' texts are stripped alike, so that the tokens still spell the answer."""
+    entries' texts are stripped alike, so that the tokens still spell the answer. `post`:
+    llama-server's post_sampling_probs keys, "prob" and "top_probs" (probabilities, not logs)."""
+    key, top_key = ("prob", "top_probs") if post else ("logprob", "top_logprobs")
+    value = math.exp if post else _logprob
     out = []
     strip = strip_leading
     for e in entries:
@@ -209,9 +210,9 @@ def probs_json(entries: Sequence[Any], piece: Callable[[int], bytes],
         for tid, lp in e.top:
             b = piece(tid)
             top.append({"id": tid, "token": b.decode("utf-8", "ignore"), "bytes": list(b),
-                        "logprob": _logprob(lp)})
+                        key: value(lp)})
         out.append({"id": e.token, "token": text, "bytes": list(text.encode("utf-8")),
-                    "logprob": _logprob(e.logprob), "top_logprobs": top})
+                    key: value(e.logprob), top_key: top})
     return out
 
 
@@ -225,7 +226,7 @@ def handle_error(h, closing: bool) -> ApiError:
 
 
 def final_probs(h, job: Job, piece: Callable[[int], bytes],
-                tokenize_text: Callable[[str], list[int]]) -> list[dict]:
+                tokenize_text: Callable[[str], list[int]], post: bool = False) -> list[dict]:
     """The per-token probabilities of a finished (not streamed) request. After a stop
     string, as llama-server, the last entries are dropped, at most as many as the stop
     string has tokens (those that spelled it); here only those that sent no text, so
@@ -237,4 +238,4 @@ def final_probs(h, job: Job, piece: Callable[[int], bytes],
         while n > lo and not entries[n - 1].text:
             n -= 1
         entries = entries[:n]
-    return probs_json(entries, piece, job.strip_leading)
+    return probs_json(entries, piece, job.strip_leading, post)

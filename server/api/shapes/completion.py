@@ -19,6 +19,7 @@ class CompletionShape(Shape):
     kind = KIND_COMPLETION
     takes_system_update = True
     ends_with_done = False
+    shows_post_probs = True
 
     def on_chunk(self, h, chunk, text: str, n_predicted: int) -> Iterator[object]:
         ev = {
@@ -31,7 +32,8 @@ class CompletionShape(Shape):
             "tokens_evaluated": h.n_cached_tokens + h.n_prompt_tokens,
         }
         if chunk.probs:
-            ev["completion_probabilities"] = chunk_probs(chunk, text, self.ctx.token_piece)
+            ev["completion_probabilities"] = chunk_probs(chunk, text, self.ctx.token_piece,
+                                                         self.job.params.post_sampling_probs)
         yield ev
 
     def ending(self, h, done: bool) -> Iterator[object]:
@@ -50,10 +52,10 @@ class CompletionShape(Shape):
         return answers
 
 
-def chunk_probs(chunk, text: str, piece) -> list[dict]:
+def chunk_probs(chunk, text: str, piece, post: bool = False) -> list[dict]:
     """A streamed chunk's probabilities; a chunk is one token, sent with `text` (its text
     after the leading-whitespace strip, if any)."""
     entries = chunk.probs
     if len(entries) == 1 and entries[0].text != text:
         entries = [dataclasses.replace(entries[0], text=text)]
-    return probs_json(entries, piece)
+    return probs_json(entries, piece, post=post)
