@@ -35,7 +35,7 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
     _body_done = False  # the request's body was read, or need not be
 
     disable_nagle_algorithm = True  # TCP_NODELAY: no wait for the client's delayed ACK
-    parked = False  # the connection went back to the door's loop after this request
+    kept_alive: bytes | None = None  # after the request: the leftover bytes of a connection kept open
 
     def setup(self) -> None:
         """The request arrived through the door (server.http.acceptor.Arrival): its bytes read
@@ -78,8 +78,7 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
         if self._linger:
             linger_close(self.connection)
         elif keep:
-            self.server.acceptor.park(self.connection, self.client_address, leftover)
-            self.parked = True
+            self.kept_alive = leftover  # Server._serve hands the connection back to the door
 
     # -- logging / errors from http.server ------------------------------------------------
 

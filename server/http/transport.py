@@ -109,18 +109,21 @@ class Server(ThreadingHTTPServer):
         super().server_close()
         self.pool.close()
 
-    def _serve(self, arrival: Arrival) -> None:
-        """On a handler thread: one request; the connection then goes back to the door, or closes."""
-        parked = False
+    def _serve(self, arrival: Arrival):
+        """On a handler thread: one request. Returns what gives a kept-alive connection back to
+        the door: the pool runs it once this thread counts as idle, so that the connection's
+        next request finds this thread free instead of starting another."""
+        leftover = None
         try:
             handler = self.RequestHandlerClass(arrival, arrival.addr, self)
-            parked = handler.parked
+            leftover = handler.kept_alive
         except Exception:
             log.exception("error while serving %s", arrival.addr[0])
-        finally:
-            if not parked:
-                self.shutdown_request(arrival.sock)
-                self.acceptor.closed(arrival.addr)
+        if leftover is None:
+            self.shutdown_request(arrival.sock)
+            self.acceptor.closed(arrival.addr)
+            return None
+        return lambda: self.acceptor.park(arrival.sock, arrival.addr, leftover)
 
     def begin(self) -> None:
         with self.active_cond:

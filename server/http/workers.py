@@ -18,7 +18,8 @@ WORKER_IDLE_EXIT = 5.0  # seconds an idle handler thread waits for work before i
 
 
 class HandlerPool:
-    """`submit(item)` runs `serve(item)` on one of at most `max_threads` threads."""
+    """`submit(item)` runs `serve(item)` on one of at most `max_threads` threads; what
+    `serve` returns, if not None, is called once the thread counts as idle again."""
 
     def __init__(self, max_threads: int, serve: Callable[[Any], None], name: str = "http"):
         self.max_threads = max(1, max_threads)
@@ -56,9 +57,15 @@ class HandlerPool:
             self._queue.put(None)
 
     def _work(self) -> None:
+        then = None  # what the last item asked to run once this thread is idle again
         while True:
             with self._lock:
                 self._idle += 1
+            if then is not None:
+                try:
+                    then()
+                except Exception:
+                    log.exception("error in an HTTP handler thread")
             try:
                 item = self._queue.get(timeout=WORKER_IDLE_EXIT)
             except queue.Empty:
@@ -67,6 +74,7 @@ class HandlerPool:
                     if self._pending == 0 or self._closed:
                         self._threads -= 1
                         return
+                then = None
                 continue  # work arrived as the wait ended: it is this thread's
             with self._lock:
                 self._idle -= 1
@@ -75,6 +83,7 @@ class HandlerPool:
                     return
                 self._pending -= 1
             try:
-                self._serve(item)
+                then = self._serve(item)
             except Exception:  # a bug in a handler must not end the thread silently
                 log.exception("error in an HTTP handler thread")
+                then = None
