@@ -130,11 +130,6 @@ class Acceptor:
         self._stop = True
         self._wake()
 
-    @property
-    def open_connections(self) -> int:
-        with self._lock:
-            return self._open_total
-
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:

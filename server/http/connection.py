@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from ..api.stream import DONE
 from ..errors import ApiError, error_body
+from .acceptor import SMALL_BODY
 from .bodies import BodyReader, DeadlineReader
 from .transport import LINGER_BYTES, LINGER_SECONDS, LOCALHOST_NAMES, Server, to_json
 
@@ -48,14 +49,6 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
         self._reader = DeadlineReader(self.connection, self.server.io_timeout, arrival.data,
                                       arrival.started + self.server.io_timeout)
         self.rfile = io.BufferedReader(self._reader, 65536)
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9":  # "GET /path" alone: no headers; refused
-            self.send_error(400, "HTTP/0.9 requests are not supported")
-            return False
-        return True
 
     def handle(self) -> None:
         """One request; finish() then hands a kept-alive connection back to the door."""
@@ -120,7 +113,7 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
         n = self.framing.content_length or 0
         if n == 0:
             return
-        if 0 < n <= 65536:
+        if 0 < n <= SMALL_BODY:  # read by the door already: draining it costs nothing
             try:
                 self.rfile.read(n)
                 return
