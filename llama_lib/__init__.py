@@ -23,10 +23,10 @@ __all__ = [
 
 from .engine import (  # noqa: E402
     Chunk, Engine, EngineClosed, EngineConfig, EnginePool, EngineStats, FinishReason, PromptTooLong,
-    QueueFull, Request, RequestParams, Timings,
+    Progress, QueueFull, Request, RequestParams, Timings,
 )
 
 __all__ += [
     "Chunk", "Engine", "EngineClosed", "EngineConfig", "EnginePool", "EngineStats", "FinishReason",
-    "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings",
+    "Progress", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings",
 ]

@@ -43,7 +43,7 @@ from .slot import Slot, SlotPhase
 from .system_prompt import starts_with_bos
 from .types import (
     DEFAULT_PREFILL_CHUNK, PREFILL_WHOLE_PROMPT, Chunk, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
-    RequestParams, Timings, TokenProbs,
+    Progress, RequestParams, Timings, TokenProbs,
 )
 
 # The names these had when the engine was one module.
@@ -55,7 +55,7 @@ __all__ = [
     "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EnginePool", "EngineConfig", "EngineStats", "FinishReason",
     "PromptCache", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
     "StopMatcher", "Timings", "TokenProbs", "common_prefix", "split_config", "token_probs",
-    "Handle", "starts_with_bos",
+    "Handle", "Progress", "starts_with_bos",
     # imported by the single-module engine, still reachable as llama_lib.engine.X
     "Batch", "Context", "ContextParams", "DECODE_NO_KV_SLOT", "Model", "Sampler", "SamplingParams",
 ]

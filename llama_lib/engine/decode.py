@@ -36,6 +36,8 @@ def decode_and_sample(p: StepParts) -> list[Request]:
 def _decode_chunks(p: StepParts, fillers: list[tuple[int, int]], ended: list[Request]) -> None:
     batch, ctx, st = p.batch, p.ctx, p.stats
     n_batch = p.n_batch
+    # prefilling slots whose requests asked for prompt progress (return_progress); mostly none
+    reporting = [s for s in p.slots if s.phase is PREFILL and s.req.params.return_progress]
     i = 0
     while i < batch.n_tokens:
         n = min(n_batch, batch.n_tokens - i)
@@ -52,9 +54,23 @@ def _decode_chunks(p: StepParts, fillers: list[tuple[int, int]], ended: list[Req
                 continue
             _fail_token_owner(p, i, ended)
             continue
+        if reporting:
+            _report_progress(p, reporting, i, i + n)
         _sample_range(p, i, i + n, ended)
         i += n
         n_batch = p.n_batch
+
+
+def _report_progress(p: StepParts, slots: list, lo: int, hi: int) -> None:
+    """Tell each request in `slots` with prompt rows in [lo, hi) of the batch just decoded how
+    far its prompt is in the KV cache (its last row's position, as a prompt index)."""
+    seq_ids, pos = p.batch.seq_id[lo:hi, 0], p.batch.pos[lo:hi]
+    for s in slots:
+        if s.req is None:
+            continue
+        rows = seq_ids == s.seq_id
+        if rows.any():  # positions n_past - prompt_pos ... hold prompt tokens 0 ...
+            s.req._progress(int(pos[rows].max()) + 1 - (s.n_past - s.prompt_pos))
 
 
 def _fail_token_owner(p: StepParts, i: int, ended: list[Request]) -> None:

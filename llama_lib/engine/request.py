@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .handle import Handle
-from .types import Chunk, FinishReason, RequestParams, TokenProbs
+from .types import Chunk, FinishReason, Progress, RequestParams, TokenProbs
 
 _END = object()
 
@@ -56,8 +57,9 @@ class Request(Handle):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[Chunk]:
-        """Yield chunks as they are produced, until the request finishes."""
+    def __iter__(self) -> Iterator[Chunk | Progress]:
+        """Yield chunks as they are produced, until the request finishes (with
+        params.return_progress, `Progress` items too, before the first chunk)."""
         while True:
             item = self._stream.get()
             if item is _END:
@@ -65,7 +67,7 @@ class Request(Handle):
                 return
             yield item
 
-    def next_chunk(self, timeout: float | None = None) -> Chunk | None:
+    def next_chunk(self, timeout: float | None = None) -> Chunk | Progress | None:
         """The next chunk, None once finished. Raises queue.Empty after `timeout` seconds."""
         item = self._stream.get(timeout=timeout)
         if item is _END:
@@ -126,6 +128,14 @@ class Request(Handle):
         if text or tokens:
             self._put(Chunk(text, tokens, probs))
 
+    def _progress(self, n_done: int) -> None:
+        """Report that the first n_done tokens of `prompt_tokens` are in the KV cache (only
+        called for a request with params.return_progress)."""
+        total = self.n_cached_tokens + self.n_prompt_tokens
+        elapsed_ms = (time.perf_counter() - self.timings.started) * 1e3
+        self._put(Progress(total, self.n_cached_tokens, total - len(self.prompt_tokens) + n_done,
+                           elapsed_ms))
+
     def _finish(self, reason: FinishReason, error: str | None = None) -> None:
         if self._done.is_set():
             return
@@ -167,7 +177,7 @@ class _AsyncChunks:
     def __aiter__(self) -> "_AsyncChunks":
         return self
 
-    async def __anext__(self) -> Chunk:
+    async def __anext__(self) -> Chunk | Progress:
         r = self.req
         loop = asyncio.get_running_loop()
         while True:

@@ -106,6 +106,8 @@ class Slot:
         self.sampled = -1
         self.sampler = sampler
         self.matcher = matcher
+        if req.params.return_progress:  # the first report: nothing decoded yet
+            req._progress(n_cached)
 
     def wait_for(self, req: Request, leader: "Slot", n_shared: int) -> None:
         """Hold `req` until `leader` has decoded the first n_shared prompt tokens."""

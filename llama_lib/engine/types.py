@@ -178,6 +178,9 @@ class RequestParams:
     slot: int | None = None        # run in this slot (waits for it); None: the free slot
                                    # with the most similar cache, else the lowest free one
     cache_prompt: bool = True      # reuse the prefix the slot's KV cache shares with the prompt
+    # llama-server's return_progress: a `Progress` item in the request's stream when it starts
+    # in its slot and after each decoded piece of its prompt (off: nothing is made or queued)
+    return_progress: bool = False
     # special tokens whose text the output shows (a tool call's "[TOOL_CALLS]"): llama-server's
     # preserved_tokens; every other special token is written as nothing
     preserved_tokens: frozenset[int] = frozenset()
@@ -212,6 +215,19 @@ class Chunk:
     text: str
     tokens: list[int]
     probs: list[TokenProbs] | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Prompt processing progress, queued in a request's stream (`RequestParams.return_progress`)
+    between its chunks: llama-server's `prompt_progress`. Counts are of the whole prompt, the
+    shared system prompt and the cached prefix included; the first one has processed == cache,
+    the last one processed == total, before the first token's chunk."""
+
+    total: int           # prompt tokens in all
+    cache: int           # of those, found in the KV cache (not decoded)
+    processed: int       # in the KV cache now (cache included)
+    time_ms: float       # since the request started in its slot
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from .job import Job
 from .shapes import DONE, AnswerContext, shape_for
 from .shapes.common import new_id
-from .stream import handle_events
+from .stream import PING, handle_events, ping_wait
 
 log = logging.getLogger("server")
 
@@ -101,8 +101,13 @@ def stream_many(ctx: AnswerContext, jobs: list[Job], handles: list, watch) -> It
             for i in range(len(handles)):
                 threading.Thread(target=pump, args=(i,), name=f"stream-choice-{i}", daemon=True).start()
             left = len(handles)
+            wait = ping_wait(jobs[0])
             while left:
-                ev = events.get()
+                try:
+                    ev = events.get(timeout=wait)
+                except queue.Empty:
+                    yield PING
+                    continue
                 if ev is finished:
                     left -= 1
                 else:

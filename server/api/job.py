@@ -15,6 +15,10 @@ KIND_COMPLETION = "completion"
 KIND_OAI_COMPLETION = "oai_completion"
 KIND_OAI_CHAT = "oai_chat"
 
+# seconds a stream may stay silent before it gets an SSE comment (":"), llama-server's
+# --sse-ping-interval default; -1 (or 0) sends none
+SSE_PING_INTERVAL = 30
+
 
 @dataclass
 class Defaults:
@@ -28,6 +32,7 @@ class Defaults:
     ignore_eos: bool = False
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
     reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
+    sse_ping_interval: int = SSE_PING_INTERVAL  # --sse-ping-interval: a request's default
 
     @property
     def grammar(self) -> str | None:
@@ -64,5 +69,7 @@ class Job:
     prompts: tuple[str | list[int], ...] = ()  # several prompts: one result each
     n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
     chat: ChatPlan | None = None  # chat: how the answer is read (reasoning, tool calls)
+    timings_per_token: bool = False  # every streamed event carries "timings"
+    sse_ping_interval: int = SSE_PING_INTERVAL  # a stream silent this long (s) gets ":"; <= 0: never
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""

@@ -118,6 +118,7 @@ def _id_slot(body: dict, n_slots: int) -> int | None:
 # n_predict / max_tokens: -1 means "until EOS or the slot is full" (llama-server's meaning),
 # below -1 is refused, above an int32 is refused (llama-server reads an int32); anything in
 # between is accepted and in effect capped by the slot's context (finish reason "length").
+# sse_ping_interval has the same bounds.
 N_PREDICT_MAX = 2**31 - 1
 
 
@@ -141,6 +142,8 @@ def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
         min_tokens=get_int(body, "min_tokens", 0, lo=0, hi=N_PREDICT_MAX),
         cache_prompt=get_bool(body, "cache_prompt", d.cache_prompt),
         post_sampling_probs=get_bool(body, "post_sampling_probs", False),
+        # prompt progress events: streams only, as llama-server
+        return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
     )
 
 
@@ -169,7 +172,7 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
         if all(f is not None for f in sp_fields):
             update = SystemUpdate(*sp_fields)  # type: ignore[arg-type]
     stream = get_bool(body, "stream", False)
-    common, slot = _common_fields(body, info)
+    common, slot = _common_fields(body, d, info)
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
     n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX, aliases=("logprobs",)), d)
@@ -199,7 +202,7 @@ def _chat_n_probs(body: dict, d: Defaults) -> int:
     return _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX), d)
 
 
-def _common_fields(body: dict, info: ServerInfo) -> tuple[dict[str, Any], int | None]:
+def _common_fields(body: dict, d: Defaults, info: ServerInfo) -> tuple[dict[str, Any], int | None]:
     """The fields every generation endpoint reads (llama-server's schema): the Job's, and the
     slot (id_slot) for its RequestParams."""
     fields: dict[str, Any] = {"n_cmpl": _n(body, info.n_slots)}
@@ -207,6 +210,8 @@ def _common_fields(body: dict, info: ServerInfo) -> tuple[dict[str, Any], int | 
     fields["include_usage"] = _include_usage(body)
     fields["verbose"] = get_bool(body, "verbose", info.verbose)
     fields["return_tokens"] = get_bool(body, "return_tokens", False)
+    fields["timings_per_token"] = get_bool(body, "timings_per_token", False)
+    fields["sse_ping_interval"] = get_int(body, "sse_ping_interval", d.sse_ping_interval, lo=-1, hi=N_PREDICT_MAX)
     rf = body.get("response_fields")
     if rf is not None:
         if not isinstance(rf, list) or not all(isinstance(f, str) for f in rf):
@@ -244,7 +249,7 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     if template.stops:  # the transcript's turn markers
         # drop the space the model writes after "Assistant:", but not inside a continued prefill
         transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
-    common, slot = _common_fields(body, info)
+    common, slot = _common_fields(body, d, info)
     params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
     return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
                chat=plan if plan.active else None, **transcript, **common)

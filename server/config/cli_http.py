@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from ..api.job import SSE_PING_INTERVAL
+
 # CORS defaults (llama-server's --cors-methods / --cors-headers)
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "*"
@@ -30,6 +32,10 @@ def add_http_flags(p) -> None:
     a("-to", "--timeout", type=float, default=600, metavar="N",
       help="read/write timeout in seconds: a request's body must arrive within N s of its "
            "first byte (else 408), each write must go through within N s (default: 600)")
+    a("--sse-ping-interval", type=int, default=SSE_PING_INTERVAL, metavar="N",
+      help="a stream that sent nothing for N seconds gets an SSE comment (':') to keep the "
+           f"connection alive; -1 = never (default: {SSE_PING_INTERVAL}; a request's "
+           "sse_ping_interval overrides it)")
     a("--threads-http", type=int, default=-1, metavar="N",
       help="most requests handled at once, one thread each (idle and still-arriving connections "
            "hold no thread); more wait for a free one (default: -1 = --parallel + --max-queue + 8, "
@@ -64,6 +70,8 @@ def check_http_flags(p, args) -> None:
         p.error("--timeout-head must be > 0")
     if args.max_connections_per_ip < 0:
         p.error("--max-connections-per-ip must be >= 0")
+    if args.sse_ping_interval < -1:
+        p.error("--sse-ping-interval must be >= -1")
     if args.threads_http == 0 or args.threads_http < -1:
         p.error("--threads-http must be >= 1 (or -1)")
     if args.threads_http < 0:

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from ..api.stream import DONE
+from ..api.stream import DONE, PING
 from ..errors import ApiError, error_body
 from .acceptor import SMALL_BODY
 from .bodies import BodyReader, DeadlineReader
@@ -176,6 +176,8 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
             for ev in events:
                 if ev is DONE:
                     data = b"data: [DONE]\n\n"
+                elif ev is PING:  # llama-server's keep-alive: an SSE comment
+                    data = b":\n\n"
                 else:
                     data = b"data: %s\n\n" % to_json(ev)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -61,6 +61,11 @@ class Shape:
         """Events for one engine chunk; `text` is its text after the leading-whitespace strip."""
         raise NotImplementedError
 
+    def on_progress(self, h, progress, timings: dict | None) -> Iterator[object]:
+        """Events for a prompt progress report (return_progress), `timings` with
+        timings_per_token; a format without such an event sends nothing."""
+        return iter(())
+
     def ending(self, h, done: bool) -> Iterator[object]:
         """The last events once the handle finished (`done`: this stream writes [DONE])."""
         raise NotImplementedError

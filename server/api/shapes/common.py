@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from typing import Any, Callable, Sequence
 
-from llama_lib import FinishReason, RequestParams
+from llama_lib import FinishReason, Progress, RequestParams
 
 from ... import __version__
 from ...errors import ApiError
@@ -40,26 +41,50 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")[:32]
 
 
-def timings(h) -> dict:
-    """llama-server's `timings` object from an engine Request handle."""
-    t = h.timings
-    prompt_ms = t.prompt_s * 1000.0
-    predicted_ms = max(0.0, t.done - t.prompt_done) * 1000.0 if t.done else 0.0
-    n_prompt, n_pred = h.n_prompt_tokens, h.n_generated
+def timings_json(cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int,
+                 predicted_ms: float) -> dict:
+    """llama-server's `timings` object from its counts and durations."""
     # as llama-server: the first token comes from the prompt's logits and costs no decode
     # step, so the generation rate is over n - 1 steps (0 for a single token)
-    steps = max(0, n_pred - 1)
+    steps = max(0, predicted_n - 1)
     return {
-        "cache_n": h.n_cached_tokens,
-        "prompt_n": n_prompt,
+        "cache_n": cache_n,
+        "prompt_n": prompt_n,
         "prompt_ms": prompt_ms,
-        "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
-        "prompt_per_second": n_prompt / (prompt_ms / 1000.0) if prompt_ms > 0 else 0.0,
-        "predicted_n": n_pred,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / (prompt_ms / 1000.0) if prompt_ms > 0 else 0.0,
+        "predicted_n": predicted_n,
         "predicted_ms": predicted_ms,
         "predicted_per_token_ms": predicted_ms / steps if steps and predicted_ms > 0 else 0.0,
         "predicted_per_second": 1e3 / predicted_ms * steps if predicted_ms > 0 else 0.0,
     }
+
+
+def timings(h, n_predicted: int | None = None) -> dict:
+    """llama-server's `timings` object from an engine Request handle: when it finished, or
+    (timings_per_token) while it runs, after its first `n_predicted` tokens."""
+    t = h.timings
+    if t.done:
+        end = t.done
+    elif t.prompt_done:
+        end = time.perf_counter()
+    else:
+        end = 0.0
+    predicted_ms = max(0.0, end - t.prompt_done) * 1000.0 if end else 0.0
+    n_pred = h.n_generated if n_predicted is None else n_predicted
+    return timings_json(h.n_cached_tokens, h.n_prompt_tokens, t.prompt_s * 1000.0, n_pred, predicted_ms)
+
+
+def progress_json(p: Progress) -> dict:
+    """llama-server's `prompt_progress` (return_progress): counts of the whole prompt."""
+    return {"total": p.total, "cache": p.cache, "processed": p.processed, "time_ms": int(p.time_ms)}
+
+
+def progress_timings(p: Progress) -> dict:
+    """The `timings` of a progress event (timings_per_token): the prompt so far, nothing
+    generated; 0 ms before any prompt token is decoded, as llama-server."""
+    n = p.processed - p.cache
+    return timings_json(p.cache, n, p.time_ms if n else 0.0, 0, 0.0)
 
 
 def usage(h) -> dict:
@@ -77,7 +102,8 @@ def format_logit_bias(bias: dict[int, float]) -> list[dict]:
     return [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in bias.items()]
 
 
-def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
+def generation_settings(p: RequestParams, n_ctx: int, stream: bool,
+                        timings_per_token: bool = False) -> dict:
     """llama-server's generation_settings, every sampler field with the value in force."""
     s = p.sampling
     return {
@@ -126,7 +152,7 @@ def generation_settings(p: RequestParams, n_ctx: int, stream: bool) -> dict:
         "reasoning_format": "none",
         "reasoning_in_content": False,
         "generation_prompt": "",
-        "timings_per_token": False,
+        "timings_per_token": timings_per_token,
         "post_sampling_probs": p.post_sampling_probs,
         "backend_sampling": False,
         "lora": [],
@@ -152,7 +178,7 @@ def completion_result(h, job: Job, model: str, n_ctx: int, content: str,
         "model": model,
         "tokens_predicted": h.n_generated,
         "tokens_evaluated": tokens_evaluated,
-        "generation_settings": generation_settings(job.params, n_ctx, job.stream),
+        "generation_settings": generation_settings(job.params, n_ctx, job.stream, job.timings_per_token),
         "prompt": prompt_text,
         "has_new_line": "\n" in h.text,
         "truncated": False,

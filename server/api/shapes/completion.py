@@ -12,7 +12,7 @@ from typing import Iterator
 
 from ..job import KIND_COMPLETION, Job
 from .base import Shape
-from .common import completion_result, probs_json, project_fields
+from .common import completion_result, probs_json, progress_json, project_fields
 
 
 class CompletionShape(Shape):
@@ -34,6 +34,15 @@ class CompletionShape(Shape):
         if chunk.probs:
             ev["completion_probabilities"] = chunk_probs(chunk, text, self.ctx.token_piece,
                                                          self.job.params.post_sampling_probs)
+        yield ev
+
+    def on_progress(self, h, progress, timings: dict | None) -> Iterator[object]:
+        # llama-server's progress partial: no text, its token list holds a 0 (an empty token)
+        ev = {"index": self.index, "content": "", "tokens": [0], "stop": False, "id_slot": h.slot_id,
+              "tokens_predicted": 0, "tokens_evaluated": progress.total}
+        if timings is not None:
+            ev["timings"] = timings
+        ev["prompt_progress"] = progress_json(progress)
         yield ev
 
     def ending(self, h, done: bool) -> Iterator[object]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ...chat.output import ChatOutput
 from ..job import KIND_OAI_CHAT
-from .common import probs_json, timings, usage
+from .common import probs_json, progress_json, timings, usage
 from .completion import chunk_probs
 from .openai import OpenAIShape, oai_finish_reason
 
@@ -62,6 +62,14 @@ class OaiChatShape(OpenAIShape):
                 ev["choices"][0]["logprobs"] = {"content": probs_json(self.pending_probs, self.ctx.token_piece)}
                 self.pending_probs = []
             yield ev
+
+    def on_progress(self, h, progress, timings: dict | None) -> Iterator[object]:
+        # llama-server repeats the opening delta with each progress report
+        ev = self.chunk({"role": "assistant", "content": None})
+        if timings is not None:
+            ev["timings"] = timings
+        ev["prompt_progress"] = progress_json(progress)
+        yield ev
 
     def last_chunks(self, h) -> Iterator[dict]:
         reason = oai_finish_reason(h.finish_reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..job import KIND_OAI_COMPLETION
-from .common import timings, usage
+from .common import progress_json, timings, usage
 from .completion import chunk_probs
 from .openai import OpenAIShape, oai_finish_reason
 
@@ -31,6 +31,13 @@ class OaiCompletionShape(OpenAIShape):
         ev = self.chunk(text)
         if chunk.probs:
             ev["choices"][0]["logprobs"] = {"content": chunk_probs(chunk, text, self.ctx.token_piece)}
+        yield ev
+
+    def on_progress(self, h, progress, timings: dict | None) -> Iterator[object]:
+        ev = self.chunk("")
+        if timings is not None:
+            ev["timings"] = timings
+        ev["prompt_progress"] = progress_json(progress)
         yield ev
 
     def last_chunks(self, h) -> Iterator[dict]:
