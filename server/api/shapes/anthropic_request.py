@@ -59,6 +59,30 @@ def _text_of(blocks: Any, where: str) -> str:
     return "".join(out)
 
 
+BILLING = "x-anthropic-billing-header:"  # Claude Code's first system block
+
+
+def _billing_stamp_fixed(text: str) -> str:
+    """Claude Code starts its system prompt with a billing header whose `cch=XXXXX;` stamp
+    changes with every request, so no cached prefix would reach past it: the stamp is
+    written as "fffff", as llama-server does (ggml-org/llama.cpp#21793)."""
+    if not text.startswith(BILLING):
+        return text
+    at = text.find("cch=", len(BILLING)) + 4
+    if at >= 4 and text[at + 5:at + 6] == ";":
+        return text[:at] + "fffff" + text[at + 5:]
+    return text
+
+
+def _system(system: Any) -> str:
+    if isinstance(system, list) and all(_is_obj(b) for b in system):
+        system = [{**b, "text": _billing_stamp_fixed(b["text"])} if isinstance(b.get("text"), str) else b
+                  for b in system]
+    elif isinstance(system, str):
+        system = _billing_stamp_fixed(system)
+    return _text_of(system, "system")
+
+
 def _tool_call(b: dict, where: str) -> dict:
     if not isinstance(b.get("id"), str) or not b["id"]:
         raise bad_request(f"{where}.id must be a non-empty string")
@@ -222,7 +246,7 @@ def to_chat_body(body: Any) -> dict:
     messages: list[dict] = []
     system = body.get("system")
     if system is not None:
-        messages.append({"role": "system", "content": _text_of(system, "system")})
+        messages.append({"role": "system", "content": _system(system)})
     for i, m in enumerate(msgs):
         messages.extend(_message(m, i))
     chat["messages"] = messages
