@@ -86,6 +86,7 @@ class AnthropicShape(Shape):
         self.open: tuple[str, int] | None = None  # the open block: (kind, index)
         self.n_blocks = 0
         self.has_calls = False
+        self.call_blocks: dict[int, int] = {}  # a call's index in ChatOutput -> its block's
 
     # -- a stream -----------------------------------------------------------------------------
 
@@ -139,8 +140,10 @@ class AnthropicShape(Shape):
                 self.has_calls = True
                 yield from self._open("tool_use", {"type": "tool_use", "id": call["id"],
                                                    "name": fn.get("name", ""), "input": {}})
+                self.call_blocks[call["index"]] = self.n_blocks - 1
             if fn.get("arguments"):
-                yield self._delta(self.open[1], {"type": "input_json_delta", "partial_json": fn["arguments"]})
+                index = self.call_blocks[call["index"]]
+                yield self._delta(index, {"type": "input_json_delta", "partial_json": fn["arguments"]})
 
     def on_chunk(self, h, chunk, text: str, n_predicted: int) -> Iterator[object]:
         yield from self._start(h)

@@ -28,6 +28,7 @@ from typing import Any
 
 from ...errors import bad_request
 from ...fields import check_object
+from ...limits import MAX_MESSAGES, MAX_TOOLS, check_count
 
 DEFAULT_MAX_TOKENS = 4096  # llama-server's, when a body has no max_tokens (Anthropic requires it)
 ROLES = ("user", "assistant")
@@ -242,6 +243,9 @@ def to_chat_body(body: Any) -> dict:
         raise bad_request("messages must be a list")
     if not msgs:
         raise bad_request("messages: at least one message is required")
+    check_count(msgs, MAX_MESSAGES, "messages")  # before any is read (render_chat bounds the rest)
+    if isinstance(body.get("tools"), list):
+        check_count(body["tools"], MAX_TOOLS, "tools")
     chat: dict[str, Any] = {k: body[k] for k in PASSED if k in body}
     messages: list[dict] = []
     system = body.get("system")
