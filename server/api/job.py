@@ -10,10 +10,11 @@ from llama_lib import RequestParams, SamplingParams
 
 from ..chat.plan import ChatPlan
 
-# How a job answers: llama-server's /completion shape, or OpenAI's two shapes.
+# How a job answers: llama-server's /completion shape, OpenAI's two shapes, Anthropic's Messages.
 KIND_COMPLETION = "completion"
 KIND_OAI_COMPLETION = "oai_completion"
 KIND_OAI_CHAT = "oai_chat"
+KIND_ANTHROPIC = "anthropic"  # Anthropic's Messages API (/v1/messages)
 
 # seconds a stream may stay silent before it gets an SSE comment (":"), llama-server's
 # --sse-ping-interval default; -1 (or 0) sends none

@@ -231,12 +231,13 @@ def _include_usage(body: dict) -> bool:
     return get_bool(so, "include_usage", False)
 
 
-def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None) -> Job:
-    """POST /v1/chat/completions."""
+def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
+               kind: str = KIND_OAI_CHAT) -> Job:
+    """POST /v1/chat/completions, or a chat body another format's shape converted (`kind`)."""
     info = info or ServerInfo()
     body = check_object(body)
     chat = render_chat(body, template, d.reasoning_format, info.mark)
-    params = base_params(body, d, shape_for(KIND_OAI_CHAT).n_predict_names, info.tok)
+    params = base_params(body, d, shape_for(kind).n_predict_names, info.tok)
     stream = get_bool(body, "stream", False)
     plan = chat.plan
     if plan.grammar:
@@ -251,7 +252,7 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
         transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
     common, slot = _common_fields(body, d, info)
     params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
-    return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
+    return Job(kind=kind, prompt=chat.text, params=params, stream=stream,
                chat=plan if plan.active else None, **transcript, **common)
 
 
@@ -259,8 +260,9 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
 def parse_job(body: Any, kind: str, d: Defaults, template, info: ServerInfo | None = None) -> Job:
     """A generation body of any format: a chat body (messages) or a prompt body, as the
     kind's shape reads them."""
-    if shape_for(kind).reads_messages:
-        return parse_chat(body, d, template, info)
+    shape = shape_for(kind)
+    if shape.reads_messages:
+        return parse_chat(shape.chat_body(body), d, template, info, kind)
     return parse_completion(body, kind, d, info)
 
 

@@ -12,6 +12,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
+from ..api.shapes import Event
 from ..api.stream import DONE, PING
 from ..errors import ApiError, error_body
 from .acceptor import SMALL_BODY
@@ -159,8 +160,9 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
             self._headers_buffer.append(body)
         self.flush_headers()
 
-    def send_api_error(self, e: ApiError) -> None:
-        self.send_json(e.status, e.body(), e.headers)
+    def send_api_error(self, e: ApiError, shape=None) -> None:
+        """`shape(e)`: the error body of the route's wire format (default llama-server's)."""
+        self.send_json(e.status, shape(e) if shape is not None else e.body(), e.headers)
 
     def send_stream(self, events) -> None:
         """Server-sent events over chunked transfer encoding. Closing `events` cancels the job."""
@@ -178,6 +180,8 @@ class Connection(BodyReader, BaseHTTPRequestHandler):
                     data = b"data: [DONE]\n\n"
                 elif ev is PING:  # llama-server's keep-alive: an SSE comment
                     data = b":\n\n"
+                elif isinstance(ev, Event):  # a named event (Anthropic's streams)
+                    data = b"event: %s\ndata: %s\n\n" % (ev.name.encode(), to_json(ev.data))
                 else:
                     data = b"data: %s\n\n" % to_json(ev)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

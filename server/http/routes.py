@@ -17,7 +17,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import info
 from ..api.embeddings import refuse_not_enabled
-from ..api.job import KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
+from ..api.job import KIND_ANTHROPIC, KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
+from ..api.shapes import SHAPES
 from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
 from ..service import Service
 from . import slot_files
@@ -56,6 +57,8 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/embedding": {"POST": ("h_embed", "llama")},
     "/embeddings": {"POST": ("h_embed", "llama")},
     "/v1/embeddings": {"POST": ("h_embed", "oai")},
+    "/v1/messages": {"POST": ("h_generate", KIND_ANTHROPIC)},
+    "/v1/messages/count_tokens": {"POST": ("h_count_tokens", KIND_ANTHROPIC)},
 }
 SLOT_ACTION_ROUTE = {"POST": ("h_slot_action", None)}  # /slots/{id}?action=save|restore|erase
 
@@ -104,7 +107,7 @@ class Handler(Connection):
         try:
             self.route(path)
         except ApiError as e:
-            self.send_api_error(e)
+            self.send_api_error(e, self.error_shape(path))
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
         except ClientGone:
@@ -156,6 +159,14 @@ class Handler(Connection):
         name, kind = entry
         getattr(self, name)(kind)
 
+    @staticmethod
+    def error_shape(path: str):
+        """The error body of a path's wire format (Anthropic's on /v1/messages, auth failures
+        included), or None: llama-server's."""
+        kind = ROUTES.get(path, {}).get("POST", (None, None))[1]
+        shape = SHAPES.get(kind) if isinstance(kind, str) else None
+        return shape.error_body if shape is not None else None
+
     def check_auth(self) -> None:
         keys = self.server.api_keys
         if not keys:
@@ -206,6 +217,13 @@ class Handler(Connection):
 
     def h_input_tokens(self, _kind) -> None:
         self.send_json(200, self.server.service.count_input_tokens(self.read_json()))
+
+    def h_count_tokens(self, kind: str) -> None:
+        """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would decode
+        them (no max_tokens needed), as `{"input_tokens": N}`."""
+        svc = self.server.service
+        body = SHAPES[kind].chat_body(self.read_json())
+        self.send_json(200, {"input_tokens": svc.count_input_tokens(body)["input_tokens"]})
 
     def h_infill(self, _kind) -> None:
         """POST /infill needs the model's fill-in-the-middle tokens, which this server does not

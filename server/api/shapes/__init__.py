@@ -1,5 +1,5 @@
 """The wire formats, one class each (llama-server's /completion, OpenAI's completions, OpenAI's
-chat); `shape_for(kind)` is the server's one lookup by request kind.
+chat, Anthropic's messages); `shape_for(kind)` is the server's one lookup by request kind.
 
 A new format is one new file here (a `Shape` subclass with its own `kind`), its entry in
 SHAPES, and its routes in server/http/routes.py.
@@ -7,12 +7,14 @@ SHAPES, and its routes in server/http/routes.py.
 
 from __future__ import annotations
 
-from .base import DONE, AnswerContext, Shape
+from .anthropic import AnthropicShape
+from .base import DONE, AnswerContext, Event, Shape
 from .completion import CompletionShape
 from .oai_chat import OaiChatShape
 from .oai_completion import OaiCompletionShape
 
-SHAPES: dict[str, type[Shape]] = {s.kind: s for s in (CompletionShape, OaiCompletionShape, OaiChatShape)}
+SHAPES: dict[str, type[Shape]] = {s.kind: s for s in (CompletionShape, OaiCompletionShape, OaiChatShape,
+                                                      AnthropicShape)}
 
 
 def shape_for(kind: str) -> type[Shape]:
@@ -20,4 +22,4 @@ def shape_for(kind: str) -> type[Shape]:
     return SHAPES[kind]
 
 
-__all__ = ["DONE", "SHAPES", "AnswerContext", "Shape", "shape_for"]
+__all__ = ["DONE", "SHAPES", "AnswerContext", "Event", "Shape", "shape_for"]

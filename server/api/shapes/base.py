@@ -13,10 +13,20 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from llama_lib import FinishReason
 
+from ...errors import ApiError
 from ..job import Job
 from .common import completion_result, final_probs, handle_error
 
 DONE = object()  # in a stream: write `data: [DONE]`
+
+
+@dataclass(frozen=True)
+class Event:
+    """A server-sent event with a name: `event: NAME` before its `data:` line (Anthropic's
+    streams are read by event name; other formats yield plain dicts)."""
+
+    name: str
+    data: dict
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,17 @@ class Shape:
     refuses_echo: ClassVar[bool] = False      # OpenAI's `echo` is refused (400)
     ends_with_done: ClassVar[bool] = True     # a stream ends with `data: [DONE]`
     shows_post_probs: ClassVar[bool] = False  # post_sampling_probs as "prob" (else log-probs)
+
+    @classmethod
+    def chat_body(cls, body: Any) -> Any:
+        """A body of this format as the chat body `parse_chat` reads (only formats whose
+        messages are not OpenAI's convert it)."""
+        return body
+
+    @classmethod
+    def error_body(cls, e: ApiError) -> dict:
+        """A refusal on this format's routes, in its error shape (llama-server's by default)."""
+        return e.body()
 
     def __init__(self, job: Job, ctx: AnswerContext, index: int = 0):
         self.job = job
