@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from llama_lib import RequestParams, SamplingParams
 
+from ..chat.options import ChatOptions
 from ..chat.plan import ChatPlan
 
 # How a job answers: llama-server's /completion shape, or OpenAI's two shapes.
@@ -28,6 +29,7 @@ class Defaults:
     ignore_eos: bool = False
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
     reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
+    chat: ChatOptions = field(default_factory=ChatOptions)  # the other chat flags (chat/options.py)
 
     @property
     def grammar(self) -> str | None:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
+from ..chat.control import register as register_control
+from ..chat.options import reasoning_params
 from ..chat.render import render_chat
 from ..errors import bad_request
 from ..fields import (
@@ -25,6 +27,7 @@ from .grammar_limits import check_grammar
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
 from .samplers import chain_fields
 from .shapes import shape_for
+from .shapes.common import new_id
 from .structured import get_grammar
 
 # llama-server's sampling fields (server-schema.cpp) that set the SamplingParams field of the
@@ -230,7 +233,7 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
     """POST /v1/chat/completions."""
     info = info or ServerInfo()
     body = check_object(body)
-    chat = render_chat(body, template, d.reasoning_format, info.mark)
+    chat = render_chat(body, template, d.reasoning_format, info.mark, d.chat)
     params = base_params(body, d, shape_for(KIND_OAI_CHAT).n_predict_names, info.tok)
     stream = get_bool(body, "stream", False)
     plan = chat.plan
@@ -246,6 +249,11 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
         transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
     common, slot = _common_fields(body, info)
     params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
+    reasoning = reasoning_params(body, d.chat, plan.markers, plan.opened)
+    if reasoning is not None:  # a thinking template: the budget, and an id the control endpoint finds
+        params = replace(params, sampling=replace(params.sampling, reasoning=reasoning))
+        common["id"] = new_id(shape_for(KIND_OAI_CHAT).id_prefix)
+        register_control(common["id"], reasoning.switch)
     return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
                chat=plan if plan.active else None, **transcript, **common)
 
