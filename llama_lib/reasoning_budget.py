@@ -84,6 +84,7 @@ class ReasoningParams:
     message: str = ""
     opened: bool = False
     switch: ReasoningSwitch | None = None
+    other_ends: tuple[str, ...] = ()  # more tags that end the block naturally (never forced)
 
     @property
     def needed(self) -> bool:
@@ -103,19 +104,20 @@ def _utf8_complete(piece: bytes) -> bool:
 
 
 class _Matcher:
-    """Finds when the generated tokens end with one token sequence."""
+    """Finds when the generated tokens end with one of some token sequences."""
 
-    def __init__(self, seq: list[int]):
-        self.seq = seq
+    def __init__(self, *seqs: list[int]):
+        self.seqs = [q for q in seqs if q]
+        self.longest = max((len(q) for q in self.seqs), default=0)
         self.tail: list[int] = []
 
     def advance(self, tok: int) -> bool:
-        if not self.seq:
+        if not self.seqs:
             return False
         self.tail.append(tok)
-        if len(self.tail) > len(self.seq):
+        if len(self.tail) > self.longest:
             del self.tail[0]
-        if self.tail == self.seq:
+        if any(self.tail[-len(q):] == q for q in self.seqs):
             self.tail = []
             return True
         return False
@@ -135,7 +137,7 @@ class ReasoningBudget:
         self._vocab = vocab
         self.budget = params.budget if params.budget >= 0 else 1 << 62
         self._start = _Matcher(toks(params.start))
-        self._end = _Matcher(toks(params.end))
+        self._end = _Matcher(toks(params.end), *(toks(e) for e in params.other_ends))
         self.forced_tokens = toks(params.message) + toks(params.end)
         self.state = IDLE
         self.remaining = self.budget

@@ -95,6 +95,25 @@ def test_prefill_parts_joined_with_a_blank_line_and_no_prefill_assistant():
     assert "Wh\nill<|eot_id|>" in whole and whole.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_tool_call_arguments_as_objects_where_the_template_reads_them():
+    """Gemma 4 writes an object in its own format (llama-server passes the object); a template
+    that prints `arguments` as text keeps the string."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    body = {"messages": [*USER, {"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": [tool]}
+    t = template("google-gemma-4-31B-it.jinja")
+    assert t.caps["supports_object_arguments"]
+    assert "call:get_weather{city:<|\"|>Paris<|\"|>}" in render_chat(body, t).text
+    coder = template("Qwen3-Coder.jinja")  # iterates the arguments' items
+    assert "<parameter=city>\nParis\n</parameter>" in render_chat(body, coder).text
+    raw = JinjaTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments }}"
+                        "{% endfor %}{% endfor %}")
+    assert not raw.caps["supports_object_arguments"]
+    assert render_chat(body, raw).text == '{"city": "Paris"}'
+
+
 def test_skip_chat_parsing_returns_the_answer_raw():
     t = template("Qwen-Qwen3-0.6B.jinja")
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
@@ -190,6 +209,25 @@ def test_budget_zero_closes_at_once_and_unlimited_does_not(srv):
     assert j["choices"][0]["message"]["content"].startswith("</think>")
     free = _chat(srv, reasoning_format="none")["choices"][0]["message"]["content"]
     assert "</think>" not in free and MESSAGE not in free
+
+
+def test_completion_budget_fields(srv):
+    """/completion's low-level fields: the block opens when the model writes the start tag
+    (here its own first token, read off a plain run), two tokens later the message and the
+    first end tag are forced."""
+    body = {"prompt": "Numbers: one, two, three,", "temperature": 0, "n_predict": 12, "n_probs": 1,
+            "ignore_eos": True}
+    plain = srv.post("/completion", body).json()
+    first = plain["completion_probabilities"][0]["token"]
+    j = srv.post("/completion", {**body, "reasoning_budget_tokens": 2, "reasoning_budget_start_tag": first,
+                                 "reasoning_budget_end_tags": ["</x>", "</y>"],
+                                 "reasoning_budget_message": " M"}).json()
+    pieces = [p["token"] for p in j["completion_probabilities"]]
+    assert pieces[:3] == [p["token"] for p in plain["completion_probabilities"][:3]]
+    assert "".join(pieces[3:]).startswith(" M</x>"), pieces
+    r = srv.post("/completion", {**body, "reasoning_budget_tokens": 2, "reasoning_budget_start_tag": first,
+                                 "reasoning_budget_end_tags": "</x>"})
+    assert r.status_code == 400
 
 
 def test_control_ends_a_running_thinking_block(srv):

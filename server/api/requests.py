@@ -15,7 +15,7 @@ from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
 from ..chat.control import register as register_control
-from ..chat.options import reasoning_params
+from ..chat.options import completion_reasoning, reasoning_params
 from ..chat.render import render_chat
 from ..errors import bad_request
 from ..fields import (
@@ -176,6 +176,9 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
     n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX, aliases=("logprobs",)), d)
+    reasoning = completion_reasoning(body)  # the budget's low-level fields, as llama-server reads them
+    if reasoning is not None:
+        params = replace(params, sampling=replace(params.sampling, reasoning=reasoning))
     return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
                stream=stream, system_update=update, prompts=tuple(prompts), **common)
 

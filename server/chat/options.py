@@ -73,3 +73,23 @@ def reasoning_params(body: dict, options: ChatOptions, markers, opened: bool) ->
     return ReasoningParams(start=markers.start, end=markers.end,
                            budget=options.reasoning_budget if budget == -1 else budget,
                            message=message, opened=opened, switch=ReasoningSwitch(enabled=control))
+
+
+def completion_reasoning(body: dict) -> ReasoningParams | None:
+    """/completion's low-level budget fields (server-schema.cpp): `reasoning_budget_tokens`
+    with `reasoning_budget_start_tag` and `reasoning_budget_end_tags` (or one
+    `reasoning_budget_end_tag`; the first is forced), `reasoning_budget_message`; the block
+    opens when the model writes the start tag."""
+    start = get_str(body, "reasoning_budget_start_tag") or ""
+    tags = body.get("reasoning_budget_end_tags")
+    if tags is None:
+        one = get_str(body, "reasoning_budget_end_tag")
+        tags = [one] if one else []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise bad_request("reasoning_budget_end_tags must be a list of strings")
+    tags = [t for t in tags if t]
+    budget = get_int(body, "reasoning_budget_tokens", -1, lo=-1, hi=INT32_MAX)
+    message = get_str(body, "reasoning_budget_message", "") or ""
+    if not start or not tags or budget < 0:
+        return None
+    return ReasoningParams(start=start, end=tags[0], budget=budget, message=message, other_ends=tuple(tags[1:]))

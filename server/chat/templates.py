@@ -260,9 +260,20 @@ def template_caps(template) -> dict[str, bool]:
         "supports_system_role": shows("probe_system_text", [{"role": "system", "content": "probe_system_text"}, user]),
         "supports_preserve_reasoning": False,
         "supports_reasoning_effort": False,
-        "supports_object_arguments": shows('"x": 1', [user, {**calls, "tool_calls": [call("probe_call_a", {"x": 1})]},
-                                                      answer], [tool]),
+        "supports_object_arguments": _renders_objects(template, [user, {**calls, "tool_calls": [
+            call("probe_call_a", {"probe_arg_key": "probe_arg_value"})]}, answer], [tool]),
     }
+
+
+def _renders_objects(template: "JinjaTemplate", messages: list, tools: list) -> bool:
+    """Does the template write a call's `arguments` given as an object itself (`tojson`, or
+    its own format: Gemma 4's `{key:<|"|>value<|"|>}`), rather than print it as text (which
+    would show Python's repr)? llama.cpp asks whether the template reads a key of it."""
+    try:
+        out = template._render(messages, True, tools, None)
+    except Exception:
+        return False
+    return "probe_arg_value" in out and "'probe_arg_key'" not in out
 
 
 def pick_template(text: str | None, source: str | None, model, jinja: bool):
