@@ -12,6 +12,7 @@ from . import _bindings as B
 from ._resource import OwnedPointer
 from .chain import argmax_exact, chain_samplers, is_off, merged_bias, top_k_first
 from .loader import lib
+from .reasoning_budget import ReasoningBudget
 from .sampling_params import (  # noqa: F401  (re-exported: the names' old home)
     SAMPLING_RANGES, Range, SamplingParams, _trigger_regex, init_grammar,
 )
@@ -52,6 +53,8 @@ class Sampler(OwnedPointer):
     _bias_ids = None
     _full = None  # with keep_candidates: the whole row's candidates (see _sample_full)
     _last_cp = None  # the candidate array the chain picked from last (post_probs)
+    _budget = None  # a ReasoningBudget: forces the end of a thinking block (see sample)
+    _switch = None  # the request's ReasoningSwitch, told when the request runs and ends
 
     def __init__(self, params: SamplingParams, n_vocab: int, vocab=None, keep_candidates: bool = False):
         """`keep_candidates`: the chain's last candidates stay readable (`post_probs`), so the
@@ -128,6 +131,15 @@ class Sampler(OwnedPointer):
             self._full = np.zeros(n_vocab, dtype=_TOKEN_DATA)
             self._full_ids = np.arange(n_vocab, dtype=np.int32)
             self._full_p = B.llama_token_data_array()
+        r = p.reasoning
+        if r is not None:
+            if r.needed:
+                if vocab is None:
+                    raise ValueError("a reasoning budget needs the vocabulary")
+                self._budget = ReasoningBudget(r, vocab)
+            if r.switch is not None:
+                self._switch = r.switch
+                r.switch.mark_live()
 
     def prime(self, tokens) -> None:
         """Feed the prompt's tokens to the chain (not the grammar), as llama-server does before
@@ -142,7 +154,34 @@ class Sampler(OwnedPointer):
 
     def sample(self, ctx, i: int) -> int:
         """Sample from output row i of ctx's last decode and accept the token into the chain
-        (and the grammar)."""
+        (and the grammar). With a reasoning budget that is forcing the end of a thinking block,
+        the forced token is the pick (llama.cpp masks every other logit to -inf first)."""
+        b = self._budget
+        if b is None:
+            return self._sample_row(ctx, i)
+        tok = b.forced()
+        if tok is None:
+            tok = self._sample_row(ctx, i)
+        else:
+            self._accept_forced(tok)
+        b.accept(tok)
+        return tok
+
+    def _accept_forced(self, tok: int) -> None:
+        """A forced token goes where a sampled one would: the grammar (if it allows it) and
+        the chain's history; its probability is 1 (post_probs)."""
+        L = lib()
+        self._last_cp = None
+        if self.grammar is not None:
+            if self._awaiting and not self._trigger_is_safe(tok):
+                L.llama_sampler_free(self.grammar)
+                self.grammar = None
+            elif self._allowed(tok):
+                L.llama_sampler_accept(self.grammar, tok)
+        if not self._argmax:
+            L.llama_sampler_accept(self.ptr, tok)
+
+    def _sample_row(self, ctx, i: int) -> int:
         if self._argmax:  # the greedy chain keeps no state to accept
             row = ctx.logits(i)
             if self._bias_ids is None:
@@ -314,6 +353,9 @@ class Sampler(OwnedPointer):
         return one.logit != -math.inf
 
     def close(self) -> None:
+        switch, self._switch = self._switch, None
+        if switch is not None:
+            switch.mark_finished()
         grammar, self.grammar = getattr(self, "grammar", None), None
         if grammar and self._free is not None:
             self._free(grammar)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .loader import lib
+from .reasoning_budget import ReasoningParams
 
 INT32_MAX = 2**31 - 1
 
@@ -161,6 +162,8 @@ class SamplingParams:
     # the match) on, the text must follow the grammar. How a tool call can start: "<tool_call>".
     grammar_lazy: bool = False
     grammar_triggers: tuple[str, ...] = ()
+    # A thinking block's budget and runtime control (reasoning_budget.py); None: no budget stage
+    reasoning: ReasoningParams | None = None
 
     def validate(self, n_vocab: int | None = None, vocab=None) -> None:
         """Raise ValueError naming the first field outside SAMPLING_RANGES. With `vocab` (a Vocab

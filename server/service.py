@@ -29,6 +29,7 @@ from .api.requests import ServerInfo, parse_detokenize, parse_job, parse_tokeniz
 from .api.shapes import AnswerContext, shape_for
 from .api.shapes.common import handle_error, piece_json
 from .api.stream import no_watch, stream_one
+from .chat import control as chat_control
 from .chat.render import FALLBACK_TEMPLATE, render_chat
 from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
@@ -209,14 +210,20 @@ class Service:
                           n_slots=self.settings.engine.n_parallel)
         return parse_job(body, kind, self.defaults, self.template, info)
 
+    def control(self, body) -> dict:
+        """POST /v1/chat/completions/control (server/chat/control.py)."""
+        return chat_control.control(body)
+
     def apply_template(self, body) -> dict:
         """POST /apply-template: the prompt a chat request would decode, nothing generated."""
-        return {"prompt": SpecialText.unmark(render_chat(body, self.template, mark=self.special.mark).text)}
+        return {"prompt": SpecialText.unmark(render_chat(body, self.template, mark=self.special.mark,
+                                                         options=self.defaults.chat).text)}
 
     def count_input_tokens(self, body) -> dict:
         """POST /v1/chat/completions/input_tokens: the rendered chat's tokens, BOS and special
         tokens included, as llama-server counts them."""
-        n = len(self.special.tokenize(render_chat(body, self.template, mark=self.special.mark).text, True))
+        chat = render_chat(body, self.template, mark=self.special.mark, options=self.defaults.chat)
+        n = len(self.special.tokenize(chat.text, True))
         return {"input_tokens": n, "object": "response.input_tokens"}
 
     def prompt_text(self, h, job: Job) -> str:
@@ -251,7 +258,11 @@ class Service:
     def submit(self, job: Job):
         """Hand a prepared job to the engine; returns the Request handle. Raises ApiError."""
         with engine_errors():
-            return self.engine.submit(job.prompt, job.params)
+            h = self.engine.submit(job.prompt, job.params)
+        r = job.params.sampling.reasoning
+        if r is not None and r.switch is not None:
+            r.switch.attach(h)  # /v1/chat/completions/control: running while the handle is not done
+        return h
 
     def _update_system(self, u: SystemUpdate) -> None:
         """server-parallel: replace the shared system prompt and the anti-prompt. Requests in

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from llama_lib import RequestParams, SamplingParams
 
+from ..chat.options import ChatOptions
 from ..chat.plan import ChatPlan
 
 # How a job answers: llama-server's /completion shape, OpenAI's two shapes, Anthropic's Messages.
@@ -34,6 +35,7 @@ class Defaults:
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
     reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
     sse_ping_interval: int = SSE_PING_INTERVAL  # --sse-ping-interval: a request's default
+    chat: ChatOptions = field(default_factory=ChatOptions)  # the other chat flags (chat/options.py)
 
     @property
     def grammar(self) -> str | None:

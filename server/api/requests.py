@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 from llama_lib import RequestParams, SamplingParams
 from llama_lib.sampler import SAMPLING_RANGES
 
+from ..chat.control import register as register_control
+from ..chat.options import completion_reasoning, reasoning_params
 from ..chat.render import render_chat
 from ..errors import bad_request
 from ..fields import (
@@ -25,6 +27,7 @@ from .grammar_limits import check_grammar
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
 from .samplers import chain_fields
 from .shapes import shape_for
+from .shapes.common import new_id
 from .structured import get_grammar
 
 # llama-server's sampling fields (server-schema.cpp) that set the SamplingParams field of the
@@ -176,6 +179,9 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     # llama-server reads "logprobs" (OpenAI's /v1/completions field: the top-n count) as an
     # alias of n_probs, on both endpoints
     n_probs = _n_probs(get_int(body, "n_probs", 0, lo=0, hi=N_PROBS_MAX, aliases=("logprobs",)), d)
+    reasoning = completion_reasoning(body)  # the budget's low-level fields, as llama-server reads them
+    if reasoning is not None:
+        params = replace(params, sampling=replace(params.sampling, reasoning=reasoning))
     return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
                stream=stream, system_update=update, prompts=tuple(prompts), **common)
 
@@ -236,7 +242,7 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
     """POST /v1/chat/completions, or a chat body another format's shape converted (`kind`)."""
     info = info or ServerInfo()
     body = check_object(body)
-    chat = render_chat(body, template, d.reasoning_format, info.mark)
+    chat = render_chat(body, template, d.reasoning_format, info.mark, d.chat)
     params = base_params(body, d, shape_for(kind).n_predict_names, info.tok)
     stream = get_bool(body, "stream", False)
     plan = chat.plan
@@ -252,6 +258,11 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
         transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
     common, slot = _common_fields(body, d, info)
     params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
+    reasoning = reasoning_params(body, d.chat, plan.markers, plan.opened)
+    if reasoning is not None:  # a thinking template: the budget, and an id the control endpoint finds
+        params = replace(params, sampling=replace(params.sampling, reasoning=reasoning))
+        common["id"] = new_id(shape_for(kind).id_prefix)
+        register_control(common["id"], reasoning.switch)
     return Job(kind=kind, prompt=chat.text, params=params, stream=stream,
                chat=plan if plan.active else None, **transcript, **common)
 

@@ -120,10 +120,13 @@ def reasoning_format(body: dict, default: str) -> str:
 
 
 def plan_chat(body: dict, template, tools: list | None, messages: list[dict],
-              default_reasoning: str = "auto") -> ChatPlan:
-    """The plan of a chat request (before rendering: the generic format adds a system text)."""
+              default_reasoning: str = "auto", pure: bool = False) -> ChatPlan:
+    """The plan of a chat request (before rendering: the generic format adds a system text).
+    `pure` (--skip-chat-parsing): the answer is all content, no calls grammar, nothing parsed."""
     check_tool_turns(messages)
     choice = tool_choice(body, tools)
+    if pure:
+        return ChatPlan(reasoning_format=reasoning_format(body, default_reasoning))
     caps = getattr(template, "caps", {}) or {}
     text = getattr(template, "text", "") if getattr(template, "kind", "") == "jinja" else ""
     plan = ChatPlan(markers=detect_markers(text) if text else None,

@@ -1,8 +1,10 @@
 """Chat messages to a prompt with the server's template (server/chat/templates.py).
 
 Follows llama-server's prefill rules: a final assistant message is continued (no generation
-prompt after it); two assistant messages at the end, or both `add_generation_prompt` and
-`continue_final_message`, are refused.
+prompt after it; unless --no-prefill-assistant); two assistant messages at the end, or both
+`add_generation_prompt` and `continue_final_message`, are refused. A prefill given as text
+parts is joined with a blank line (common_chat_msg::render_content), other messages' parts with
+a newline.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .options import DEFAULT_OPTIONS, ChatOptions, template_kwargs
 from .plan import ChatPlan, plan_chat, with_system_text
 from ..errors import bad_request
 from ..fields import check_body, check_object, get_bool
@@ -25,7 +28,7 @@ PASSED_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 FALLBACK_TEMPLATE = TranscriptTemplate()  # what a server without a chat template uses
 
 
-def _content_text(content: Any, i: int) -> str:
+def _content_text(content: Any, i: int, sep: str = "\n") -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -36,7 +39,7 @@ def _content_text(content: Any, i: int) -> str:
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
                 raise bad_request(f"messages[{i}].content: only parts of type 'text' are supported")
             parts.append(p["text"])
-        return "\n".join(parts)  # llama-server joins text parts with a newline
+        return sep.join(parts)  # llama-server joins text parts with a newline
     raise bad_request(f"messages[{i}].content must be a string or a list of text parts")
 
 
@@ -113,15 +116,6 @@ def _bound(body: dict) -> None:
             check_count(body[field], limit, field)
 
 
-def _template_kwargs(body: dict) -> dict:
-    kw = body.get("chat_template_kwargs")
-    if kw is None:
-        return {}
-    if not isinstance(kw, dict):
-        raise bad_request("chat_template_kwargs must be an object")
-    return kw
-
-
 @dataclass
 class ChatPrompt:
     text: str
@@ -129,31 +123,34 @@ class ChatPrompt:
     plan: ChatPlan       # tools, tool_choice and reasoning: how the answer is constrained and read
 
 
-def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None) -> ChatPrompt:
+def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None,
+                options: ChatOptions = DEFAULT_OPTIONS) -> ChatPrompt:
     """messages + add_generation_prompt / continue_final_message to a prompt, as llama-server:
     a final assistant message is a prefill the model continues (no generation prompt after
     it); two assistant messages at the end, or both options true, are refused (400).
-    `mark(text)` marks special-token texts in what users wrote (SpecialText.mark, handed down by the Service)."""
+    `mark(text)` marks special-token texts in what users wrote (SpecialText.mark, handed down by the Service);
+    `options`: the server's chat flags (options.py)."""
     _bound(check_object(body))
     check_body(body)
     messages = parse_messages(body, mark)
-    tools, kwargs = _tools(body), _template_kwargs(body)
-    plan = plan_chat(body, template, tools, messages, default_reasoning)
+    tools, kwargs = _tools(body), template_kwargs(body, options)
+    plan = plan_chat(body, template, tools, messages, default_reasoning, pure=options.skip_chat_parsing)
     messages = with_system_text(messages, plan.system_text)
     if mark is not None and tools:
         tools = marked(tools, mark)  # descriptions are users' text too (the grammar used the originals)
-    chat = _render(body, template, messages, tools, kwargs)
+    chat = _render(body, template, messages, tools, kwargs, options.prefill_assistant, mark)
     chat.plan = plan
     plan.rendered(chat.text)
     return chat
 
 
-def _render(body: dict, template, messages: list[dict], tools, kwargs) -> ChatPrompt:
+def _render(body: dict, template, messages: list[dict], tools, kwargs, prefill_assistant: bool = True,
+            mark=None) -> ChatPrompt:
     add_gen = get_bool(body, "add_generation_prompt", True)
     cfm = body.get("continue_final_message")
     # llama-server: true, "content" or "reasoning_content" continue; anything else does not
     cont = cfm is True or cfm in ("content", "reasoning_content")
-    if not cont and messages[-1]["role"] == "assistant":
+    if not cont and prefill_assistant and messages[-1]["role"] == "assistant":
         if len(messages) >= 2 and messages[-2]["role"] == "assistant":
             raise bad_request("Cannot have 2 or more assistant messages at the end of the list.")
         cont, add_gen = True, False
@@ -161,6 +158,10 @@ def _render(body: dict, template, messages: list[dict], tools, kwargs) -> ChatPr
         raise bad_request("Cannot set both add_generation_prompt and continue_final_message to true.")
     if cont and messages[-1]["role"] == "assistant":
         prefill = messages[-1]["content"]
+        parts = body["messages"][-1].get("content")
+        if isinstance(parts, list):  # text parts: joined with "\n\n", as llama-server's prefill
+            prefill = _content_text(parts, len(messages) - 1, "\n\n")
+            prefill = mark(prefill) if mark is not None else prefill
         head = template.render(messages[:-1], True, tools, kwargs)
         if prefill:
             head += template.prefill_separator

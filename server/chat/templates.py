@@ -115,8 +115,20 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _EmptyUndefined(jinja2.Undefined):
+    """An undefined variable, as llama.cpp's Jinja engine treats it: empty text also when
+    added to a string (firefunction-v2 writes `suffix + "\n" + functions` with no `functions`
+    passed). Printing, iterating and testing it already behave so in jinja2's default."""
+
+    def __add__(self, other: Any) -> Any:
+        return other
+
+    def __radd__(self, other: Any) -> Any:
+        return other
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_EmptyUndefined,
                                         extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -175,6 +187,7 @@ class JinjaTemplate:
         # llama-server's extra variables (Llama 3.x prints date_string as "Today Date")
         ctx: dict[str, Any] = {"enable_thinking": True, "date_string": now.strftime("%d %b %Y"),
                                "datetime": now.strftime("%b %d %Y"), **(kwargs or {})}
+        _alias_reasoning_vars(ctx)
         ctx.update(messages=list(messages), add_generation_prompt=add_generation_prompt,
                    bos_token=self.bos_token, eos_token=self.eos_token)
         if tools:
@@ -188,6 +201,19 @@ class JinjaTemplate:
         if self.add_bos and self.bos_token and out.startswith(self.bos_token):
             out = out[len(self.bos_token):]  # the tokenizer adds it
         return out
+
+
+def _alias_reasoning_vars(ctx: dict[str, Any]) -> None:
+    """llama.cpp's other names for two settings (jinja/caps.cpp): a reasoning effort is also
+    `reasoning_strength`; `preserve_reasoning` also sets `preserve_thinking` and its opposites
+    `clear_thinking`, `truncate_history_thinking`, `drop_thinking`."""
+    effort = ctx.get("reasoning_effort")
+    if isinstance(effort, str) and effort:
+        ctx["reasoning_strength"] = effort
+    keep = ctx.get("preserve_reasoning")
+    if isinstance(keep, bool):
+        ctx.update(preserve_thinking=keep, clear_thinking=not keep, truncate_history_thinking=not keep,
+                   drop_thinking=not keep)
 
 
 def _object_arguments(m: dict) -> dict:
@@ -234,9 +260,20 @@ def template_caps(template) -> dict[str, bool]:
         "supports_system_role": shows("probe_system_text", [{"role": "system", "content": "probe_system_text"}, user]),
         "supports_preserve_reasoning": False,
         "supports_reasoning_effort": False,
-        "supports_object_arguments": shows('"x": 1', [user, {**calls, "tool_calls": [call("probe_call_a", {"x": 1})]},
-                                                      answer], [tool]),
+        "supports_object_arguments": _renders_objects(template, [user, {**calls, "tool_calls": [
+            call("probe_call_a", {"probe_arg_key": "probe_arg_value"})]}, answer], [tool]),
     }
+
+
+def _renders_objects(template: "JinjaTemplate", messages: list, tools: list) -> bool:
+    """Does the template write a call's `arguments` given as an object itself (`tojson`, or
+    its own format: Gemma 4's `{key:<|"|>value<|"|>}`), rather than print it as text (which
+    would show Python's repr)? llama.cpp asks whether the template reads a key of it."""
+    try:
+        out = template._render(messages, True, tools, None)
+    except Exception:
+        return False
+    return "probe_arg_value" in out and "'probe_arg_key'" not in out
 
 
 def pick_template(text: str | None, source: str | None, model, jinja: bool):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from llama_lib import EngineConfig, SamplingParams, default_model_path
 
 from ..api.requests import Defaults
+from .cli_chat import chat_options
 from .cli_sampling import sampling_kwargs
 
 
@@ -89,6 +90,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         defaults=Defaults(
             n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,
             reasoning_format=args.reasoning_format, sse_ping_interval=args.sse_ping_interval,
+            chat=chat_options(args),
             sampling=SamplingParams(
                 seed=None if args.seed == -1 else args.seed, temperature=args.temp,
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical,

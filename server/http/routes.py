@@ -53,6 +53,7 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/apply-template": {"POST": ("h_apply_template", None)},
     "/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
     "/v1/chat/completions/input_tokens": {"POST": ("h_input_tokens", None)},
+    "/v1/chat/completions/control": {"POST": ("h_control", None)},
     "/infill": {"POST": ("h_infill", None)},
     "/embedding": {"POST": ("h_embed", "llama")},
     "/embeddings": {"POST": ("h_embed", "llama")},
@@ -214,6 +215,10 @@ class Handler(Connection):
 
     def h_apply_template(self, _kind) -> None:
         self.send_json(200, self.server.service.apply_template(self.read_json()))
+
+    def h_control(self, _kind) -> None:
+        """reasoning_end on a running chat completion, by its id (server/chat/control.py)."""
+        self.send_json(200, self.server.service.control(self.read_json()))
 
     def h_input_tokens(self, _kind) -> None:
         self.send_json(200, self.server.service.count_input_tokens(self.read_json()))
