@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llama_lib import RequestParams, SamplingParams
 
@@ -14,6 +15,7 @@ from ..chat.plan import ChatPlan
 KIND_COMPLETION = "completion"
 KIND_OAI_COMPLETION = "oai_completion"
 KIND_OAI_CHAT = "oai_chat"
+KIND_OAI_RESPONSES = "oai_responses"  # OpenAI's Responses API
 
 
 @dataclass
@@ -65,4 +67,5 @@ class Job:
     n_cmpl: int = 1              # n: completions per prompt (one slot each, seeds seed, seed+1, ...)
     chat: ChatPlan | None = None  # chat: how the answer is read (reasoning, tool calls)
     created: int = field(default_factory=lambda: int(time.time()))
+    wire: Any = None  # what a format keeps beyond the chat (Responses: its conversation, the store)
     id: str = ""

@@ -151,6 +151,7 @@ class ServerInfo:
     tok: Tokenizer | None = None  # logit_bias texts, ignore_eos's EOG tokens
     mark: Callable[[str], str] | None = None  # wraps special-token texts in users' strings (chat)
     verbose: bool = False         # llama-server's --verbose: "__verbose" in every answer
+    responses: Any = None         # the ResponseStore (previous_response_id, store)
     n_slots: int = 1              # n (n_cmpl) and id_slot are bounded by the slots
 
 
@@ -226,12 +227,15 @@ def _include_usage(body: dict) -> bool:
     return get_bool(so, "include_usage", False)
 
 
-def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None) -> Job:
-    """POST /v1/chat/completions."""
+def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
+               kind: str = KIND_OAI_CHAT) -> Job:
+    """POST /v1/chat/completions, and the formats read as a chat (`kind`'s shape converts
+    their body first: `Shape.chat_body`)."""
     info = info or ServerInfo()
+    body, wire = shape_for(kind).chat_body(body, info)
     body = check_object(body)
     chat = render_chat(body, template, d.reasoning_format, info.mark)
-    params = base_params(body, d, shape_for(KIND_OAI_CHAT).n_predict_names, info.tok)
+    params = base_params(body, d, shape_for(kind).n_predict_names, info.tok)
     stream = get_bool(body, "stream", False)
     plan = chat.plan
     if plan.grammar:
@@ -246,8 +250,8 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None)
         transcript = {"extra_stops": tuple(template.stops), "strip_leading": not chat.prefill}
     common, slot = _common_fields(body, info)
     params = replace(params, slot=slot, n_probs=_chat_n_probs(body, d))
-    return Job(kind=KIND_OAI_CHAT, prompt=chat.text, params=params, stream=stream,
-               chat=plan if plan.active else None, **transcript, **common)
+    return Job(kind=kind, prompt=chat.text, params=params, stream=stream,
+               chat=plan if plan.active else None, wire=wire, **transcript, **common)
 
 
 
@@ -255,7 +259,7 @@ def parse_job(body: Any, kind: str, d: Defaults, template, info: ServerInfo | No
     """A generation body of any format: a chat body (messages) or a prompt body, as the
     kind's shape reads them."""
     if shape_for(kind).reads_messages:
-        return parse_chat(body, d, template, info)
+        return parse_chat(body, d, template, info, kind)
     return parse_completion(body, kind, d, info)
 
 

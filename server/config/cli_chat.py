@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..api.response_store import DEFAULT_STORE_MIB
 from ..chat.reasoning import REASONING_FORMATS
 
 
@@ -42,6 +43,20 @@ def add_chat_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     g.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
                    help="where a chat's thinking goes: 'none' leaves it in content, 'deepseek' / 'auto' put it in "
                         "message.reasoning_content, 'deepseek-legacy' also keeps it in content (default: auto)")
+    g.add_argument("--responses-store", type=_mib, default=DEFAULT_STORE_MIB, metavar="MiB",
+                   help="memory for stored OpenAI Responses (store: true; previous_response_id, GET/DELETE "
+                        "/v1/responses/{id}); the least recently used go first; 0 stores none "
+                        f"(default: {DEFAULT_STORE_MIB:g})")
+
+
+def _mib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {1 << 20} MiB")
+    return v
 
 
 def check_chat_template(args: argparse.Namespace) -> None:

@@ -11,8 +11,10 @@ from .base import DONE, AnswerContext, Shape
 from .completion import CompletionShape
 from .oai_chat import OaiChatShape
 from .oai_completion import OaiCompletionShape
+from .responses import ResponsesShape
 
-SHAPES: dict[str, type[Shape]] = {s.kind: s for s in (CompletionShape, OaiCompletionShape, OaiChatShape)}
+SHAPES: dict[str, type[Shape]] = {s.kind: s for s in (CompletionShape, OaiCompletionShape, OaiChatShape,
+                                                      ResponsesShape)}
 
 
 def shape_for(kind: str) -> type[Shape]:

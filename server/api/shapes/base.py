@@ -46,6 +46,12 @@ class Shape:
     ends_with_done: ClassVar[bool] = True     # a stream ends with `data: [DONE]`
     shows_post_probs: ClassVar[bool] = False  # post_sampling_probs as "prob" (else log-probs)
 
+    @classmethod
+    def chat_body(cls, body: Any, info: Any) -> tuple[Any, Any]:
+        """A chat format's body as a chat completions body, and what its shape keeps beyond it
+        (`Job.wire`); OpenAI chat's own body as it is."""
+        return body, None
+
     def __init__(self, job: Job, ctx: AnswerContext, index: int = 0):
         self.job = job
         self.ctx = ctx
