@@ -11,6 +11,7 @@ the tokens the previous turn decoded. Bad bodies are 400s naming the field.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +221,7 @@ def to_chat_body(body: Any, store: Any = None) -> tuple[dict, ResponsesRequest]:
         if prev is None:
             raise ApiError(404, "not_found_error", f"Previous response with id '{prev_id}' not found.",
                            {"param": "previous_response_id"})
-        history = [dict(m) for m in prev.messages]
+        history = copy.deepcopy(prev.messages)  # merged into below; the stored ones stay as they are
     conversation = history + input_messages(body)
     chat = {k: v for k, v in body.items() if k not in RESPONSES_ONLY}
     instructions = body.get("instructions")
