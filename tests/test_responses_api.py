@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from server.api.response_store import ResponseStore
+from server.api.shapes.responses_input import to_chat_body
 from server_util import served, served_with_template, TEMPLATES
 
 openai = pytest.importorskip("openai")
@@ -68,6 +69,48 @@ def _events(stream) -> list:
     seqs = [e.sequence_number for e in events]
     assert seqs == list(range(len(events))), seqs  # every event numbered, from 0, in order
     return events
+
+
+# -- the body as a chat (no server) ---------------------------------------------------------------
+
+def test_items_become_chat_messages():
+    body = {"instructions": "Be brief.", "max_output_tokens": 9, "tools": [WEATHER, {"type": "web_search"}],
+            "tool_choice": {"type": "function", "name": "get_weather"}, "reasoning": {"effort": "none"},
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+            "input": [
+                {"role": "developer", "content": "Use tools."},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Paris?"}]},
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me see."}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]}
+    chat, req = to_chat_body(body)
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Paris?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me see."}], "reasoning_content": "hm",
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert req.messages == chat["messages"][1:]  # the conversation a store keeps: no instructions
+    assert chat["tools"] == [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert chat["max_tokens"] == 9 and "input" not in chat and "instructions" not in chat
+    assert chat["chat_template_kwargs"] == {"enable_thinking": False, "reasoning_effort": "none"}
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+
+
+def test_a_follow_up_puts_the_stored_conversation_first_and_leaves_it_unchanged():
+    store = ResponseStore(1 << 20)
+    stored = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    store.put("resp_a", {"id": "resp_a"}, stored)
+    chat, req = to_chat_body({"previous_response_id": "resp_a", "instructions": "New rules.",
+                              "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
+                             store)
+    assert chat["messages"][0] == {"role": "system", "content": "New rules."}
+    # the stored turns render as before (the cached prefix); new items never merge into them
+    assert chat["messages"][1:3] == stored and chat["messages"][3]["tool_calls"][0]["id"] == "c"
+    assert store.get("resp_a").messages == stored == req.messages[:2]
+    assert to_chat_body({"input": "x", "store": False}, store)[1].store is None
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -153,7 +196,7 @@ def test_tool_loop(qwen, streamed, chained):
 
 def test_forced_tool_choices_are_always_valid(qwen):
     c = client(qwen)
-    for seed in range(3):
+    for seed in range(2):
         for choice in ("required", {"type": "function", "name": "get_time"}):
             r = c.responses.create(model="m", input="Tell me a story about a dragon.", tools=[WEATHER, TIME],
                                    tool_choice=choice, max_output_tokens=60, temperature=1.0,
