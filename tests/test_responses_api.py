@@ -291,6 +291,17 @@ def test_store_is_lru_by_bytes():
     assert ResponseStore(0).put("a", {}, []) is False
 
 
+def test_responses_store_flag(capsys):
+    from server.config.cli import parse_args
+    from server.config.settings import build_settings
+    from server.service import Service
+    assert build_settings(parse_args([])).responses_store_mib == 64
+    assert Service(build_settings(parse_args(["--responses-store", "0.5"]))).responses.max_bytes == 2**19
+    with pytest.raises(SystemExit):
+        parse_args(["--responses-store", "-1"])
+    assert "--responses-store" in capsys.readouterr().err
+
+
 def test_the_servers_store_evicts_the_least_recently_used(qwen):
     c = client(qwen)
     first = c.responses.create(model="m", input="Say hi.", max_output_tokens=1)
