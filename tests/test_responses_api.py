@@ -113,6 +113,18 @@ def test_a_follow_up_puts_the_stored_conversation_first_and_leaves_it_unchanged(
     assert to_chat_body({"input": "x", "store": False}, store)[1].store is None
 
 
+def test_reasoning_effort_is_the_templates_thinking_switch():
+    from server.chat.render import render_chat
+    from server.chat.templates import JinjaTemplate
+    qwen3 = JinjaTemplate((TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text())
+
+    def prompt(effort):
+        return render_chat(to_chat_body({"input": "hi", "reasoning": {"effort": effort}})[0], qwen3).text
+    assert prompt("none").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off
+    assert prompt("minimal") == prompt("none")
+    assert prompt("high").endswith("<|im_start|>assistant\n") == prompt("low").endswith("assistant\n") is True
+
+
 # -- answers ----------------------------------------------------------------------------------
 
 def test_plain_answer(plain):
