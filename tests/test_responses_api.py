@@ -258,7 +258,10 @@ def test_previous_response_chain_decodes_only_new_tokens(request, which):
         kw = {"previous_response_id": prev.id} if prev else {}
         body = {"model": "m", "input": text, "instructions": "You are terse.", "max_output_tokens": 8,
                 "temperature": 0, **kw}
-        n_in = s.post("/v1/responses/input_tokens", body).json()["input_tokens"]
+        counted = c.responses.input_tokens.count(**{k: v for k, v in body.items()
+                                                    if k not in ("max_output_tokens", "temperature")})
+        assert counted.object == "response.input_tokens"
+        n_in = counted.input_tokens
         r = c.responses.create(**body)
         u = r.usage
         assert u.input_tokens == n_in  # what input_tokens counts is what the prompt decodes
