@@ -283,7 +283,10 @@ def test_unknown_deleted_and_unstored_ids_are_404(plain):
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="m", input="hi", previous_response_id="resp_nope", max_output_tokens=2)
     r = c.responses.create(model="m", input="hi", max_output_tokens=2)
-    assert c.responses.retrieve(r.id).id == r.id
+    assert c.responses.retrieve(r.id).model_dump() == {k: v for k, v in r.model_dump().items() if k != "timings"}
+    # llama-server's paths without /v1 too
+    assert requests.get(f"{plain.url}/responses/{r.id}", timeout=10).json()["id"] == r.id
+    assert requests.post(f"{plain.url}/responses/input_tokens", json={"input": "hi"}, timeout=10).json()["input_tokens"] > 0
     c.responses.delete(r.id)
     for call in (lambda: c.responses.retrieve(r.id), lambda: c.responses.delete(r.id)):
         with pytest.raises(openai.NotFoundError):

@@ -160,8 +160,7 @@ class ResponsesShape(Shape):
         self.items.close(status)
         resp = self.response(status, h)
         self._keep(resp)
-        resp["timings"] = timings(h)
-        return resp
+        return {**resp, "timings": timings(h)}  # llama-server's timings, not kept in the store
 
     @classmethod
     def merge(cls, job: Job, answers: list[dict], handles: list) -> dict:
