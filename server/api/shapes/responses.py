@@ -97,7 +97,7 @@ class ResponsesShape(Shape):
     def _keep(self, response: dict) -> None:
         store = self.req.store
         if store is not None and response["status"] != "failed":
-            if not store.put(self.job.id, response, self.req.messages + [self._message()]):
+            if not store.put(self.job.id, response, self.req.messages + [self._message()]) and store.max_bytes:
                 log.info("response %s is larger than --responses-store; not stored", self.job.id)
 
     # -- a stream -----------------------------------------------------------------------------
