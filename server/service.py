@@ -25,6 +25,7 @@ from .api import fanout
 from .api.embeddings import answer as embedding_answer, parse_embedding, refuse_not_enabled
 from .api.fanout import HandleGroup
 from .api.job import Job, SystemUpdate
+from .api.response_store import ResponseStore
 from .api.requests import ServerInfo, parse_detokenize, parse_job, parse_tokenize
 from .api.shapes import AnswerContext, shape_for
 from .api.shapes.common import handle_error, piece_json
@@ -90,6 +91,7 @@ class Service:
         self.template_caps: dict[str, bool] = {}
         self.defaults = dataclasses.replace(s.defaults)  # n_vocab is filled in at load
         self.metrics = Metrics()
+        self.responses = ResponseStore.of_mib(s.responses_store_mib)  # stored Responses (LRU by bytes)
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
 
     # -- life cycle -------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class Service:
         """A generation body of the kind's format as a Job. Raises ApiError."""
         # llama-server's --verbose makes every answer carry "__verbose"
         info = ServerInfo(tok=self.tokenizer, mark=self.special.mark, verbose=self.settings.verbose,
-                          n_slots=self.settings.engine.n_parallel)
+                          n_slots=self.settings.engine.n_parallel, responses=self.responses)
         return parse_job(body, kind, self.defaults, self.template, info)
 
     def control(self, body) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from llama_lib import RequestParams, SamplingParams
 
@@ -16,6 +17,7 @@ KIND_COMPLETION = "completion"
 KIND_OAI_COMPLETION = "oai_completion"
 KIND_OAI_CHAT = "oai_chat"
 KIND_ANTHROPIC = "anthropic"  # Anthropic's Messages API (/v1/messages)
+KIND_OAI_RESPONSES = "oai_responses"  # OpenAI's Responses API
 
 # seconds a stream may stay silent before it gets an SSE comment (":"), llama-server's
 # --sse-ping-interval default; -1 (or 0) sends none
@@ -75,4 +77,5 @@ class Job:
     timings_per_token: bool = False  # every streamed event carries "timings"
     sse_ping_interval: int = SSE_PING_INTERVAL  # a stream silent this long (s) gets ":"; <= 0: never
     created: int = field(default_factory=lambda: int(time.time()))
+    wire: Any = None  # what a format keeps beyond the chat (Responses: its conversation, the store)
     id: str = ""

@@ -157,6 +157,7 @@ class ServerInfo:
     tok: Tokenizer | None = None  # logit_bias texts, ignore_eos's EOG tokens
     mark: Callable[[str], str] | None = None  # wraps special-token texts in users' strings (chat)
     verbose: bool = False         # llama-server's --verbose: "__verbose" in every answer
+    responses: Any = None         # the ResponseStore (previous_response_id, store)
     n_slots: int = 1              # n (n_cmpl) and id_slot are bounded by the slots
 
 
@@ -239,8 +240,10 @@ def _include_usage(body: dict) -> bool:
 
 def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
                kind: str = KIND_OAI_CHAT) -> Job:
-    """POST /v1/chat/completions, or a chat body another format's shape converted (`kind`)."""
+    """POST /v1/chat/completions, and the formats read as a chat (`kind`'s shape converts
+    their body first: `Shape.chat_body`)."""
     info = info or ServerInfo()
+    body, wire = shape_for(kind).chat_body(body, info)
     body = check_object(body)
     chat = render_chat(body, template, d.reasoning_format, info.mark, d.chat)
     params = base_params(body, d, shape_for(kind).n_predict_names, info.tok)
@@ -264,16 +267,15 @@ def parse_chat(body: Any, d: Defaults, template, info: ServerInfo | None = None,
         common["id"] = new_id(shape_for(kind).id_prefix)
         register_control(common["id"], reasoning.switch)
     return Job(kind=kind, prompt=chat.text, params=params, stream=stream,
-               chat=plan if plan.active else None, **transcript, **common)
+               chat=plan if plan.active else None, wire=wire, **transcript, **common)
 
 
 
 def parse_job(body: Any, kind: str, d: Defaults, template, info: ServerInfo | None = None) -> Job:
     """A generation body of any format: a chat body (messages) or a prompt body, as the
     kind's shape reads them."""
-    shape = shape_for(kind)
-    if shape.reads_messages:
-        return parse_chat(shape.chat_body(body), d, template, info, kind)
+    if shape_for(kind).reads_messages:
+        return parse_chat(body, d, template, info, kind)
     return parse_completion(body, kind, d, info)
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 
 from ..chat.options import ChatOptions
+from ..api.response_store import DEFAULT_STORE_MIB
 from ..chat.reasoning import REASONING_FORMATS
 
 log = logging.getLogger("server")
@@ -127,6 +128,20 @@ def chat_options(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(template_kwargs=dict(args.template_kwargs), reasoning_budget=args.reasoning_budget,
                        reasoning_budget_message=args.reasoning_budget_message,
                        skip_chat_parsing=args.skip_chat_parsing, prefill_assistant=args.prefill_assistant)
+    g.add_argument("--responses-store", type=_mib, default=DEFAULT_STORE_MIB, metavar="MiB",
+                   help="memory for stored OpenAI Responses (store: true; previous_response_id, GET/DELETE "
+                        "/v1/responses/{id}); the least recently used go first; 0 stores none "
+                        f"(default: {DEFAULT_STORE_MIB:g})")
+
+
+def _mib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {1 << 20} MiB")
+    return v
 
 
 def check_chat_template(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from llama_lib import EngineConfig, SamplingParams, default_model_path
 
 from ..api.requests import Defaults
 from .cli_chat import chat_options
+from ..api.response_store import DEFAULT_STORE_MIB
 from .cli_sampling import sampling_kwargs
 
 
@@ -46,6 +47,7 @@ class Settings:
     metrics_endpoint: bool = False
     props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
     webui: bool = True             # --no-webui: / answers 404
+    responses_store_mib: float = DEFAULT_STORE_MIB  # --responses-store: stored Responses, MiB
 
     # llama-server's flag names for what the engine config holds
     @property
@@ -101,5 +103,5 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         slot_save_path=args.slot_save_path or "",
-        webui=args.webui,
+        webui=args.webui, responses_store_mib=args.responses_store,
     )

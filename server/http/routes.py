@@ -17,8 +17,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import info
 from ..api.embeddings import refuse_not_enabled
-from ..api.job import KIND_ANTHROPIC, KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION
+from ..api.job import KIND_ANTHROPIC, KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION, KIND_OAI_RESPONSES
 from ..api.shapes import SHAPES
+from ..api.shapes.responses_input import to_chat_body
 from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
 from ..service import Service
 from . import slot_files
@@ -60,8 +61,13 @@ ROUTES: dict[str, dict[str, tuple[str, str | None]]] = {
     "/v1/embeddings": {"POST": ("h_embed", "oai")},
     "/v1/messages": {"POST": ("h_generate", KIND_ANTHROPIC)},
     "/v1/messages/count_tokens": {"POST": ("h_count_tokens", KIND_ANTHROPIC)},
+    "/responses": {"POST": ("h_generate", KIND_OAI_RESPONSES)},
+    "/v1/responses": {"POST": ("h_generate", KIND_OAI_RESPONSES)},
+    "/responses/input_tokens": {"POST": ("h_responses_input_tokens", None)},
+    "/v1/responses/input_tokens": {"POST": ("h_responses_input_tokens", None)},
 }
 SLOT_ACTION_ROUTE = {"POST": ("h_slot_action", None)}  # /slots/{id}?action=save|restore|erase
+STORED_RESPONSE_ROUTE = {"GET": ("h_stored_response", None), "DELETE": ("h_stored_response", None)}
 
 
 class Handler(Connection):
@@ -124,7 +130,8 @@ class Handler(Connection):
 
     def route(self, path: str) -> None:
         svc = self.server.service
-        route = ROUTES.get(path) or (SLOT_ACTION_ROUTE if path.startswith("/slots/") else None)
+        route = ROUTES.get(path) or (SLOT_ACTION_ROUTE if path.startswith("/slots/") else None) or (
+            STORED_RESPONSE_ROUTE if path.startswith(("/v1/responses/", "/responses/")) else None)
         if self.command == "OPTIONS":
             # browsers send no credentials with a preflight: answered before the key check
             if self.server.cors_origins:
@@ -227,8 +234,26 @@ class Handler(Connection):
         """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would decode
         them (no max_tokens needed), as `{"input_tokens": N}`."""
         svc = self.server.service
-        body = SHAPES[kind].chat_body(self.read_json())
+        body = SHAPES[kind].chat_body(self.read_json(), None)[0]
         self.send_json(200, {"input_tokens": svc.count_input_tokens(body)["input_tokens"]})
+
+    def h_responses_input_tokens(self, _kind) -> None:
+        """POST /v1/responses/input_tokens: the prompt's tokens of a Responses body."""
+        svc = self.server.service
+        self.send_json(200, svc.count_input_tokens(to_chat_body(self.read_json(), svc.responses)[0]))
+
+    def h_stored_response(self, _kind) -> None:
+        """GET / DELETE /v1/responses/{id}: a stored response (404 when unknown or evicted)."""
+        store = self.server.service.responses
+        rid = unquote(urlsplit(self.path).path.rsplit("/", 1)[-1])
+        if self.command == "DELETE":
+            if not store.delete(rid):
+                raise ApiError(404, "not_found_error", f"Response with id '{rid}' not found.")
+            return self.send_json(200, {"id": rid, "object": "response", "deleted": True})
+        entry = store.get(rid)
+        if entry is None:
+            raise ApiError(404, "not_found_error", f"Response with id '{rid}' not found.")
+        self.send_json(200, entry.response)
 
     def h_infill(self, _kind) -> None:
         """POST /infill needs the model's fill-in-the-middle tokens, which this server does not

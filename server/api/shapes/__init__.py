@@ -12,9 +12,10 @@ from .base import DONE, AnswerContext, Event, Shape
 from .completion import CompletionShape
 from .oai_chat import OaiChatShape
 from .oai_completion import OaiCompletionShape
+from .responses import ResponsesShape
 
 SHAPES: dict[str, type[Shape]] = {s.kind: s for s in (CompletionShape, OaiCompletionShape, OaiChatShape,
-                                                      AnthropicShape)}
+                                                      AnthropicShape, ResponsesShape)}
 
 
 def shape_for(kind: str) -> type[Shape]:

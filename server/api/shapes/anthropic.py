@@ -71,8 +71,8 @@ class AnthropicShape(Shape):
     ends_with_done = False
 
     @classmethod
-    def chat_body(cls, body: Any) -> dict:
-        return to_chat_body(body)
+    def chat_body(cls, body: Any, info: Any = None) -> tuple[dict, None]:
+        return to_chat_body(body), None
 
     @classmethod
     def error_body(cls, e: ApiError) -> dict:

@@ -57,10 +57,10 @@ class Shape:
     shows_post_probs: ClassVar[bool] = False  # post_sampling_probs as "prob" (else log-probs)
 
     @classmethod
-    def chat_body(cls, body: Any) -> Any:
-        """A body of this format as the chat body `parse_chat` reads (only formats whose
-        messages are not OpenAI's convert it)."""
-        return body
+    def chat_body(cls, body: Any, info: Any) -> tuple[Any, Any]:
+        """A chat format's body as a chat completions body, and what its shape keeps beyond it
+        (`Job.wire`); OpenAI chat's own body as it is."""
+        return body, None
 
     @classmethod
     def error_body(cls, e: ApiError) -> dict:
