@@ -1,7 +1,7 @@
 """Chat flags, as llama-server names them: where the chat template comes from, whether Jinja
 renders it, where a chat's thinking goes, the reasoning controls (`--reasoning`, its effort,
-budget and message), the template's extra variables, `--skip-chat-parsing` and
-`--prefill-assistant`. `check_chat_template` makes a template that cannot even be compiled a
+budget and message), the template's extra variables, `--skip-chat-parsing`,
+`--prefill-assistant` and `--responses-store`. `check_chat_template` makes a template that cannot even be compiled a
 CLI error (exit 2) rather than a failure on the first request; `chat_options` gives the
 `ChatOptions` every chat request reads."""
 
@@ -11,8 +11,8 @@ import argparse
 import json
 import logging
 
-from ..chat.options import ChatOptions
 from ..api.response_store import DEFAULT_STORE_MIB
+from ..chat.options import ChatOptions
 from ..chat.reasoning import REASONING_FORMATS
 
 log = logging.getLogger("server")
@@ -121,6 +121,10 @@ def add_chat_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
                    help="a final assistant message is a prefill the model continues (default: enabled)")
     g.add_argument("--no-prefill-assistant", dest="prefill_assistant", action="store_false",
                    help="a final assistant message is a whole turn")
+    g.add_argument("--responses-store", type=_mib, default=DEFAULT_STORE_MIB, metavar="MiB",
+                   help="memory for stored OpenAI Responses (store: true; previous_response_id, GET/DELETE "
+                        "/v1/responses/{id}); the least recently used go first; 0 stores none "
+                        f"(default: {DEFAULT_STORE_MIB:g})")
 
 
 def chat_options(args: argparse.Namespace) -> ChatOptions:
@@ -128,10 +132,6 @@ def chat_options(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(template_kwargs=dict(args.template_kwargs), reasoning_budget=args.reasoning_budget,
                        reasoning_budget_message=args.reasoning_budget_message,
                        skip_chat_parsing=args.skip_chat_parsing, prefill_assistant=args.prefill_assistant)
-    g.add_argument("--responses-store", type=_mib, default=DEFAULT_STORE_MIB, metavar="MiB",
-                   help="memory for stored OpenAI Responses (store: true; previous_response_id, GET/DELETE "
-                        "/v1/responses/{id}); the least recently used go first; 0 stores none "
-                        f"(default: {DEFAULT_STORE_MIB:g})")
 
 
 def _mib(text: str) -> float:
