@@ -28,6 +28,8 @@ class Defaults:
     ignore_eos: bool = False
     cache_prompt: bool = True  # the default of a request's cache_prompt (--no-cache-prompt)
     reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
+    n_keep: int = 0            # --keep: a request's default n_keep (context shift)
+    n_cache_reuse: int = 0     # --cache-reuse: a request's default n_cache_reuse
 
     @property
     def grammar(self) -> str | None:
