@@ -225,3 +225,23 @@ def test_server_refuses_bad_control_values(srv, field, value):
     r = srv.post("/completion", {"prompt": "Hi", "n_predict": 2, field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"]
     assert srv.post("/completion", {"prompt": "Hi", "n_predict": 1}).status_code == 200
+
+
+def test_a_shifted_live_request_shares_what_its_sequence_holds(model):
+    # a second request copies its prefix from a generating slot that shifted: only what that
+    # sequence still holds (BOS and n_keep tokens, then the newest), never the dropped run
+    with make_engine(model, n_parallel=2, n_ctx=768, context_shift=True) as e:
+        assert e.cache.can_shift
+        a = e.submit(LONG, greedy(400, ignore_eos=True, n_keep=8))
+        for _ in range(1000):
+            if e.slots[0].n_shifted:
+                break
+            e.step()
+        s = e.slots[0]
+        assert s.n_shifted > 0
+        b = e.submit(LONG, greedy(4))  # its prompt: the first 9 tokens are still held, no more
+        e.step()
+        assert b.n_cached_tokens <= 9  # (too few to be worth sharing: 0)
+        a.cancel()
+        e.run_until_idle()
+        assert b.finish_reason == FinishReason.LENGTH
