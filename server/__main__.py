@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     check_chat_template(args)
-    if args.cache_reuse:
-        log.info("--cache-reuse %d: accepted but not used (no KV shifting to reuse chunks)", args.cache_reuse)
-    if args.keep:
-        log.info("--keep %d: accepted but not used (context shift is not supported)", args.keep)
+    if args.cache_idle_slots:
+        if args.cache_ram == 0:
+            log.warning("--cache-idle-slots requires --cache-ram, disabling")
+        else:  # upstream's test tag, which its test suite reads in the log
+            log.debug("idle slots will be saved to the prompt cache __TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
     if args.mlock:
         log.warning("--mlock: not applied; the model is not locked in RAM")
     system_prompt = ""

@@ -82,19 +82,23 @@ def test_flash_attn_bad_value(capsys):
     assert "unknown value for --flash-attn: 'sometimes'" in cli_error(capsys, ["-fa", "sometimes"])
 
 
-def test_context_shift_refused_no_context_shift_accepted(capsys):
+def test_context_shift_flags():
+    assert parse_args([]).context_shift is False  # llama-server's default
     assert parse_args(["--no-context-shift"]).context_shift is False
-    err = cli_error(capsys, ["--context-shift"])
-    assert "--context-shift: context shift is not supported" in err
+    assert build_settings(parse_args(["--context-shift"])).engine.context_shift is True
+    assert parse_args(["--no-cache-idle-slots"]).cache_idle_slots is False
+    assert build_settings(parse_args([])).engine.cache_idle_slots is True
+    assert build_settings(parse_args(["--cache-ram", "0"])).engine.cache_idle_slots is False
 
 
-def test_accepted_no_op_flags():
+def test_accepted_flags():
     a = parse_args(["--props", "--cache-reuse", "256", "--mlock", "--log-disable", "-lv", "2",
                     "--keep", "-1", "--offline"])
     assert a.props and a.cache_reuse == 256 and a.mlock and a.log_disable and a.verbosity == 2
     assert a.keep == -1
     s = build_settings(a)
     assert s.props_endpoint is True and s.n_keep == -1
+    assert s.defaults.n_keep == -1 and s.defaults.n_cache_reuse == 256
     assert parse_args(["--log-verbose"]).verbose and parse_args(["-v"]).verbose
 
 

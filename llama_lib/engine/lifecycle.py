@@ -14,6 +14,7 @@ import logging
 import time
 
 from ..sampler import Sampler
+from .controls import LineControls
 from .output import StopMatcher
 from .parts import StepParts
 from .prompt_cache import PrefixCache
@@ -43,6 +44,7 @@ def start_request(p: StepParts, s: Slot, r: Request, slot_id_base: int) -> bool:
     post = r.params.n_probs > 0 and r.params.post_sampling_probs
     sampler = Sampler(sampling, p.vocab.n_tokens, p.vocab, keep_candidates=post)
     sampler.prime(r.prompt_tokens)  # penalties and DRY see the prompt, as in llama-server
+    r.controls = LineControls.for_params(r.params)
     s.begin(r, s.n_prefix + n_keep, n_keep, sampler, StopMatcher(r.params.stop))
     return True
 
@@ -58,6 +60,8 @@ def start_requests(p: StepParts, chosen: list[tuple[Slot, Request]], slot_id_bas
             log.exception("request %d could not start", r.id)
             release(s, FinishReason.ERROR, f"internal error: {e}", p.cache, p.stats)
             failed.append(r)
+    if chosen and p.config.cache_idle_slots:
+        p.cache.cache_idle_slots()
     return failed
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..context import Context
 from ..model import Vocab
+from .controls import trim_text
 from .request import Request
 from .types import EngineStats, FinishReason, TokenProbs
 
@@ -88,7 +89,14 @@ def take_token(r: Request, matcher: StopMatcher, tok: int, vocab: Vocab, ctx: Co
     check = len(r.tokens) > p.min_tokens
     if check and not p.ignore_eos and vocab.is_eog(tok):
         return FinishReason.EOS
-    text, stop = matcher.feed(vocab.token_to_piece(tok, tok in p.preserved_tokens), check)
+    piece = vocab.token_to_piece(tok, tok in p.preserved_tokens)
+    text, stop = matcher.feed(piece, check)
+    limit = None
+    if r.controls is not None and stop is None and check:  # n_indent, t_max_predict_ms
+        cut = r.controls.check(piece.decode("utf-8", "replace"), r.timings.prompt_done)
+        if cut is not None:
+            text = trim_text(r, text + matcher.flush(), cut)
+            limit = FinishReason.LENGTH
     if p.n_probs > 0:
         t0 = time.perf_counter()
         if p.post_sampling_probs and sampler is not None:
@@ -102,6 +110,8 @@ def take_token(r: Request, matcher: StopMatcher, tok: int, vocab: Vocab, ctx: Co
     if stop is not None:
         r.stopping_word = stop
         return FinishReason.STOP
+    if limit is not None:
+        return limit
     if check and p.n_predict >= 0 and len(r.tokens) >= p.n_predict:
         return FinishReason.LENGTH
     return None

@@ -27,7 +27,7 @@ from .holders import Holder, Holders
 from .prefix_tree import common_prefix
 from .request import Request
 from .sequences import SlotSequences
-from .slot import GENERATE, IDLE, PREFILL, WAIT, Slot
+from .slot import GENERATE, IDLE, PREFILL, WAIT, Slot, kept_tokens
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -77,8 +77,8 @@ class PrefixShare:
             else:
                 held = seqs.memory.seq_pos_max(s.seq_id) + 1 - s.n_prefix
                 tokens = s.req.prompt_tokens
-                if s.phase is GENERATE and held > len(tokens):
-                    tokens = np.concatenate([tokens, np.asarray(s.req.tokens, np.int32)])
+                if s.phase is GENERATE and (held > len(tokens) or s.n_shifted):
+                    tokens = kept_tokens(s, np.concatenate([tokens, np.asarray(s.req.tokens, np.int32)]))
                 n_held = max(0, held)
             n = min(common_prefix(tokens, r.prompt_tokens), limit)
             n_now = min(n, n_held)

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ..context import Memory
+from .cache_reuse import reuse_chunks
 from .holders import Holders
 from .prefix_share import MIN_SHARED, PrefixShare, ShareStats
 from .prefix_tree import common_prefix
@@ -26,7 +27,7 @@ from .ram_cache import MIN_TOKENS, RamCache
 from .ram_tier import RamTier
 from .request import Request
 from .sequences import SlotSequences
-from .slot import Slot
+from .slot import Slot, kept_tokens
 from .system_prompt import SystemPrompt
 from .types import FinishReason
 
@@ -77,6 +78,10 @@ class PromptCache:
         # prompt tokens requests found cached, by where: their slot's own cache, another KV
         # sequence (a slot, a holder), the host-RAM tier
         self.hits = {"own": 0, "shared": 0, "ram": 0}
+        # llama_memory_can_shift: cache reuse and context shift (ctx_shift.py) need it; not for
+        # a sliding-window cache smaller than the full one (Gemma 3 unless --swa-full)
+        self.can_shift = memory.can_shift
+        self._reuse_warned = False
 
     def set_system_tokens(self, tokens: np.ndarray) -> None:
         """Sequence 0 now holds `tokens`: idle slots take them now, busy ones when they finish."""
@@ -143,7 +148,12 @@ class PromptCache:
                 if n_keep > 0 and not seqs.window_kept(s.seq_id, s.n_prefix + n_keep):
                     log.info("slot %d: %d cached tokens are past the sliding window; "
                              "the prompt is processed again", s.id, n_keep)
-                    n_keep = 0
+                    n_keep = -1
+                if n_keep >= 0 and r.params.n_cache_reuse > 0 and self._reuses():
+                    n, cached = reuse_chunks(self.memory, s.seq_id, s.n_prefix, cached, r.prompt_tokens,
+                                             n_keep, r.params.n_cache_reuse)
+                    n_keep = min(n, len(r.prompt_tokens) - 1)
+                n_keep = max(n_keep, 0)
             if n_keep > 0:
                 if not self.memory.seq_rm(s.seq_id, s.n_prefix + n_keep, -1):
                     n_keep = 0
@@ -153,6 +163,14 @@ class PromptCache:
             seqs.reset(s, with_prefix=bool(want_prefix))
         self._hit(s, "ram" if from_ram else "own", n_keep)
         return n_keep
+
+    def _reuses(self) -> bool:
+        """Can a request's n_cache_reuse shift cached chunks? (llama-server logs it when not.)"""
+        if not self.can_shift and not self._reuse_warned:
+            self._reuse_warned = True
+            log.warning("cache reuse is not supported by this context (llama_memory_can_shift is "
+                        "false); n_cache_reuse is ignored")
+        return self.can_shift
 
     def _hit(self, s: Slot, tier: str, n_keep: int) -> None:
         self.hits[tier] += n_keep
@@ -214,6 +232,21 @@ class PromptCache:
         if self.ram_tier is not None:
             self.ram_tier.save_slot(s)
 
+    def cache_idle_slots(self) -> None:
+        """llama-server's --cache-idle-slots, run when a request starts: every idle slot's cache
+        goes to the RAM tier (if not there yet) and, with a unified KV cache, its cells are freed
+        for the running requests. Off without a RAM tier, as upstream."""
+        if self.ram_tier is None:
+            return
+        for s in self.slots:
+            if s.req is not None or not self.seqs.holds_cache(s):
+                continue
+            if self.ram_tier.save_slot(s):
+                # upstream's test tag, which its test suite reads in the log
+                log.debug("slot %d: idle slot saved to the prompt cache __TEST_TAG_CACHE_IDLE_SLOT__", s.id)
+            if self.kv_unified:
+                self.seqs.reset_to_default(s)
+
     def _swap_with_ram(self, s: Slot, r: Request, want_prefix: int) -> bool:
         """llama-server's prompt-cache update: the slot's cache goes to RAM (or a holder) when
         the request would overwrite part of it (_loses), and a RAM entry that suits the prompt
@@ -244,6 +277,7 @@ class PromptCache:
             return False
         # the last sampled token was never decoded
         cache = np.concatenate([r.prompt_tokens, np.asarray(r.tokens[:-1], np.int32)]).astype(np.int32)
+        cache = kept_tokens(s, cache)  # after context shifts (ctx_shift.py)
         if s.n_prefix + len(cache) != s.n_past or self.memory.seq_pos_max(s.seq_id) != s.n_past - 1:
             log.warning("slot %d: KV does not hold the request's tokens; cache dropped", s.id)
             return False

@@ -67,6 +67,12 @@ class RamCache:
             best.t_used = self._tick()
         return best
 
+    def holds(self, tokens: np.ndarray, n_prefix: int) -> bool:
+        """Would `put` skip these tokens (too short, or an entry holds all of them)?"""
+        if len(tokens) < MIN_TOKENS:
+            return True
+        return any(n == len(tokens) and e.n_prefix == n_prefix for e, n in self.tree.match(tokens).items())
+
     def put(self, tokens: np.ndarray, n_prefix: int, version: int, data: bytes) -> bool:
         """Keep a sequence's state; False when it does not fit the limit or is already kept."""
         if len(tokens) < MIN_TOKENS or len(data) > self.limit_bytes:

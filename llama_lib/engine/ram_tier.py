@@ -26,16 +26,19 @@ class RamTier:
         self.state = state
         self.seqs = seqs
 
-    def save_seq(self, seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> None:
+    def save_seq(self, seq_id: int, tokens: np.ndarray, n_prefix: int, version: int) -> bool:
         """Keep what sequence seq_id holds (n_prefix system tokens of `version`, then `tokens`),
-        unless it starts with a system prompt that is no longer the current one."""
-        if self.seqs.system.is_current(n_prefix, version):
-            self.ram.put(tokens, n_prefix, version, self.state.seq_state(seq_id))
+        unless it starts with a system prompt that is no longer the current one, or the tier
+        has it already (its state is not read then). True when a new entry was saved."""
+        if self.seqs.system.is_current(n_prefix, version) and not self.ram.holds(tokens, n_prefix):
+            return self.ram.put(tokens, n_prefix, version, self.state.seq_state(seq_id))
+        return False
 
-    def save_slot(self, s: Slot) -> None:
+    def save_slot(self, s: Slot) -> bool:
         """Keep the slot's cache before its sequence is overwritten (if it holds one)."""
         if self.seqs.holds_cache(s):
-            self.save_seq(s.seq_id, s.cache_tokens, s.n_prefix, s.prefix_version)
+            return self.save_seq(s.seq_id, s.cache_tokens, s.n_prefix, s.prefix_version)
+        return False
 
     def load(self, s: Slot, entry: RamEntry, want_prefix: int) -> bool:
         """Replace the slot's sequence with the entry's; an entry that does not load is dropped
@@ -50,6 +53,7 @@ class RamTier:
             self.seqs.reset(s, with_prefix=bool(want_prefix))
             return False
         self.seqs.adopt(s, entry.tokens, entry.n_prefix, entry.prefix_version)
+        log.debug("slot %d: updating prompt cache: %d tokens loaded from the RAM tier", s.id, len(entry.tokens))
         self.ram.stats.n_loaded += 1
         self.ram.stats.n_tokens_loaded += len(entry.tokens)
         return True

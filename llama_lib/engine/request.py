@@ -43,6 +43,9 @@ class Request(Handle):
         # end-of-generation token that ends the request has none)
         self.probs: list[TokenProbs] = []
         self.stopping_word = ""
+        # llama-server's "truncated": the context was shifted (ctx_shift.py) or the slot filled
+        self.truncated = False
+        self.controls = None  # n_indent / t_max_predict_ms state (controls.LineControls), if any
         self.slot_id = -1
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox = None  # the engine's Outbox: a step's output reaches readers at its end

@@ -35,7 +35,7 @@ class Slot:
     __slots__ = ("id", "seq_id", "phase", "req", "sampler", "matcher", "n_past", "n_prefix",
                  "prefix_version", "prompt_pos", "i_batch", "sampled", "t_last",
                  "kv_pos_max", "cache_tokens", "follow", "follow_req", "follow_n", "hold_at",
-                 "cache_hit")
+                 "cache_hit", "shift_keep", "n_shifted")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -66,6 +66,10 @@ class Slot:
         # the current (or last) request's cached prompt tokens: which tier ("own": the slot's
         # cache, "shared": another KV sequence's, "ram": the host-RAM tier; "" none) and how many
         self.cache_hit: tuple[str, int] = ("", 0)
+        # context shift (ctx_shift.py): the request's tokens the sequence keeps at its start
+        # (after the system prefix) and how many after those it dropped, all shifts together
+        self.shift_keep = 0
+        self.n_shifted = 0
 
     @property
     def busy(self) -> bool:
@@ -106,6 +110,7 @@ class Slot:
         self.sampled = -1
         self.sampler = sampler
         self.matcher = matcher
+        self.shift_keep = self.n_shifted = 0
         if req.params.return_progress:  # the first report: nothing decoded yet
             req._progress(n_cached)
 
@@ -126,6 +131,15 @@ class Slot:
         self.i_batch = -1
         self.t_last = now
         return req
+
+
+def kept_tokens(s: Slot, tokens: np.ndarray) -> np.ndarray:
+    """The request's prompt-and-generated `tokens` as the slot's sequence holds them after
+    its context shifts (ctx_shift.py): one run dropped after the first shift_keep."""
+    if not s.n_shifted:
+        return tokens
+    k = s.shift_keep
+    return np.concatenate([tokens[:k], tokens[k + s.n_shifted:]]).astype(np.int32)
 
 
 def repoint_rows(slots: list[Slot], new_index, start: int = 0) -> None:

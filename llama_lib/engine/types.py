@@ -124,6 +124,13 @@ class EngineConfig:
     # Threads that run submit(on_chunk=, on_done=) callbacks (callbacks.py), started at the first
     # such request: as many requests' callbacks can be slow at once before others wait.
     callback_threads: int = 4
+    # llama-server's --context-shift: a generation that fills its slot drops tokens after the
+    # first n_keep (ctx_shift.py) instead of ending with "length"; only where the KV memory can
+    # shift (llama_memory_can_shift), else off with a warning, as llama-server
+    context_shift: bool = False
+    # llama-server's --cache-idle-slots: when a request starts, idle slots' caches are saved to
+    # the RAM tier (and, with a unified KV cache, cleared); needs --cache-ram
+    cache_idle_slots: bool = False
     context: ContextParams = field(default_factory=ContextParams)
 
     def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
@@ -190,6 +197,13 @@ class RequestParams:
     # llama-server's post_sampling_probs: those figures are the probabilities the sampler chain
     # left (after top_k, temperature, ...; zeros dropped) instead of the raw logits' softmax
     post_sampling_probs: bool = False
+    # llama-server's request controls (ctx_shift.py, output.py, prompt_cache.py):
+    n_keep: int = 0                # context shift keeps the first n_keep prompt tokens (-1: all)
+    n_discard: int = 0             # tokens a context shift drops after them (0: half the rest)
+    n_indent: int = 0              # stop at a new line indented by fewer spaces/tabs (0: off)
+    t_max_predict_ms: int = -1     # stop at a new line once generating took longer (<= 0: off)
+    n_cache_reuse: int = 0         # reuse cached chunks of at least this many tokens past the
+                                   # common prefix by shifting their KV (0: off)
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 

@@ -38,6 +38,8 @@ class Defaults:
     reasoning_format: str = "auto"  # --reasoning-format: a chat request's default reasoning_format
     sse_ping_interval: int = SSE_PING_INTERVAL  # --sse-ping-interval: a request's default
     chat: ChatOptions = field(default_factory=ChatOptions)  # the other chat flags (chat/options.py)
+    n_keep: int = 0            # --keep: a request's default n_keep (context shift)
+    n_cache_reuse: int = 0     # --cache-reuse: a request's default n_cache_reuse
 
     @property
     def grammar(self) -> str | None:

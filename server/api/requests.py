@@ -147,7 +147,26 @@ def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
         post_sampling_probs=get_bool(body, "post_sampling_probs", False),
         # prompt progress events: streams only, as llama-server
         return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
+        **control_fields(body, d),
     )
+
+
+# an int32, as llama-server reads these fields
+_I32 = 2**31 - 1
+
+
+def control_fields(body: dict, d: Defaults) -> dict[str, int]:
+    """llama-server's engine-side controls: context shift (n_keep, n_discard), n_indent,
+    t_max_predict_ms and n_cache_reuse. t_max_prompt_ms is accepted and ignored, as llama-server
+    v0.5.0 does (its schema leaves it out: "TODO: implement")."""
+    get_int(body, "t_max_prompt_ms", -1, lo=-_I32 - 1, hi=_I32)  # checked only
+    return {
+        "n_keep": get_int(body, "n_keep", d.n_keep, lo=-1, hi=_I32),
+        "n_discard": get_int(body, "n_discard", 0, lo=0, hi=_I32),
+        "n_indent": get_int(body, "n_indent", 0, lo=0, hi=_I32),
+        "t_max_predict_ms": get_int(body, "t_max_predict_ms", -1, lo=-_I32 - 1, hi=_I32),
+        "n_cache_reuse": get_int(body, "n_cache_reuse", d.n_cache_reuse, lo=0, hi=_I32),
+    }
 
 
 @dataclass

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="default tokens to predict per request (default: -1 = until EOS or the slot is full)")
     a("--keep", type=int, default=0, metavar="N",
       help="number of tokens to keep from the initial prompt when the context shifts (default: 0, "
-           "-1 = all); accepted and stored, but it has no effect: context shift is not supported")
+           "-1 = all); a request's n_keep overrides it")
     a("-r", "--reverse-prompt", action="append", default=[], metavar="PROMPT",
       help="stop generation at PROMPT (an anti-prompt, never emitted); repeatable. Applies to every "
            "generation request; /completion's system_prompt+anti_prompt+assistant_name replace it")
@@ -168,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
            "request that finds it full mid-generation ends with an error)")
     a("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false",
       help="one KV sequence of -c / -np cells per slot (default)")
-    a("--context-shift", action=_Refuse,
-      const="context shift is not supported yet (a request ends with finish reason "
-           "'length' when its slot is full); run without --context-shift",
-      help="refused: context shift is not supported yet")
-    a("--no-context-shift", dest="context_shift", action="store_false", default=False,
-      help="no context shift on a full slot (always the case here; accepted)")
+    a("--context-shift", dest="context_shift", action="store_true", default=False,
+      help="a generation that fills its slot drops tokens after n_keep and goes on instead of "
+           "ending with 'length' (default: disabled; only where the KV cache can shift: for "
+           "Gemma 3's sliding-window cache, with --swa-full or a slot of at most window + -ub "
+           "cells, else it is disabled with a warning)")
+    a("--no-context-shift", dest="context_shift", action="store_false",
+      help="no context shift: a full slot ends its request with finish reason 'length' (default)")
 
     g = p.add_argument_group("sampling defaults (a request's own fields override them)")
     g.add_argument("-s", "--seed", type=int, default=-1, metavar="SEED",
@@ -251,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
            "is about to overwrite, evicted least recently used when the KV cache is full "
            "(default: -1 = one per slot, 0 = off; our addition)")
     a("--cache-reuse", type=int, default=0, metavar="N",
-      help="min chunk size to reuse from the cache via KV shifting; accepted but not used (default: 0)")
+      help="min chunk size to attempt reusing from the cache via KV shifting, requires prompt "
+           "caching (default: 0 = off; a request's n_cache_reuse overrides it; only where the KV "
+           "cache can shift, as --context-shift)")
+    a("--cache-idle-slots", dest="cache_idle_slots", action=argparse.BooleanOptionalAction, default=True,
+      help="save idle slots to the prompt cache (--cache-ram) when a request starts, and clear "
+           "them with a unified KV cache (default: enabled, requires --cache-ram)")
     a("--offline", action="store_true",
       help="accepted for compatibility; a no-op (this server never downloads anything)")
     a("--max-queue", type=int, default=256, metavar="N",

@@ -38,7 +38,6 @@ class Settings:
     # override them
     defaults: Defaults = field(default_factory=Defaults)
     verbose: bool = False          # -v: answers carry "__verbose" as llama-server's do
-    n_keep: int = 0                # --keep: stored only (no context shift here)
     chat_template: str | None = None       # --chat-template(-file): a built-in name or a template text
     chat_template_from: str | None = None  # the flag that gave it, for messages
     jinja: bool = True                     # --jinja (llama-server v0.5.0's default) / --no-jinja
@@ -66,6 +65,11 @@ class Settings:
     def slot_prompt_similarity(self) -> float:
         return self.engine.slot_prompt_similarity
 
+    @property
+    def n_keep(self) -> int:
+        """--keep (requests' default n_keep)."""
+        return self.defaults.n_keep
+
 
 def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Settings:
     """The Settings the parsed command line (server.config.cli.parse_args) means."""
@@ -83,7 +87,8 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             prefill_chunk=args.prefill_chunk, poll=args.poll, prio=args.prio, threadpool=args.threadpool,
             flash_attn=args.flash_attn, type_k=args.cache_type_k, type_v=args.cache_type_v,
             warmup=args.warmup, slot_prompt_similarity=args.slot_prompt_similarity, cache_ram_mib=args.cache_ram,
-            prefix_share=args.prefix_share, kv_holders=args.kv_holders, pack_sequences=args.pack_sequences,
+            prefix_share=args.prefix_share, context_shift=args.context_shift,
+            cache_idle_slots=args.cache_idle_slots and args.cache_ram != 0, kv_holders=args.kv_holders, pack_sequences=args.pack_sequences,
             embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize,
             cpumask=args.cpus, strict_cpu=args.cpu_strict, cpumask_batch=args.cpus_batch,
             strict_cpu_batch=args.cpu_strict_batch),
@@ -91,7 +96,8 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         reverse_prompts=list(args.reverse_prompt),
         defaults=Defaults(
             n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,
-            reasoning_format=args.reasoning_format, sse_ping_interval=args.sse_ping_interval,
+            reasoning_format=args.reasoning_format, n_keep=args.keep, n_cache_reuse=args.cache_reuse,
+            sse_ping_interval=args.sse_ping_interval,
             chat=chat_options(args),
             sampling=SamplingParams(
                 seed=None if args.seed == -1 else args.seed, temperature=args.temp,
@@ -99,7 +105,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 grammar=args.grammar_text, **sampling_kwargs(args))),
-        n_keep=args.keep, chat_template=args.chat_template, chat_template_from=args.chat_template_from,
+        chat_template=args.chat_template, chat_template_from=args.chat_template_from,
         jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         slot_save_path=args.slot_save_path or "",
