@@ -220,7 +220,8 @@ def test_server_short_answer_not_truncated(srv):
 
 @pytest.mark.parametrize("field,value", [("n_keep", -2), ("n_discard", -1), ("n_indent", "4"),
                                          ("t_max_predict_ms", 1.5), ("n_cache_reuse", -1),
-                                         ("t_max_prompt_ms", "x")])
+                                         ("t_max_prompt_ms", "x"), ("parse_tool_calls", True),
+                                         ("chat_parser", "peg")])
 def test_server_refuses_bad_control_values(srv, field, value):
     r = srv.post("/completion", {"prompt": "Hi", "n_predict": 2, field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"]

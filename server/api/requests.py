@@ -187,6 +187,7 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
     shape = shape_for(kind)
     if shape.refuses_echo and get_bool(body, "echo", False):
         raise bad_request("'echo' is not supported")
+    _refuse_parsers(body)
     params = base_params(body, d, shape.n_predict_names, info.tok)
     prompts = _prompts(body, d.n_vocab, tok=info.tok)
     update = None
@@ -204,6 +205,17 @@ def parse_completion(body: Any, kind: str, d: Defaults, info: ServerInfo | None 
         params = replace(params, sampling=replace(params.sampling, reasoning=reasoning))
     return Job(kind=kind, prompt=prompts[0], params=replace(params, slot=slot, n_probs=n_probs),
                stream=stream, system_update=update, prompts=tuple(prompts), **common)
+
+
+def _refuse_parsers(body: dict) -> None:
+    """llama-server's output parsers on a prompt route (its chat routes set them for
+    themselves): a completion asked to parse tool calls, or given a serialized parser, would
+    answer in another shape than asked, so they are refused rather than dropped."""
+    if get_bool(body, "parse_tool_calls", False):
+        raise bad_request("'parse_tool_calls' is not supported on this endpoint: "
+                          "send the tools to /v1/chat/completions")
+    if body.get("chat_parser") is not None:
+        raise bad_request("'chat_parser' (llama-server's serialized parser) is not supported")
 
 
 def _n_probs(n: int, d: Defaults) -> int:
