@@ -19,8 +19,10 @@ SEED_BODY = {"prompt": PROMPT, "n_predict": 12, "temperature": 0, "cache_prompt"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     base = tmp_path_factory.mktemp("slots")
-    # --no-prefix-share: an erased slot would otherwise copy the prompt from the other slot
-    with served(["-np", "2", "-c", "2048", "--slot-save-path", str(base / "saved"), "--no-prefix-share"],
+    # --no-prefix-share, --cache-ram 0: an erased slot would otherwise copy the prompt from the
+    # other slot, or load the RAM copy --cache-idle-slots made of it
+    with served(["-np", "2", "-c", "2048", "--slot-save-path", str(base / "saved"), "--no-prefix-share",
+                 "--cache-ram", "0"],
                 base / "server.log") as s:
         s.save_dir = base / "saved"
         yield s
