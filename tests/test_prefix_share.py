@@ -174,7 +174,10 @@ def test_the_server_reports_sharing_and_can_turn_it_off(tmp_path):
     assert on["llamacpp:prompt_tokens_cached_ram_total"] == 0 and on["llamacpp:kv_holders"] == 0  # per-slot KV
     off = counters(["--no-prefix-share"])
     assert off["llamacpp:prefix_copies_total"] == 0 and off["llamacpp:prefix_waits_total"] == 0
-    held = counters(["-kvu", "--kv-holders", "3"])  # the first request's cache is copied, not held
+    # the first request's cache is copied, not held; --no-cache-idle-slots: with -kvu that flag
+    # clears an idle slot (its cache goes to RAM) when a request starts, before a later one could
+    # copy from it
+    held = counters(["-kvu", "--kv-holders", "3", "--no-cache-idle-slots"])
     assert held["llamacpp:prefix_copies_total"] == 2 and "llamacpp:kv_holders_kept_total" in held
 
 
