@@ -213,6 +213,7 @@ def agent(port: int, api, ours: bool, s: int, turns: int, max_tokens: int, out: 
         conv.absorb(events, turn)
         with lock:
             out["first"].append(one.get("first", time.perf_counter() - t0))
+            out["first_later" if turn else "first_turn0"].append(out["first"][-1])
 
 
 def prompt_tokens(port: int) -> float:
@@ -223,7 +224,7 @@ def prompt_tokens(port: int) -> float:
 
 
 def run(port: int, api, ours: bool, a) -> dict:
-    out: dict = {"first": [], "errors": [], "retries": 0}
+    out: dict = {"first": [], "first_turn0": [], "first_later": [], "errors": [], "retries": 0}
     lock, before, t0 = threading.Lock(), prompt_tokens(port), time.perf_counter()
     threads = [threading.Thread(target=agent, args=(port, api, ours, s, a.turns, a.max_tokens, out, lock))
                for s in range(a.sessions)]
@@ -235,6 +236,8 @@ def run(port: int, api, ours: bool, a) -> dict:
     return {"prompt": prompt_tokens(port) - before, "wall": time.perf_counter() - t0,
             "p50": statistics.median(firsts) if firsts else float("nan"),
             "p95": firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))] if firsts else float("nan"),
+            "turn0_p50": statistics.median(out["first_turn0"]) if out["first_turn0"] else float("nan"),
+            "later_p50": statistics.median(out["first_later"]) if out["first_later"] else float("nan"),
             "errors": out["errors"], "retries": out["retries"]}
 
 
@@ -272,7 +275,8 @@ def main(argv=None) -> int:
                     p.wait(timeout=60)
                 results[(api, side)].append(r)
                 print(f"round {rnd} {api:9s} {side:12s} prompt tokens {r['prompt']:8.0f}  first p50 "
-                      f"{r['p50'] * 1e3:7.0f} ms  p95 {r['p95'] * 1e3:7.0f} ms  wall {r['wall']:6.1f} s"
+                      f"{r['p50'] * 1e3:7.0f} ms  p95 {r['p95'] * 1e3:7.0f} ms (first turn p50 {r['turn0_p50'] * 1e3:.0f}, "
+                      f"later turns {r['later_p50'] * 1e3:.0f})  wall {r['wall']:6.1f} s"
                       + (f"  retried {r['retries']}" if r["retries"] else "")
                       + (f"  errors {len(r['errors'])}: {r['errors'][0]}" if r["errors"] else ""), flush=True)
     print(f"\n{a.sessions} sessions x {a.turns} tool turns, system prompt shared, build {a.build}; medians of "
