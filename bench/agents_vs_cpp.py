@@ -250,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ctx-per-session", type=int, default=4096)
     ap.add_argument("--build", choices=_builds.NAMES, default="native")
+    ap.add_argument("--ours-flags", default="", help="more flags for ours, e.g. '--no-cache-idle-slots'")
     ap.add_argument("--only", choices=["ours", "llama-server"], help="one server (no ratios)")
     ap.add_argument("--log-dir", default="/tmp/bench-agents")
     a = ap.parse_args(argv)
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     common = ["-m", str(MODEL), "-np", str(a.sessions), "-c", str(a.sessions * a.ctx_per_session), "--jinja",
               "--chat-template-file", str(TEMPLATE), "--metrics"]
-    sides = {"ours": ([sys.executable, "-m", "server", *common], build.env_ours(), 8431),
+    sides = {"ours": ([sys.executable, "-m", "server", *common, *a.ours_flags.split()], build.env_ours(), 8431),
              "llama-server": ([str(build.program("llama-server")), *common], build.env_cpp(), 8432)}
     if a.only:
         sides = {a.only: sides[a.only]}
