@@ -15,6 +15,11 @@ default model:
 
 - `/v1/messages` (Anthropic): the client resends the whole conversation each turn, as Claude
   Code does.
+
+llama-server of this version does not force the call here (its answers to `tool_choice` any /
+required with this template and model are text), so an answer without a call gets the same
+tool-result text back as a user message: each turn adds the same amount of new text on both
+servers, and the prompt tokens compare the caches, not the conversations.
 - `/v1/responses` (OpenAI): llama-server gets the whole conversation each turn (it keeps no
   responses); ours gets `previous_response_id` and only the new `function_call_output` item, as
   Codex does against OpenAI.
@@ -131,7 +136,7 @@ class Messages:
             elif b["type"] == "text" and b.get("text"):
                 content.append({"type": "text", "text": b["text"]})
         self.msgs.append({"role": "assistant", "content": content or [{"type": "text", "text": "."}]})
-        self.msgs.append({"role": "user", "content": results or "Go on."})
+        self.msgs.append({"role": "user", "content": results or tool_result(self.session, turn, "the tool")})
 
 
 class Responses:
@@ -157,7 +162,8 @@ class Responses:
         return ev.get("type", "").endswith(".delta")
 
     def absorb(self, events: list[dict], turn: int) -> None:
-        done = next((ev["response"] for ev in events if ev.get("type") == "response.completed"), None)
+        done = next((ev["response"] for ev in events  # a call cut by max_output_tokens ends "incomplete"
+                     if ev.get("type") in ("response.completed", "response.incomplete")), None)
         output = (done or {}).get("output", [])
         self.previous = (done or {}).get("id")
         new = []
@@ -166,7 +172,7 @@ class Responses:
                 new.append({"type": "function_call_output", "call_id": item["call_id"],
                             "output": tool_result(self.session, turn, item["name"])})
         if not new:
-            new.append({"role": "user", "content": "Go on."})
+            new.append({"role": "user", "content": tool_result(self.session, turn, "the tool")})
         self.items += [{k: v for k, v in item.items() if k not in ("status",)} for item in output] + new
         self.new = new
 

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from .api.shapes import AnswerContext, shape_for
 from .api.shapes.common import handle_error, piece_json
 from .api.stream import no_watch, stream_one
 from .chat import control as chat_control
+from .chat.continuations import Continuations
 from .chat.render import FALLBACK_TEMPLATE, render_chat
 from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
@@ -93,6 +95,8 @@ class Service:
         self.metrics = Metrics()
         self.responses = ResponseStore.of_mib(s.responses_store_mib)  # stored Responses (LRU by bytes)
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
+        self.continuations: Continuations | None = None  # made at load (it needs the vocabulary)
+        self._chat_texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handle -> chat_text
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -124,6 +128,8 @@ class Service:
         self.special = SpecialText(model.vocab)
         self.tokenizer = VocabTokenizer(model.vocab, self.adds_bos)
         self._preserved_sets: dict[tuple[str, ...], frozenset[int]] = {}
+        self.continuations = Continuations(
+            lambda toks: model.vocab.detokenize(toks, unparse_special=True)) if s.chat_continuations else None
         self.engine.start()
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
@@ -250,17 +256,24 @@ class Service:
         params = dataclasses.replace(job.params, stop=stops)
         if job.chat is not None and job.chat.preserved:
             params = dataclasses.replace(params, preserved_tokens=self._preserved(job.chat.preserved))
-        prompt = job.prompt
+        prompt, chat_text = job.prompt, ""
+        if job.chat is not None and isinstance(prompt, str) and self.continuations is not None \
+                and not self.engine.system_prompt:  # an earlier answer's own tokens, where it goes on
+            chat_text = prompt
+            prompt = self.continuations.tokens(prompt, lambda rest: self.special.tokenize(rest, False)) or prompt
         if isinstance(prompt, str) and OPEN in prompt:  # a chat with users' special-token text
             prompt = self._chat_tokens(prompt)
         # the choices of one request (n > 1, several prompts) share its id (fanout.expand)
-        return dataclasses.replace(job, prompt=prompt, params=params,
+        return dataclasses.replace(job, prompt=prompt, params=params, chat_text=chat_text,
                                    id=job.id or fanout.new_job_id(job))
 
     def submit(self, job: Job):
         """Hand a prepared job to the engine; returns the Request handle. Raises ApiError."""
         with engine_errors():
             h = self.engine.submit(job.prompt, job.params)
+        if job.chat_text:
+            with self._lock:
+                self._chat_texts[h] = job.chat_text
         r = job.params.sampling.reasoning
         if r is not None and r.switch is not None:
             r.switch.attach(h)  # /v1/chat/completions/control: running while the handle is not done
@@ -278,7 +291,11 @@ class Service:
             log.info("system prompt replaced (%d chars), anti-prompt %r", len(u.system_prompt), u.anti_prompt)
 
     def record(self, h) -> None:
-        """Count a finished handle in the /metrics totals."""
+        """Count a finished handle in the /metrics totals; remember a chat answer's tokens."""
+        with self._lock:
+            text = self._chat_texts.pop(h, None)
+        if text and self.continuations is not None and h.prompt_tokens is not None:
+            self.continuations.remember(text, h.prompt_tokens, h.tokens)
         t = h.timings
         with self._lock:
             m = self.metrics

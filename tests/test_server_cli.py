@@ -400,3 +400,17 @@ def test_json_schema_flag_constrains_a_real_server(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--grammar", "root ::= nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "default grammar" in bad.stderr
+
+
+def test_a_port_in_use_is_a_message_and_exit_1():
+    """Binding fails before the HTTP server is whole: the error is logged, no traceback."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "server", "--port", str(port), "-np", "1", "-c", "256"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -80,4 +80,5 @@ class Job:
     sse_ping_interval: int = SSE_PING_INTERVAL  # a stream silent this long (s) gets ":"; <= 0: never
     created: int = field(default_factory=lambda: int(time.time()))
     wire: Any = None  # what a format keeps beyond the chat (Responses: its conversation, the store)
+    chat_text: str = ""  # a chat prompt the server tokenized: its rendered text (chat/continuations.py)
     id: str = ""

@@ -163,9 +163,7 @@ class ToolFormat:
         """One call object at text[i] (after whitespace): the call once its name is known, and
         the index after the object (None while open)."""
         j = skip_ws(text, i)
-        if j >= len(text):
-            if final:
-                raise NotACall
+        if j >= len(text):  # a marker the text ends with: a call cut before it began
             return None, None
         if text[j] != "{":
             raise NotACall
@@ -180,10 +178,12 @@ class ToolFormat:
             inner, _ = self.read_object(text, fn.start, True)
             return inner, scan.end
         if name_m is None or name_m.end is None:
-            if scan.end is not None or final:
+            if scan.end is not None:
                 raise NotACall
             if scan.members and scan.members[0].key not in ("name", "type", "function", "arguments", "parameters"):
                 raise NotACall
+            # still open: being written, or (final) cut before its name was whole (max_tokens):
+            # markup of a call that never was, shown neither as a call nor as text
             return None, None
         name = json.loads(text[name_m.start:name_m.end])
         if not isinstance(name, str) or not name:

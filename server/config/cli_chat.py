@@ -125,6 +125,11 @@ def add_chat_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
                    help="memory for stored OpenAI Responses (store: true; previous_response_id, GET/DELETE "
                         "/v1/responses/{id}); the least recently used go first; 0 stores none "
                         f"(default: {DEFAULT_STORE_MIB:g})")
+    g.add_argument("--chat-continuations", dest="chat_continuations", action="store_true", default=True,
+                   help="a chat prompt that repeats an earlier answer reuses the tokens the model generated, "
+                        "so a resent conversation decodes only its new turn (default: enabled)")
+    g.add_argument("--no-chat-continuations", dest="chat_continuations", action="store_false",
+                   help="tokenize every chat prompt afresh")
 
 
 def chat_options(args: argparse.Namespace) -> ChatOptions:

@@ -47,6 +47,7 @@ class Settings:
     props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
     webui: bool = True             # --no-webui: / answers 404
     responses_store_mib: float = DEFAULT_STORE_MIB  # --responses-store: stored Responses, MiB
+    chat_continuations: bool = True  # --chat-continuations: reuse an answer's own tokens (chat/continuations.py)
 
     # llama-server's flag names for what the engine config holds
     @property
@@ -110,4 +111,5 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         slot_save_path=args.slot_save_path or "",
         webui=args.webui, responses_store_mib=args.responses_store,
+        chat_continuations=args.chat_continuations,
     )

@@ -107,7 +107,9 @@ class Server(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.pool.close()
+        pool = getattr(self, "pool", None)  # None: the bind failed (socketserver closes then)
+        if pool is not None:
+            pool.close()
 
     def _serve(self, arrival: Arrival):
         """On a handler thread: one request. Returns what gives a kept-alive connection back to
