@@ -162,6 +162,12 @@ def test_stream_events_in_order(plain):
     assert text == last.output_text == events[-4].text != ""
     # the same request not streamed gives the same text (greedy)
     assert client(plain).responses.create(**body).output_text == text
+    # on the wire each event is named by an `event:` line, as OpenAI and llama-server send them
+    with requests.post(plain.url + "/v1/responses", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    names = [ln[len(b"event: "):].decode() for ln in lines if ln.startswith(b"event: ")]
+    datas = [json.loads(ln[len(b"data: "):]) for ln in lines if ln.startswith(b"data: ")]
+    assert len(lines) == 2 * len(datas) and names == [d["type"] for d in datas] == types
 
 
 # -- tools --------------------------------------------------------------------------------------

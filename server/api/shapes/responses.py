@@ -5,22 +5,24 @@ stored conversation of `previous_response_id` in front); the answer is a `respon
 whose `output` holds `reasoning`, `message` and `function_call` items (responses_items).
 Streamed: `response.created`, `response.in_progress`, the items' events, then
 `response.completed` (or `response.incomplete` when cut by max_output_tokens,
-`response.failed` on an error), each with its `sequence_number`; no `[DONE]`.
+`response.failed` on an error), each with its `sequence_number` and named by an `event:` line
+as OpenAI and llama-server send them; no `[DONE]`.
 With `store` (default true) the response and its conversation go into the server's
 ResponseStore once finished.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llama_lib import FinishReason
 
 from ...chat.output import ChatOutput
 from ..job import KIND_OAI_RESPONSES, Job
-from .base import Shape
+from .base import Event, Shape
 from .common import timings
 from .responses_input import ResponsesRequest, to_chat_body
 from .responses_items import Items
@@ -38,6 +40,15 @@ def responses_usage(h) -> dict:
     return {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": h.n_cached_tokens},
             "output_tokens": h.n_generated, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": n_in + h.n_generated}
+
+
+def _named(events: Callable[..., Iterator[object]]) -> Callable[..., Iterator[object]]:
+    """Each event dict sent as a named SSE event (`event: response.created`...)."""
+    @functools.wraps(events)
+    def named(*args, **kw) -> Iterator[object]:
+        for ev in events(*args, **kw):
+            yield Event(ev["type"], ev) if isinstance(ev, dict) and "type" in ev else ev
+    return named
 
 
 class ResponsesShape(Shape):
@@ -102,11 +113,13 @@ class ResponsesShape(Shape):
 
     # -- a stream -----------------------------------------------------------------------------
 
+    @_named
     def opening(self) -> Iterator[object]:
         first = self.response("in_progress")
         yield self.items.event("response.created", response=first)
         yield self.items.event("response.in_progress", response=dict(first))
 
+    @_named
     def on_chunk(self, h, chunk, text: str, n_predicted: int) -> Iterator[object]:
         evs: list[dict] = []
         if self.req.return_progress and not self.progressed:
@@ -128,6 +141,7 @@ class ResponsesShape(Shape):
             evs[-1]["timings"] = timings(h)
         yield from evs
 
+    @_named
     def ending(self, h, done: bool) -> Iterator[object]:
         if self.failed(h):
             yield from self.items.close("incomplete")
