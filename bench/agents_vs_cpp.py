@@ -8,7 +8,8 @@
 Every session is an agent: a ~2,000-token system prompt (instructions and six tool schemas, the
 same for all), its own task, then `--turns` tool turns: the model is made to call a tool
 (`tool_choice` any / required), the client answers with a tool result, and sends the next request.
-The sessions run at once. Two wire formats, each against both servers on one libllama build
+One call a turn (`disable_parallel_tool_use`, `parallel_tool_calls: false`), so that each turn adds
+one tool result on either server. The sessions run at once. Two wire formats, each against both servers on one libllama build
 (default: the native build in .llama/cpp-build, ours through LLAMA_LIB_DIR), alternating,
 `-np <sessions>`, the Qwen 2.5 template from the fetched source (Hermes tool calls) on the
 default model:
@@ -107,7 +108,8 @@ class Messages:
 
     def body(self, max_tokens: int) -> dict:
         return {"model": "m", "system": SYSTEM, "messages": self.msgs, "tools": self.tools, "stream": True,
-                "tool_choice": {"type": "any"}, "max_tokens": max_tokens, "temperature": 0}
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": True}, "max_tokens": max_tokens,
+                "temperature": 0}
 
     @staticmethod
     def is_output(ev: dict) -> bool:
@@ -152,6 +154,7 @@ class Responses:
 
     def body(self, max_tokens: int) -> dict:
         b = {"model": "m", "instructions": SYSTEM, "tools": self.tools, "tool_choice": "required",
+             "parallel_tool_calls": False,
              "max_output_tokens": max_tokens, "temperature": 0, "stream": True}
         if self.ours and self.previous:  # the chain is kept by the server: only the new items
             return {**b, "input": self.new, "previous_response_id": self.previous}

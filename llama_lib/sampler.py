@@ -81,6 +81,7 @@ class Sampler(OwnedPointer):
             self._cur_p = B.llama_token_data_array()
             self._one = B.llama_token_data()
             self._one_p = B.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+            self._read_prefix(vocab, params.grammar_prefix)
             # The shortcut below is exact only if the chain keeps the order of the raw logits
             # up to its cut-off: no bias, and greedy or a top_k first (see chain.py).
             self._top_need = 0
@@ -344,6 +345,18 @@ class Sampler(OwnedPointer):
             return -1
         self._last_cp = cp
         return int(cp.data[cp.selected].id)
+
+    def _read_prefix(self, vocab, text: str) -> None:
+        """The grammar reads `text` (SamplingParams.grammar_prefix) as if it had been sampled;
+        ValueError when the grammar does not allow it."""
+        if not text:
+            return
+        for tok in vocab.tokenize(text, add_special=False, parse_special=True):
+            if not self._allowed(int(tok)):
+                lib().llama_sampler_free(self.grammar)
+                self.grammar = None
+                raise ValueError(f"the grammar does not allow its prefix {text!r}")
+            lib().llama_sampler_accept(self.grammar, int(tok))
 
     def _allowed(self, tok: int, grammar=None) -> bool:
         one = self._one

@@ -162,6 +162,10 @@ class SamplingParams:
     # the match) on, the text must follow the grammar. How a tool call can start: "<tool_call>".
     grammar_lazy: bool = False
     grammar_triggers: tuple[str, ...] = ()
+    # Text the prompt already ends with that the grammar reads before the first sampled token:
+    # an answer's fixed opening (a forced tool call's "<tool_call>\n{\"name\": \"") decoded with
+    # the prompt in one batch instead of one step a token. Needs a grammar that is not lazy.
+    grammar_prefix: str = ""
     # A thinking block's budget and runtime control (reasoning_budget.py); None: no budget stage
     reasoning: ReasoningParams | None = None
 
@@ -192,6 +196,8 @@ class SamplingParams:
                 raise ValueError("a lazy grammar needs a grammar and at least one trigger pattern")
             for pattern in self.grammar_triggers:
                 _trigger_regex(pattern)
+        if self.grammar_prefix and (not self.grammar or self.grammar_lazy):
+            raise ValueError("grammar_prefix needs a grammar that is not lazy")
         if self.grammar and vocab is not None:
             lib().llama_sampler_free(init_grammar(vocab, self.grammar))
 

@@ -211,6 +211,12 @@ class Service:
             got = self._preserved_sets[texts] = frozenset(out)
         return got
 
+    def _reads_back(self, text: str) -> bool:
+        """Does `text` tokenize to tokens that read back as exactly `text` (no space in front,
+        as some tokenizers add)? The grammar must read the same text the prompt carries."""
+        v = self.model.vocab
+        return v.detokenize(v.tokenize(text, add_special=False, parse_special=True), unparse_special=True) == text
+
     def parse(self, body, kind: str) -> Job:
         """A generation body of the kind's format as a Job. Raises ApiError."""
         # llama-server's --verbose makes every answer carry "__verbose"
@@ -257,6 +263,14 @@ class Service:
         if job.chat is not None and job.chat.preserved:
             params = dataclasses.replace(params, preserved_tokens=self._preserved(job.chat.preserved))
         prompt, chat_text = job.prompt, ""
+        plan = job.chat
+        if plan is not None and plan.prefill:  # a forced call's opening goes with the prompt
+            if isinstance(prompt, str) and params.sampling.grammar and self._reads_back(plan.prefill):
+                prompt += plan.prefill
+                params = dataclasses.replace(params, sampling=dataclasses.replace(
+                    params.sampling, grammar_prefix=plan.prefill))
+            else:
+                plan.prefill = ""
         if job.chat is not None and isinstance(prompt, str) and self.continuations is not None \
                 and not self.engine.system_prompt:  # an earlier answer's own tokens, where it goes on
             chat_text = prompt

@@ -40,6 +40,7 @@ class ChatOutput:
     def parts(self, text: str, final: bool) -> tuple[str, Parsed]:
         """(reasoning, content and calls) of the text so far."""
         p = self.plan
+        text = p.prefill + text  # the opening the prompt carried is the answer's too
         reasoning, rest = split_reasoning(text, p.markers, p.opened, final, p.reasoning_format)
         if p.fmt is None:
             return reasoning, Parsed(rest)

@@ -38,6 +38,7 @@ class ChatPlan:
     opened: bool = False                 # the prompt ends inside a thinking block
     reasoning_format: str = "auto"
     system_text: str | None = None       # the generic format's description of the tools
+    prefill: str = ""                    # a forced call's fixed opening, decoded with the prompt
 
     def rendered(self, prompt: str) -> None:
         """What the rendered prompt decides: whether the answer starts inside a thinking block
@@ -155,6 +156,8 @@ def plan_chat(body: dict, template, tools: list | None, messages: list[dict],
     plan.fmt, plan.tool_names, plan.parallel, plan.grammar = fmt, tuple(tool_name(t) for t in chosen), parallel, grammar
     if not forced and fmt.lazy:
         plan.lazy, plan.triggers = True, tuple(fmt.triggers)
+    elif forced and plan.markers is None:  # (a reasoning model may think before its call)
+        plan.prefill = fmt.forced_opening(plan.tool_names)
     if fmt.name == "generic" and (not caps.get("supports_tools") or not text):
         plan.system_text = fmt.system_text(chosen, parallel)
     return plan

@@ -140,6 +140,8 @@ def render_chat(body: Any, template, default_reasoning: str = "auto", mark=None,
         tools = marked(tools, mark)  # descriptions are users' text too (the grammar used the originals)
     chat = _render(body, template, messages, tools, kwargs, options.prefill_assistant, mark)
     chat.plan = plan
+    if chat.prefill is not None:  # the answer is already under way: no opening of its own
+        plan.prefill = ""
     plan.rendered(chat.text)
     return chat
 

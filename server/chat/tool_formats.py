@@ -100,6 +100,13 @@ class ToolFormat:
         return (f'"{{" space {_q("name")} ":" space {_q(name)} "," space '
                 f'{_q(self.args_key)} ":" space {args_rule} "}}" space')
 
+    def forced_opening(self, names: tuple[str, ...]) -> str:
+        """The text every answer of a forced call begins with, under this format's grammar and
+        as its template writes it ("" when there is none): the prompt can carry it, decoded in
+        one batch, instead of the model writing it a step a token. With one tool its name and
+        the arguments key are fixed too."""
+        return ""
+
     def calls_rule(self, tools: list, rules: list[str], parallel: bool, auto: bool = False) -> str:
         """The GBNF body of the calls region, given each tool's arguments rule (`auto`: the
         model may also answer without a call, where the format is not lazy)."""
@@ -244,6 +251,12 @@ class Hermes(ToolFormat):
     markers = ("<tool_call>",)
     end_marker = "</tool_call>"
     shown = (end_marker,)
+
+    def forced_opening(self, names):
+        head = '<tool_call>\n{"name": "'
+        if len(names) != 1:
+            return head
+        return head + json.dumps(names[0], ensure_ascii=False)[1:-1] + '", "arguments": '
 
     def calls_rule(self, tools, rules, parallel, auto=False):
         one = " | ".join(self.call_object(tool_name(t), r) for t, r in zip(tools, rules))
