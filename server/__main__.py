@@ -20,6 +20,7 @@ import llama_lib
 
 from .config.cli import _log_level, parse_args
 from .config.cli_chat import check_chat_template
+from . import info
 from .http.drain import drain, start_agents
 from .http.routes import make_server
 from .service import Service
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = build_settings(args, system_prompt)
     service = Service(settings)
+    service.snapshot = lambda: info.asleep_view(service)
     try:
         servers = _listen(service, args.hosts, args.port,
                           api_key=args.api_keys or None,

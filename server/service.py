@@ -36,6 +36,7 @@ from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
 from .config.settings import Settings
 from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
+from .sleep import IdleSleep, release_freed_memory
 
 log = logging.getLogger("server")
 
@@ -93,6 +94,11 @@ class Service:
         self.metrics = Metrics()
         self.responses = ResponseStore.of_mib(s.responses_store_mib)  # stored Responses (LRU by bytes)
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
+        # --sleep-idle-seconds: the model is freed when idle; the read-only endpoints then answer
+        # from `asleep_view`, what `snapshot()` (set by the HTTP side: server.info) gave before
+        self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load)
+        self.snapshot: Callable[[], dict] | None = None
+        self.asleep_view: dict = {}
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -131,16 +137,31 @@ class Service:
                  {"jinja": f"{self.template.name} (Jinja)", "builtin": f"{self.template.name} (llama.cpp's, no Jinja)",
                   "transcript": "none, using the 'User: / Assistant:' transcript"}[self.template.kind])
         self.ready = True
+        self.sleep.start()  # --sleep-idle-seconds (once; a no-op without it)
 
     def _pick_template(self, model: Model) -> None:
         st = self.settings
         self.template = pick_template(st.chat_template, st.chat_template_from, model, st.jinja)
         self.template_caps = getattr(self.template, "caps", {})  # probed once, by the template
 
+    def _fall_asleep(self) -> None:
+        """IdleSleep's hook, with no request running: keep what the read-only endpoints show,
+        then free the engine (contexts, KV) and the model."""
+        self.asleep_view = self.snapshot() if self.snapshot is not None else {}
+        engine, model, self.engine, self.model = self.engine, self.model, None, None
+        engine.close(cancel=True)
+        model.close()
+        release_freed_memory()
+
+    @property
+    def sleeping(self) -> bool:
+        return self.sleep.sleeping
+
     def stop_engine(self) -> None:
         """Take no more requests and cancel those running: each stream gets its final event."""
         self.closing = True
         self.ready = False
+        self.sleep.stop()
         if self.engine is not None:
             self.engine.close(cancel=True)
 

@@ -47,6 +47,7 @@ class Settings:
     props_endpoint: bool = False   # --props: POST /props answers 200 (else 501)
     webui: bool = True             # --no-webui: / answers 404
     responses_store_mib: float = DEFAULT_STORE_MIB  # --responses-store: stored Responses, MiB
+    sleep_idle_seconds: float = -1  # --sleep-idle-seconds: free the model when idle (-1: never)
 
     # llama-server's flag names for what the engine config holds
     @property
@@ -110,4 +111,5 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         slot_save_path=args.slot_save_path or "",
         webui=args.webui, responses_store_mib=args.responses_store,
+        sleep_idle_seconds=args.sleep_idle_seconds,
     )
