@@ -32,6 +32,7 @@ class IdleSleep:
         self._stopped = False
         self.sleeping = False
         self.n_sleeps = 0
+        self.on_change: Callable[[bool], None] | None = None  # told True on sleeping, False on waking
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -62,6 +63,8 @@ class IdleSleep:
                             self.sleeping = False
                             self._cond.notify_all()
                         log.info("woke up: the model is loaded again (%.2f s)", time.perf_counter() - t0)
+                        if self.on_change is not None:
+                            self.on_change(False)
             yield
         finally:
             with self._cond:
@@ -90,6 +93,8 @@ class IdleSleep:
                 try:
                     self._fall_asleep()
                     self.n_sleeps += 1
+                    if self.on_change is not None:
+                        self.on_change(True)
                     log.info("sleeping after %g s idle: the model, its contexts and KV are freed",
                              self.seconds)
                 except Exception:
