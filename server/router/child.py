@@ -45,7 +45,8 @@ class Child:
         self.on_event = on_event
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.port = 0
-        self.argv = ["-m", spec.path, "--alias", ",".join([spec.name, *spec.aliases]), *spec.args,
+        # the child answers under the model's name (its aliases are the router's business)
+        self.argv = ["-m", spec.path, "--alias", spec.name, *spec.args,
                      "--host", "127.0.0.1", "--port", "0"]
         r, w = os.pipe()
         try:

@@ -228,6 +228,8 @@ class ModelTable:
 
     def status(self, inst: Instance) -> dict:
         st: dict = {"value": inst.status, "args": list(inst.args)}
+        if inst.port:
+            st["port"] = inst.port  # our addition: where its child listens (127.0.0.1)
         if inst.failed:
             st.update(failed=True, exit_code=inst.exit_code, error=inst.error)
         return st
