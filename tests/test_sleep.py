@@ -84,3 +84,31 @@ def test_streams_wake_it_and_keep_it_awake(srv):
     assert events[-1] == "[DONE]"
     assert not sleeping(srv)
     assert "sleeping after" in srv.log_tail(200) and "woke up" in srv.log_tail(200)
+
+
+def test_router_children_sleep_and_wake(tmp_path):
+    """--sleep-idle-seconds goes down to each model's child: /models says "sleeping" (the child
+    tells the router), and a request wakes it."""
+    from tiny_model import linked_default
+    models = tmp_path / "models"
+    models.mkdir()
+    linked_default(models, "gemma")
+    r = ServerProcess(["--models-dir", str(models), "--sleep-idle-seconds", str(IDLE_S),
+                       "-c", "512", "-np", "1", "-t", "2"], tmp_path / "router.log")
+    try:
+        r.wait_ready()
+
+        def status():
+            return r.get("/models").json()["data"][0]["status"]["value"]
+
+        assert r.post("/completion", {"model": "gemma", "prompt": "Hi", "n_predict": 2}).status_code == 200
+        deadline = time.monotonic() + 20
+        while status() != "sleeping":
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.1)
+        assert r.get("/props?model=gemma").json()["is_sleeping"]  # answered without waking it
+        assert status() == "sleeping"
+        assert r.post("/completion", {"model": "gemma", "prompt": "Hi", "n_predict": 2}).status_code == 200
+        assert status() == "loaded"
+    finally:
+        r.stop()
