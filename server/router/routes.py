@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import time
@@ -25,6 +26,9 @@ from .proxy import ChildConnections, forward
 
 log = logging.getLogger("server.router")
 SSE_PING_S = 15.0
+# llama-server's test knob (its test_router.py sets it): a request holds its model 2 s before it
+# is passed on, so that tests can see a busy model; never set in production
+FAKE_TIMING_S = 2.0 if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") else 0.0
 
 
 class RouterService:
@@ -81,6 +85,8 @@ class RouterHandler(Handler):
             ctx = svc.table.use(inst, autoload, svc.timeout, lambda: bool(gone))
             port = ctx.__enter__()
         try:
+            if FAKE_TIMING_S:
+                time.sleep(FAKE_TIMING_S)
             forward(self, svc.conns, port, body)
         finally:
             ctx.__exit__(None, None, None)
