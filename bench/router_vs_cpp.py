@@ -107,6 +107,12 @@ def stream(port: int, body: dict) -> list[float]:
     return times
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (Linux /proc), s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
@@ -133,9 +139,13 @@ def part_hop(a, build, tmp: Path) -> None:
         body = {"model": NAMES[0], "prompt": "User: Tell me a story.\nAssistant:", "n_predict": a.n_predict,
                 "temperature": 0, "ignore_eos": True}
         rows = {"router": [], "direct": []}
+        cpu, n_tokens = 0.0, 0
         for r in range(a.rounds):
             for side in (("router", "direct") if r % 2 == 0 else ("direct", "router")):
+                c0 = cpu_seconds(proc.pid)
                 t = stream(port if side == "router" else child, body)
+                if side == "router":
+                    cpu, n_tokens = cpu + cpu_seconds(proc.pid) - c0, n_tokens + len(t)
                 rows[side].append((t[0], statistics.median(gaps(t)), pct(gaps(t), 0.95)))
         print(f"\n## the hop: one client, {a.n_predict} tokens streamed, {a.rounds} rounds "
               f"({build.name} build, -t {a.threads})\n")
@@ -145,7 +155,8 @@ def part_hop(a, build, tmp: Path) -> None:
             print(f"| {side} | {statistics.median(x[0] for x in v) * 1e3:.2f} | "
                   f"{statistics.median(x[1] for x in v) * 1e3:.2f} | {statistics.median(x[2] for x in v) * 1e3:.2f} |")
         d = statistics.median(x[1] for x in rows["router"]) - statistics.median(x[1] for x in rows["direct"])
-        print(f"\nextra per token through the router: {d * 1e3:+.3f} ms")
+        print(f"\nextra per token through the router: {d * 1e3:+.3f} ms (median gap); the router "
+              f"process's CPU time: {cpu / max(1, n_tokens) * 1e3:.3f} ms per token")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
@@ -223,7 +234,10 @@ def main() -> None:
     ap.add_argument("--n-predict", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    build = _builds.get(a.build)
+    if a.part == "hop" and a.build == "prebuilt":  # ours only: no C++ program needed
+        build = _builds.Build("prebuilt", _builds.PREBUILT_LIB, _builds.SHIM)
+    else:
+        build = _builds.get(a.build)
     with tempfile.TemporaryDirectory() as d:
         if a.part in ("hop", "both"):
             part_hop(a, build, Path(d))
