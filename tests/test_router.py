@@ -219,3 +219,35 @@ def test_bad_preset_exits_2_with_the_line(tmp_path, text, where):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert f"{p}{where}" in r.stderr or where in r.stderr, r.stderr
+
+
+def test_models_memory_unloads_to_fit_or_refuses(tmp_path):
+    """--models-memory (ours): the estimates (GGUF + KV + buffers) of the loaded models stay
+    within the limit: the least recently used goes, and a model that cannot fit alone is refused
+    with its figure while the others keep serving."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").symlink_to(tiny_model())
+    linked_default(models, "gemma")
+    linked_default(models, "gemma-b")
+    ini = tmp_path / "models.ini"
+    ini.write_text(f"[*]\nctx-size = 1024\n\n[gemma-big]\nmodel = {models / 'gemma.gguf'}\nctx-size = 32768\n")
+    s = ServerProcess(["--models-dir", str(models), "--models-preset", str(ini), "--models-memory", "700",
+                       "-np", "2", "-t", "1"], tmp_path / "router.log")
+    try:
+        s.wait_ready()
+        mem = {m["id"]: m["memory_mib"] for m in s.get("/models").json()["data"]}
+        assert 300 < mem["gemma"] == mem["gemma-b"] < 700 < mem["gemma-big"], mem
+        assert mem["tiny"] < mem["gemma"]
+        assert complete(s, "gemma", n_predict=1).status_code == 200
+        assert complete(s, "gemma-b", n_predict=1).status_code == 200  # both do not fit: gemma goes
+        assert statuses(s)["gemma"]["value"] == "unloaded"
+        assert complete(s, "tiny", n_predict=1).status_code == 200  # fits beside gemma-b
+        st = statuses(s)
+        assert st["gemma-b"]["value"] == "loaded" and st["tiny"]["value"] == "loaded"
+        r = complete(s, "gemma-big", n_predict=1)
+        assert r.status_code == 503 and "--models-memory 700 MiB" in r.json()["error"]["message"]
+        assert statuses(s)["gemma-big"]["failed"]
+        assert complete(s, "tiny", n_predict=1).status_code == 200
+    finally:
+        s.stop()

@@ -26,6 +26,11 @@ def add_router_flags(p) -> None:
     g("--models-max", type=int, default=MODELS_MAX, metavar="N",
       help=f"router mode: most models loaded at once, the least recently used unloaded first "
            f"(default: {MODELS_MAX}, 0 = unlimited)")
+    g("--models-memory", type=int, default=0, metavar="MiB",
+      help="router mode: before loading a model, estimate what it will take (weights, KV cache, "
+           "compute buffers: docs/router.md) and unload least recently used models until the loaded "
+           "ones fit in MiB, or refuse it when it cannot fit alone (default: 0 = no limit; "
+           "not a llama.cpp flag)")
     g("--models-autoload", action="store_true", default=True,
       help="router mode: a request for an unloaded model loads it (default: enabled)")
     g("--no-models-autoload", dest="models_autoload", action="store_false",
@@ -35,6 +40,6 @@ def add_router_flags(p) -> None:
 def check_router_flags(p, args) -> None:
     if args.sleep_idle_seconds == 0 or args.sleep_idle_seconds < -1:
         p.error("--sleep-idle-seconds: invalid value: cannot be 0 or less than -1")
-    if args.models_max < 0:
-        p.error("--models-max must be >= 0")
+    if args.models_max < 0 or args.models_memory < 0:
+        p.error("--models-max and --models-memory must be >= 0")
     args.router = bool((args.models_dir or args.models_preset) and not args.model)

@@ -49,9 +49,11 @@ class Instance:
 
 
 class ModelTable:
-    def __init__(self, specs: dict[str, ModelSpec], models_max: int, autoload: bool):
+    def __init__(self, specs: dict[str, ModelSpec], models_max: int, autoload: bool,
+                 memory_mib: float = 0.0):
         self.models = {name: Instance(spec) for name, spec in specs.items()}
         self.models_max = models_max
+        self.memory_mib = memory_mib  # --models-memory: the loaded models' estimates fit in it
         self.autoload = autoload
         self._cond = threading.Condition()
         self._queue: list[str] = []  # models waiting for a free place, first come first
@@ -140,7 +142,15 @@ class ModelTable:
         if self._queue[0] != name:
             return False
         running = [i for i in self.models.values() if i.running]
-        if self.models_max == 0 or len(running) < self.models_max:
+        need, limit = inst.spec.memory_mib, self.memory_mib
+        if limit and need > limit:
+            inst.failed, inst.exit_code = True, 0
+            inst.error = (f"model '{name}' needs about {need:.0f} MiB (weights, KV cache, compute "
+                          f"buffers), more than --models-memory {limit:.0f} MiB")
+            self._emit(inst)
+            raise ApiError(503, "unavailable_error", inst.error)
+        fits = not limit or sum(i.spec.memory_mib for i in running) + need <= limit
+        if fits and (self.models_max == 0 or len(running) < self.models_max):
             self._queue.remove(name)
             self._start(inst)
             return True
@@ -148,7 +158,8 @@ class ModelTable:
             idle = [i for i in running if i.status in (LOADED, SLEEPING) and i.users == 0]
             if idle:
                 victim = min(idle, key=lambda i: i.last_used)
-                log.info("unloading %s (least recently used) to load %s", victim.spec.name, name)
+                log.info("unloading %s (least recently used) to load %s%s", victim.spec.name, name,
+                         "" if fits else f" within --models-memory {limit:.0f} MiB")
                 self._stop(victim)
         return False
 

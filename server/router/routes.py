@@ -114,7 +114,8 @@ class RouterHandler(Handler):
         data = [{"id": name, "aliases": list(i.spec.aliases), "tags": [], "object": "model",
                  "owned_by": "llamacpp", "created": t, "status": svc.table.status(i),
                  "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
-                 "source": i.spec.source, "can_remove": False, "path": i.spec.path}
+                 "source": i.spec.source, "can_remove": False, "path": i.spec.path,
+                 "memory_mib": round(i.spec.memory_mib)}  # ours: the estimate (--models-memory)
                 for name, i in svc.table.models.items()]
         self.send_json(200, {"data": data, "object": "list"})
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import struct
 import threading
 
 from ..config.cli import _dashes, parse_args
+from .memory import estimate_mib, read_shape
 from .models import ModelTable
 from .presets import PresetError, load_specs
 from .routes import RouterService, make_router_server
@@ -20,12 +22,17 @@ log = logging.getLogger("server.router")
 
 
 def check_child_args(p: argparse.ArgumentParser, specs) -> None:
-    """Each model's flags parse as a child would parse them (exit 2 here, not at its load)."""
+    """Each model's flags parse as a child would parse them (exit 2 here, not at its load), and
+    each model's memory is estimated from them (0 when its file cannot be read: it will fail)."""
     for spec in specs.values():
         try:
-            parse_args(["-m", spec.path, *spec.args])
+            child = parse_args(["-m", spec.path, *spec.args])
         except SystemExit:
             p.error(f"model '{spec.name}': its flags {' '.join(spec.args)!r} are refused (see above)")
+        try:
+            spec.memory_mib = estimate_mib(read_shape(spec.path), child)
+        except (OSError, ValueError, struct.error) as e:
+            log.warning("model %s: no memory estimate (%s)", spec.name, e)
 
 
 def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> int:
@@ -35,7 +42,7 @@ def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> 
     except PresetError as e:
         p.error(str(e))
     check_child_args(p, specs)
-    table = ModelTable(specs, args.models_max, args.models_autoload)
+    table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory)
     service = RouterService(table, args.timeout, bool(args.api_keys))
     servers = []
     try:
@@ -56,9 +63,11 @@ def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> 
     for httpd in servers:
         threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     urls = [f"http://{h}:{s.server_address[1]}" for h, s in zip(args.hosts, servers)]
-    log.info("router listening on %s: %d models (%s), at most %s loaded at once, autoload %s",
-             ", ".join(urls), len(specs), ", ".join(specs) or "none",
-             args.models_max or "any number", "on" if args.models_autoload else "off")
+    log.info("router listening on %s: %d models (%s), at most %s loaded at once%s, autoload %s",
+             ", ".join(urls), len(specs), ", ".join(f"{n} ~{s.memory_mib:.0f} MiB" for n, s in specs.items())
+             or "none", args.models_max or "any number",
+             f" within {args.models_memory} MiB" if args.models_memory else "",
+             "on" if args.models_autoload else "off")
     for inst in table.models.values():
         if inst.spec.load_on_startup:
             table.load(inst)
