@@ -166,13 +166,18 @@ def run_load(port: int, a) -> dict:
     """N clients per model, each `a.requests` streams in turn; per-model gaps and the total rate."""
     out = {n: [] for n in NAMES}
     counts = {n: 0 for n in NAMES}
+    errors = []
     lock = threading.Lock()
 
     def client(name: str, i: int):
         for k in range(a.requests):
             body = {"model": name, "prompt": f"User: Tell me story number {i * 10 + k} about {name}.\nAssistant:",
                     "n_predict": a.n_predict, "temperature": 0, "ignore_eos": True}
-            t = stream(port, body)
+            try:
+                t = stream(port, body)
+            except (AssertionError, OSError, http.client.HTTPException) as e:
+                errors.append(repr(e)[:200])
+                continue
             with lock:
                 out[name] += gaps(t)
                 counts[name] += len(t)
@@ -184,6 +189,8 @@ def run_load(port: int, a) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if errors:
+        print(f"  {len(errors)} failed streams, e.g. {errors[0]}", file=sys.stderr)
     return {"tps": sum(counts.values()) / wall,
             **{f"p95 {n}": pct(out[n], 0.95) * 1e3 for n in NAMES},
             **{f"p50 {n}": pct(out[n], 0.5) * 1e3 for n in NAMES}}

@@ -2,7 +2,7 @@
 least recently used past `--models-max`, and the status events of /models/sse.
 
 One condition variable guards the table; HTTP threads wait on it (bounded by the request's time
-limit) and the children's threads notify it. A request holds its model (`use`) from before the
+limit) and the children's threads notify it. A request holds its model (`hold`) from before the
 load until its answer is sent, so a model that serves or is about to serve a request is never the
 one given up. Requests that need a free place queue in arrival order, one entry per model: many
 requests for one missing model cost one unload, not many.
@@ -80,21 +80,26 @@ class ModelTable:
     # -- requests -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, inst: Instance, autoload: bool, timeout: float,
-            gone: Callable[[], bool] = lambda: False) -> Iterator[int]:
-        """Hold `inst` for one request: loaded first (when autoload), its port given. `gone()`
-        says the client left (then `poke()` wakes the wait)."""
+    def hold(self, inst: Instance) -> Iterator[None]:
+        """Hold `inst` for one request, from before its load to the end of its answer: a model
+        held is never the one unloaded to make room."""
         with self._cond:
             inst.users += 1
         try:
-            if not autoload and inst.status not in (LOADED, SLEEPING):
-                raise ApiError(400, "invalid_request_error", "model is not loaded")
-            yield self._ready(inst, time.monotonic() + timeout, gone)
+            yield
         finally:
             with self._cond:
                 inst.users -= 1
                 inst.last_used = time.monotonic()
                 self._cond.notify_all()
+
+    def ready(self, inst: Instance, autoload: bool, timeout: float,
+              gone: Callable[[], bool] = lambda: False) -> int:
+        """Within `hold`: the port of `inst` once it is loaded (loading it when autoload).
+        `gone()` says the client left (`poke()` wakes the wait to see it)."""
+        if not autoload and inst.status not in (LOADED, SLEEPING):
+            raise ApiError(400, "invalid_request_error", "model is not loaded")
+        return self._ready(inst, time.monotonic() + timeout, gone)
 
     def poke(self) -> None:
         with self._cond:
@@ -213,9 +218,8 @@ class ModelTable:
     def load(self, inst: Instance) -> None:
         """POST /models/load: loading starts in the background (a place freed as for a request)."""
         def run():
-            with contextlib.suppress(ApiError, ClientGone):
-                with self.use(inst, True, 3600.0):
-                    pass
+            with contextlib.suppress(ApiError, ClientGone), self.hold(inst):
+                self.ready(inst, True, 3600.0)
         threading.Thread(target=run, daemon=True, name=f"load-{inst.spec.name}").start()
 
     def unload(self, inst: Instance) -> None:

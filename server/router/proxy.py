@@ -12,6 +12,7 @@ import http.client
 import logging
 import socket
 import threading
+import time
 
 from ..errors import ApiError
 
@@ -24,40 +25,47 @@ DROP_RESPONSE = {"connection", "keep-alive", "content-length", "transfer-encodin
 
 
 class ChildConnections:
-    """Idle keep-alive connections to the children, by port."""
+    """Idle keep-alive connections to the children, by port; one idle for longer than MAX_IDLE_S
+    is closed rather than reused (a child closes an idle connection after its keep-alive time)."""
+
+    MAX_IDLE_S = 2.0
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._idle: dict[int, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[int, list[tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
 
-    def take(self, port: int) -> tuple[http.client.HTTPConnection, bool]:
+    def take(self, port: int, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        now, stale = time.monotonic(), []
         with self._lock:
-            pool = self._idle.get(port)
-            if pool:
-                return pool.pop(), True
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.timeout)
-        return conn, False
+            pool = self._idle.get(port, [])
+            while pool and not fresh:
+                conn, since = pool.pop()
+                if now - since < self.MAX_IDLE_S:
+                    break
+                stale.append(conn)
+            else:
+                conn = None
+        for c in stale:
+            c.close()
+        if conn is not None:
+            return conn, True
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=self.timeout), False
 
     def give_back(self, port: int, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             pool = self._idle.setdefault(port, [])
             if len(pool) < 32:
-                pool.append(conn)
+                pool.append((conn, time.monotonic()))
                 return
         conn.close()
-
-    def forget(self, port: int) -> None:
-        with self._lock:
-            for c in self._idle.pop(port, []):
-                c.close()
 
 
 def _send(conns: ChildConnections, port: int, method: str, target: str, body: bytes | None,
           headers: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """The request on a pooled connection (once again on a fresh one if the child had closed it)."""
-    for _ in range(2):
-        conn, reused = conns.take(port)
+    for attempt in range(2):
+        conn, reused = conns.take(port, fresh=attempt > 0)
         try:
             conn.request(method, target, body=body, headers=headers)
             return conn, conn.getresponse()

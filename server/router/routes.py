@@ -34,7 +34,7 @@ FAKE_TIMING_S = 2.0 if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") else 0.0
 class RouterService:
     """The router's state as the HTTP side reads it (a Service's flags, the model table)."""
 
-    def __init__(self, table: ModelTable, timeout: float, api_keys: bool):
+    def __init__(self, table: ModelTable, timeout: float):
         self.table = table
         self.timeout = timeout
         self.conns = ChildConnections(timeout)
@@ -81,15 +81,12 @@ class RouterHandler(Handler):
             gone.append(True)
             svc.table.poke()
 
-        with self.server.watcher.watch(self.connection, on_close):
-            ctx = svc.table.use(inst, autoload, svc.timeout, lambda: bool(gone))
-            port = ctx.__enter__()
-        try:
+        with svc.table.hold(inst):
+            with self.server.watcher.watch(self.connection, on_close):  # while it waits
+                port = svc.table.ready(inst, autoload, svc.timeout, lambda: bool(gone))
             if FAKE_TIMING_S:
                 time.sleep(FAKE_TIMING_S)
             forward(self, svc.conns, port, body)
-        finally:
-            ctx.__exit__(None, None, None)
 
     def read_raw(self) -> bytes:
         self._body_done = True

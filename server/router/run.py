@@ -43,7 +43,7 @@ def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> 
         p.error(str(e))
     check_child_args(p, specs)
     table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory)
-    service = RouterService(table, args.timeout, bool(args.api_keys))
+    service = RouterService(table, args.timeout)
     servers = []
     try:
         for host in args.hosts:
