@@ -96,7 +96,7 @@ class Service:
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
         # --sleep-idle-seconds: the model is freed when idle; the read-only endpoints then answer
         # from `asleep_view`, what `snapshot()` (set by the HTTP side: server.info) gave before
-        self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load)
+        self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load, before=self._keep_view)
         self.snapshot: Callable[[], dict] | None = None
         self.asleep_view: dict = {}
 
@@ -144,10 +144,12 @@ class Service:
         self.template = pick_template(st.chat_template, st.chat_template_from, model, st.jinja)
         self.template_caps = getattr(self.template, "caps", {})  # probed once, by the template
 
-    def _fall_asleep(self) -> None:
-        """IdleSleep's hook, with no request running: keep what the read-only endpoints show,
-        then free the engine (contexts, KV) and the model."""
+    def _keep_view(self) -> None:
+        """What the read-only endpoints show while asleep, taken before `sleeping` is set."""
         self.asleep_view = self.snapshot() if self.snapshot is not None else {}
+
+    def _fall_asleep(self) -> None:
+        """IdleSleep's hook, with no request running: free the engine (contexts, KV) and the model."""
         engine, model, self.engine, self.model = self.engine, self.model, None, None
         engine.close(cancel=True)
         model.close()

@@ -21,10 +21,12 @@ log = logging.getLogger("server")
 
 
 class IdleSleep:
-    def __init__(self, seconds: float, fall_asleep: Callable[[], None], wake: Callable[[], None]):
+    def __init__(self, seconds: float, fall_asleep: Callable[[], None], wake: Callable[[], None],
+                 before: Callable[[], None] = lambda: None):
         self.seconds = seconds
         self._fall_asleep = fall_asleep
         self._wake = wake
+        self._before = before  # called once it is decided, before `sleeping` is set: a last look
         self._cond = threading.Condition()
         self._switch = threading.Lock()  # held while falling asleep or waking
         self._busy = 0
@@ -89,6 +91,7 @@ class IdleSleep:
                 with self._cond:  # a request counted since the check keeps it awake
                     if self._idle_for() != 0.0 or self._stopped:
                         continue
+                    self._before()
                     self.sleeping = True
                 try:
                     self._fall_asleep()

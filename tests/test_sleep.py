@@ -58,11 +58,14 @@ def test_sleep_frees_memory_and_wakes(srv):
     assert srv.get("/v1/models").status_code == 200
     assert sleeping(srv)
     # a generation wakes it, and answers as before (greedy)
+    t0 = time.monotonic()
     again = completion(srv)
+    wake_s = time.monotonic() - t0
     assert again["content"] == awake["content"]
     assert not sleeping(srv)
     assert proc_rss_kb(srv.proc.pid) > rss_asleep + 100_000
-    print(f"RSS awake {rss_awake / 1024:.0f} MiB, asleep {rss_asleep / 1024:.0f} MiB")
+    print(f"RSS awake {rss_awake / 1024:.0f} MiB, asleep {rss_asleep / 1024:.0f} MiB; "
+          f"the waking request took {wake_s:.2f} s")
 
 
 @pytest.mark.parametrize("method,path,body", [
