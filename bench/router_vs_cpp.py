@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Router mode (issue 33), measured on one libllama build:
 
-1. the hop: one client streaming through our router against the same child server directly
-   (a token's gap, first-token time), alternately, medians over rounds: what the child process
-   costs per token;
+1. the hop: one client streaming through our router to its child against a server of its own
+   with the same flags (a token's gap, first-token time, the router process's CPU time per
+   token), alternately, medians over rounds: what the extra process costs per token;
 2. two models x N clients each, streamed at once, through our router and through llama-server's
    router (both: children started with the same flags, the same two model names served by the
    same GGUF): total tokens/s and each model's inter-token p95.
@@ -129,13 +129,18 @@ def preset(folder: Path, threads: int) -> Path:
 
 
 def part_hop(a, build, tmp: Path) -> None:
-    port = free_port()
+    """The same flags in a child of our router and in a server of its own (a router's child
+    takes only the router's key), alternately."""
+    port, direct = free_port(), free_port()
+    flags = ["-np", "1", "-c", "1024", "-t", str(a.threads), "--no-warmup"]
     proc = start([sys.executable, "-m", "server", "--models-preset", str(preset(tmp, a.threads)),
-                  "--port", str(port), "-np", "1", "-c", "1024", "-t", str(a.threads), "--no-warmup"],
-                 build.env_ours(), tmp / "hop.log")
+                  "--port", str(port), *flags], build.env_ours(), tmp / "hop.log")
+    alone = start([sys.executable, "-m", "server", "-m", str(MODEL), "--alias", NAMES[0],
+                   "--port", str(direct), *flags], build.env_ours(), tmp / "direct.log")
     try:
         wait_health(port, proc)
-        child = load_models(port, NAMES[:1])[NAMES[0]]["port"]
+        wait_health(direct, alone)
+        load_models(port, NAMES[:1])
         body = {"model": NAMES[0], "prompt": "User: Tell me a story.\nAssistant:", "n_predict": a.n_predict,
                 "temperature": 0, "ignore_eos": True}
         rows = {"router": [], "direct": []}
@@ -143,7 +148,7 @@ def part_hop(a, build, tmp: Path) -> None:
         for r in range(a.rounds):
             for side in (("router", "direct") if r % 2 == 0 else ("direct", "router")):
                 c0 = cpu_seconds(proc.pid)
-                t = stream(port if side == "router" else child, body)
+                t = stream(port if side == "router" else direct, body)
                 if side == "router":
                     cpu, n_tokens = cpu + cpu_seconds(proc.pid) - c0, n_tokens + len(t)
                 rows[side].append((t[0], statistics.median(gaps(t)), pct(gaps(t), 0.95)))
@@ -158,8 +163,9 @@ def part_hop(a, build, tmp: Path) -> None:
         print(f"\nextra per token through the router: {d * 1e3:+.3f} ms (median gap); the router "
               f"process's CPU time: {cpu / max(1, n_tokens) * 1e3:.3f} ms per token")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        for p in (proc, alone):
+            p.send_signal(signal.SIGINT)
+            p.wait(30)
 
 
 def run_load(port: int, a) -> dict:

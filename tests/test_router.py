@@ -193,6 +193,15 @@ def test_autoload_off_per_request_and_waiting_while_loading(router):
     assert router.log_tail(100000).count("loading model tiny") == before + 1  # one load for the three
 
 
+def test_children_take_only_the_routers_key(router):
+    """A child listens on 127.0.0.1, open to every local user: it answers only the router."""
+    assert complete(router, "gemma", n_predict=1).status_code == 200
+    port = statuses(router)["gemma"]["port"]
+    r = requests.post(f"http://127.0.0.1:{port}/completion", json={"prompt": "x", "n_predict": 1}, timeout=30)
+    assert r.status_code == 401
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+
+
 def test_child_killed_others_serve_and_it_comes_back(router):
     assert complete(router, "tiny", n_predict=1).status_code == 200
     port = statuses(router)["tiny"]["port"]

@@ -10,11 +10,14 @@ router's log and keeps the last ones, the reason shown when a model fails to loa
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -45,17 +48,24 @@ class Child:
         self.on_event = on_event
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.port = 0
+        # a key of its own, so that only the router talks to it (its port is open to local
+        # users); handed over in a file only this user reads, gone once the child has read it
+        self.key = secrets.token_urlsafe(24)
+        fd, key_file = tempfile.mkstemp(prefix="pyllama-child-key-")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.key + "\n")
         # the child answers under the model's name (its aliases are the router's business)
         self.argv = ["-m", spec.path, "--alias", spec.name, *spec.args,
                      "--host", "127.0.0.1", "--port", "0"]
         r, w = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", *self.argv], cwd=ROOT, pass_fds=(w,),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env={**os.environ, NOTIFY_ENV: str(w), "PYTHONUNBUFFERED": "1"})
+                [sys.executable, "-m", "server", *self.argv, "--api-key-file", key_file], cwd=ROOT,
+                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), "PYTHONUNBUFFERED": "1"})
         finally:
             os.close(w)
+        self._key_file = key_file
         self._notify = os.fdopen(r, "rb", buffering=0)
         threading.Thread(target=self._read_log, name=f"log-{spec.name}", daemon=True).start()
         threading.Thread(target=self._watch, name=f"child-{spec.name}", daemon=True).start()
@@ -74,13 +84,21 @@ class Child:
         with self._notify as f:
             for raw in f:
                 word, _, arg = raw.decode().strip().partition(" ")
+                self._drop_key_file()
                 if word == "ready":
                     self.port = int(arg)
                     self.on_event(self, "ready", self.port)
                 elif word in ("sleeping", "awake"):
                     self.on_event(self, word, None)
         code = self.proc.wait()
+        self._drop_key_file()
         self.on_event(self, "exit", code)
+
+    def _drop_key_file(self) -> None:
+        if self._key_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self._key_file)
+            self._key_file = ""
 
     def reason(self) -> str:
         """Why it failed: the last error lines of its log, else its last line."""

@@ -94,8 +94,8 @@ class ModelTable:
                 self._cond.notify_all()
 
     def ready(self, inst: Instance, autoload: bool, timeout: float,
-              gone: Callable[[], bool] = lambda: False) -> int:
-        """Within `hold`: the port of `inst` once it is loaded (loading it when autoload).
+              gone: Callable[[], bool] = lambda: False) -> tuple[int, str]:
+        """Within `hold`: the port and key of `inst`'s child once it is loaded (loading it when autoload).
         `gone()` says the client left (`poke()` wakes the wait to see it)."""
         if not autoload and inst.status not in (LOADED, SLEEPING):
             raise ApiError(400, "invalid_request_error", "model is not loaded")
@@ -105,7 +105,7 @@ class ModelTable:
         with self._cond:
             self._cond.notify_all()
 
-    def _ready(self, inst: Instance, deadline: float, gone: Callable[[], bool]) -> int:
+    def _ready(self, inst: Instance, deadline: float, gone: Callable[[], bool]) -> tuple[int, str]:
         """Wait until `inst` is loaded, loading it (and unloading another) when its turn comes."""
         name = inst.spec.name
         with self._cond:
@@ -117,7 +117,7 @@ class ModelTable:
                     if gone():
                         raise ClientGone()
                     if inst.status in (LOADED, SLEEPING) and not inst.stopping:
-                        return inst.port
+                        return inst.port, inst.child.key
                     if inst.status == UNLOADED and not inst.stopping:
                         if inst.failed and inst.n_loads > entry:  # loaded since we came, and failed
                             raise ApiError(500, "server_error", f"model '{name}' failed to load: "

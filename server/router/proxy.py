@@ -18,7 +18,7 @@ from ..errors import ApiError
 
 log = logging.getLogger("server.router")
 
-# not passed on: hop-by-hop headers, and what the router decides (the key: children run without one)
+# not passed on: hop-by-hop headers, and the client's key (each child has a key of its own)
 DROP_REQUEST = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te",
                 "upgrade", "proxy-connection", "authorization", "x-api-key", "expect"}
 DROP_RESPONSE = {"connection", "keep-alive", "content-length", "transfer-encoding", "server", "date"}
@@ -79,10 +79,11 @@ def _send(conns: ChildConnections, port: int, method: str, target: str, body: by
     raise ApiError(502, "server_error", "the model's server closed the connection")
 
 
-def forward(handler, conns: ChildConnections, port: int, body: bytes | None) -> None:
+def forward(handler, conns: ChildConnections, port: int, key: str, body: bytes | None) -> None:
     """Pass `handler`'s request (its method, path and query, headers, `body`) to the child on
-    `port` and write the child's answer back."""
+    `port` with the child's own `key`, and write the child's answer back."""
     headers = {k: v for k, v in handler.headers.items() if k.lower() not in DROP_REQUEST}
+    headers["Authorization"] = f"Bearer {key}"
     if body is not None:
         headers["Content-Length"] = str(len(body))
     conn, resp = _send(conns, port, handler.command, handler.path, body, headers)

@@ -83,10 +83,10 @@ class RouterHandler(Handler):
 
         with svc.table.hold(inst):
             with self.server.watcher.watch(self.connection, on_close):  # while it waits
-                port = svc.table.ready(inst, autoload, svc.timeout, lambda: bool(gone))
+                port, key = svc.table.ready(inst, autoload, svc.timeout, lambda: bool(gone))
             if FAKE_TIMING_S:
                 time.sleep(FAKE_TIMING_S)
-            forward(self, svc.conns, port, body)
+            forward(self, svc.conns, port, key, body)
 
     def read_raw(self) -> bytes:
         self._body_done = True
