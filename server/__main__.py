@@ -20,7 +20,10 @@ import llama_lib
 
 from .config.cli import _log_level, parse_args
 from .config.cli_chat import check_chat_template
+from . import info
 from .http.drain import drain, start_agents
+from .router.child import notify_router
+from .router.run import run_router
 from .http.routes import make_server
 from .service import Service
 from .config.settings import build_settings
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llama_lib.cpp").setLevel(logging.INFO if level <= logging.DEBUG else logging.WARNING)
     if args.log_disable:
         logging.disable(logging.CRITICAL)
+    if args.router:  # --models-dir / --models-preset without -m: several models, one child each
+        return run_router(args, sys.argv[1:] if argv is None else list(argv), stop_signals)
 
     try:
         llama_lib.load_library()
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = build_settings(args, system_prompt)
     service = Service(settings)
+    service.snapshot = lambda: info.asleep_view(service)
+    service.sleep.on_change = lambda asleep: notify_router("sleeping" if asleep else "awake")
     try:
         servers = _listen(service, args.hosts, args.port,
                           api_key=args.api_keys or None,
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("server is ready on %s (%d slots, %d tokens each)", ", ".join(urls),
              settings.engine.n_parallel, service.n_ctx_slot)
+    notify_router(f"ready {servers[0].server_address[1]}")  # when a router started this server
     signum = signal.sigwait(stop_signals)  # returns at once if one came during loading
 
     t0 = time.perf_counter()

@@ -55,6 +55,13 @@ def props(svc: Service) -> dict:
         "n_system_prompt_tokens": int(len(svc.engine.system_tokens)) if svc.engine else 0,
     }
 
+def asleep_view(svc: Service) -> dict:
+    """What /props, /models and /metrics show while the model sleeps (--sleep-idle-seconds):
+    taken just before it is freed, /props then saying is_sleeping."""
+    return {"props": {**props(svc), "is_sleeping": True}, "models": models(svc),
+            "metrics": metrics_text(svc)}
+
+
 def slots(svc: Service) -> list[dict]:
     """GET /slots."""
     out = []

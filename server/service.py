@@ -38,6 +38,7 @@ from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
 from .config.settings import Settings
 from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
+from .sleep import IdleSleep, release_freed_memory
 
 log = logging.getLogger("server")
 
@@ -97,6 +98,11 @@ class Service:
         self._lock = threading.Lock()  # guards reverse_prompts/names and metrics, never held long
         self.continuations: Continuations | None = None  # made at load (it needs the vocabulary)
         self._chat_texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handle -> chat_text
+        # --sleep-idle-seconds: the model is freed when idle; the read-only endpoints then answer
+        # from `asleep_view`, what `snapshot()` (set by the HTTP side: server.info) gave before
+        self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load, before=self._keep_view)
+        self.snapshot: Callable[[], dict] | None = None
+        self.asleep_view: dict = {}
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -137,16 +143,33 @@ class Service:
                  {"jinja": f"{self.template.name} (Jinja)", "builtin": f"{self.template.name} (llama.cpp's, no Jinja)",
                   "transcript": "none, using the 'User: / Assistant:' transcript"}[self.template.kind])
         self.ready = True
+        self.sleep.start()  # --sleep-idle-seconds (once; a no-op without it)
 
     def _pick_template(self, model: Model) -> None:
         st = self.settings
         self.template = pick_template(st.chat_template, st.chat_template_from, model, st.jinja)
         self.template_caps = getattr(self.template, "caps", {})  # probed once, by the template
 
+    def _keep_view(self) -> None:
+        """What the read-only endpoints show while asleep, taken before `sleeping` is set."""
+        self.asleep_view = self.snapshot() if self.snapshot is not None else {}
+
+    def _fall_asleep(self) -> None:
+        """IdleSleep's hook, with no request running: free the engine (contexts, KV) and the model."""
+        engine, model, self.engine, self.model = self.engine, self.model, None, None
+        engine.close(cancel=True)
+        model.close()
+        release_freed_memory()
+
+    @property
+    def sleeping(self) -> bool:
+        return self.sleep.sleeping
+
     def stop_engine(self) -> None:
         """Take no more requests and cancel those running: each stream gets its final event."""
         self.closing = True
         self.ready = False
+        self.sleep.stop()
         if self.engine is not None:
             self.engine.close(cancel=True)
 

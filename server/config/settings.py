@@ -48,6 +48,7 @@ class Settings:
     webui: bool = True             # --no-webui: / answers 404
     responses_store_mib: float = DEFAULT_STORE_MIB  # --responses-store: stored Responses, MiB
     chat_continuations: bool = True  # --chat-continuations: reuse an answer's own tokens (chat/continuations.py)
+    sleep_idle_seconds: float = -1  # --sleep-idle-seconds: free the model when idle (-1: never)
 
     # llama-server's flag names for what the engine config holds
     @property
@@ -112,4 +113,5 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         slot_save_path=args.slot_save_path or "",
         webui=args.webui, responses_store_mib=args.responses_store,
         chat_continuations=args.chat_continuations,
+        sleep_idle_seconds=args.sleep_idle_seconds,
     )

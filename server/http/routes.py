@@ -30,6 +30,8 @@ from .transport import Server, Server6
 log = logging.getLogger("server.http")
 
 PUBLIC_PATHS = {"/health", "/v1/health"}
+# what a sleeping server answers without loading its model again (--sleep-idle-seconds)
+NO_WAKE = {("GET", p) for p in ("/health", "/v1/health", "/props", "/models", "/v1/models", "/metrics")}
 BUILTIN_PAGE_PATHS = {"/", "/index.html"}  # the chat page: no data, open without the key
 # llama-server's web UI serves these without the key; we do not have them, so with
 # --api-key they answer 404 (not 401) like any missing page
@@ -165,7 +167,10 @@ class Handler(Connection):
             raise ApiError(405, "invalid_request_error", f"method {self.command} is not allowed on {path}",
                            headers={"Allow": allow})
         name, kind = entry
-        getattr(self, name)(kind)
+        if (self.command if self.command != "HEAD" else "GET", path) in NO_WAKE:
+            return getattr(self, name)(kind)
+        with svc.sleep.awake():  # the whole request, stream included, keeps the model loaded
+            getattr(self, name)(kind)
 
     @staticmethod
     def error_shape(path: str):
@@ -208,7 +213,8 @@ class Handler(Connection):
         self.send_json(200, {"status": "ok"})
 
     def h_props(self, _kind) -> None:
-        self.send_json(200, info.props(self.server.service))
+        svc = self.server.service
+        self.send_json(200, svc.asleep_view["props"] if svc.sleeping else info.props(svc))
 
     def h_set_props(self, _kind) -> None:
         """POST /props: llama-server changes nothing there either; 501 without --props."""
@@ -290,11 +296,13 @@ class Handler(Connection):
         if not svc.settings.metrics_endpoint:
             raise ApiError(501, "not_supported_error",
                            "This server does not support metrics endpoint. Start it with `--metrics`")
-        self.send_bytes(200, info.metrics_text(svc).encode(), "text/plain; version=0.0.4",
+        text = svc.asleep_view["metrics"] if svc.sleeping else info.metrics_text(svc)
+        self.send_bytes(200, text.encode(), "text/plain; version=0.0.4",
                         {"Process-Start-Time-Unix": str(PROCESS_START)})
 
     def h_models(self, _kind) -> None:
-        self.send_json(200, info.models(self.server.service))
+        svc = self.server.service
+        self.send_json(200, svc.asleep_view["models"] if svc.sleeping else info.models(svc))
 
     def h_tokenize(self, _kind) -> None:
         self.send_json(200, self.server.service.tokenize(self.read_json()))

@@ -18,8 +18,9 @@ Configuration (environment, set by suite.py):
 What it changes, the same for every server so that a comparison is about behaviour:
   - every `ServerPreset` (tinyllama2, bert_bge_small[_with_fa], tinyllama_infill,
     stories15m_moe, jina_reranker_tiny, tinygemma3) serves the local model with `--model`
-    instead of a Hugging Face download; `ServerPreset.router` keeps no model (that is what it
-    is); `ServerPreset.load_all` is a no-op. Nothing reaches Hugging Face: a test that itself
+    instead of a Hugging Face download; `ServerPreset.router` gets a `--models-preset` file
+    whose sections name the models its tests ask for, each the local model (upstream: the
+    Hugging Face cache); `ServerPreset.load_all` is a no-op. Nothing reaches Hugging Face: a test that itself
     asks for another model (`model_hf_repo`/`model_url` set when it starts a server), calls
     `utils.download_file` (LoRA adapters, draft models) or fetches from huggingface.co with
     `requests` (test images) is SKIPPED with the reason "needs a file from Hugging Face", on
@@ -122,6 +123,24 @@ for _name, _member in list(vars(utils.ServerPreset).items()):
     if isinstance(_member, staticmethod) and _name not in ("load_all", "router"):
         setattr(utils.ServerPreset, _name, _local(_member.__func__))
 utils.ServerPreset.load_all = staticmethod(lambda: None)
+
+# the router preset's models (upstream: Hugging Face's cache) as sections of a preset file, each
+# serving the local model under the name the tests ask for (both servers read --models-preset)
+ROUTER_MODELS = ("ggml-org/tinygemma3-GGUF:Q8_0", "ggml-org/test-model-stories260K:F32",
+                 "ggml-org/test-model-stories260K-infill:F32")
+_orig_router = utils.ServerPreset.router
+
+
+def _router():
+    server = _orig_router()
+    ini = Path(os.getcwd()) / "tmp" / "router-models.ini"
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    ini.write_text("".join(f"[{name}]\nmodel = {MODEL}\n\n" for name in ROUTER_MODELS))
+    server.models_preset = str(ini)
+    return server
+
+
+utils.ServerPreset.router = staticmethod(_router)
 
 
 def _no_download(url, output_file_path=None):
