@@ -64,7 +64,7 @@ def test_bad_user_header_is_a_400(server):
 
 
 def test_a_user_over_its_queue_share_gets_429_others_get_in(server):
-    long_a, out = in_thread(lambda: server.post("/completion", body(PROMPT, 120), headers={"X-User-ID": "a"}))
+    long_a, out = in_thread(lambda: server.post("/completion", body(PROMPT, 64), headers={"X-User-ID": "a"}))
     wait_busy(server)
     queued_a, out2 = in_thread(lambda: server.post("/completion", body(SHORT, 2, user="a")))
     end = time.monotonic() + 30
@@ -83,8 +83,8 @@ def test_a_user_over_its_queue_share_gets_429_others_get_in(server):
 
 
 def test_high_priority_preempts_and_the_parked_stream_is_unchanged(server):
-    want = server.post("/completion", body(PROMPT, 48)).json()["content"]
-    low, out = in_thread(lambda: server.stream("/completion", body(PROMPT, 48, user="batch", priority=3)))
+    want = server.post("/completion", body(PROMPT, 32)).json()["content"]
+    low, out = in_thread(lambda: server.stream("/completion", body(PROMPT, 32, user="batch", priority=3)))
     wait_busy(server)
     time.sleep(0.3)  # some of its tokens are out
     t0 = time.monotonic()
