@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 
 from conftest import N_THREADS
+from test_engine import step_until
 from llama_lib import Engine, EngineConfig, FinishReason, QueueFull, RequestParams, SamplingParams, UserQueueFull
 
 PROMPT = "User: Tell me a long story about a dragon and a knight.\nAssistant:"
@@ -25,14 +26,6 @@ def engine(model, n_parallel: int = 1, **kw) -> Engine:
     kw.setdefault("cache_ram_mib", 0)
     kw.setdefault("warmup", False)
     return Engine(model, EngineConfig(n_parallel=n_parallel, n_threads=N_THREADS, **kw))
-
-
-def step_until(e: Engine, cond, limit: int = 500) -> None:
-    for _ in range(limit):
-        if cond():
-            return
-        e.step()
-    raise AssertionError("condition not reached")
 
 
 def order_started(hs) -> list:
