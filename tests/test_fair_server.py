@@ -100,3 +100,25 @@ def test_high_priority_preempts_and_the_parked_stream_is_unchanged(server):
     metrics = server.get("/metrics").text
     assert 'llamacpp:user_preemptions_total{user="batch"} 1' in metrics
     assert 'llamacpp:user_requests_started_total{user="vip"} 1' in metrics
+
+
+def test_schedule_flags_reach_the_engine_config():
+    from server.config.cli import parse_args
+    from server.config.settings import build_settings
+    s = build_settings(parse_args(["--schedule", "fcfs", "--max-queue-per-user", "3", "--priority-min", "-2",
+                                   "--preempt-after-ms", "-1", "--user-header", "X-Tenant"]))
+    e = s.engine
+    assert (e.schedule, e.max_queue_per_user, e.preempt_after_ms) == ("fcfs", 3, -1)
+    assert s.defaults.priority_min == -2 and s.user_header == "X-Tenant"
+    d = build_settings(parse_args([]))
+    assert (d.engine.schedule, d.engine.max_queue_per_user, d.engine.preempt_after_ms) == ("fair", -1, 100)
+    assert d.defaults.priority_min == 0 and d.user_header == "X-User-ID"
+
+
+@pytest.mark.parametrize("argv", [["--schedule", "lifo"], ["--max-queue-per-user", "-2"],
+                                  ["--preempt-after-ms", "-5"], ["--user-header", "X User"]])
+def test_bad_schedule_flags_exit_2(argv, capsys):
+    from server.config.cli import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
