@@ -149,9 +149,26 @@ def test_a_parked_request_can_be_cancelled(model):
         no_leak(e)
 
 
+def test_with_unified_kv_a_request_parks_in_a_holder_without_a_copy(model, reference):
+    with engine(model, n_ctx=1024, kv_unified=True, preempt_after_ms=0) as e:
+        low = e.submit(PROMPT, greedy(32, priority=1))
+        step_until(e, lambda: low.n_generated >= 6)
+        high = e.submit(OTHER, greedy(4))
+        e.step()
+        pk = low.parked
+        assert pk is not None and pk.seq > len(e.slots) and pk.data is None and e.sched.n_parked_bytes == 0
+        assert e.memory.seq_pos_max(pk.seq) == pk.n_past - 1  # its cells, tagged with the holder's id
+        seq = pk.seq
+        e.run_until_idle()
+        assert low.tokens == reference and high.finish_reason == FinishReason.LENGTH
+        assert (e.sched.stats.n_in_holder, e.sched.stats.n_resumed) == (1, 1)
+        assert e.memory.seq_pos_max(seq) == -1  # the holder is free again
+        no_leak(e)
+
+
 def test_a_parked_request_survives_a_full_kv_cache(model, reference):
-    """Unified KV of 256 cells: while `low` is parked, `high` fills the cache to the last cell
-    and leaves it as a cache; `low` loads back once that cache is evicted, token for token."""
+    """Unified KV of 256 cells: while `low` is parked in a holder, `high` fills the cache to
+    the last cell: `low` moves to host RAM to make room, and loads back, token for token."""
     with engine(model, n_ctx=256, kv_unified=True, preempt_after_ms=0) as e:
         low = e.submit(PROMPT, greedy(32, priority=1))
         step_until(e, lambda: low.n_generated >= 6)
@@ -159,8 +176,9 @@ def test_a_parked_request_survives_a_full_kv_cache(model, reference):
         e.run_until_idle()
         assert high.finish_reason == FinishReason.LENGTH and high.truncated
         assert e.share_stats()["kv_evictions"] >= 1
-        assert low.tokens == reference and e.sched.stats.n_resumed == 1
-        assert e.stats.n_requests_failed == 0
+        st = e.sched.stats
+        assert (st.n_in_holder, st.n_to_ram, st.n_resumed) == (1, 1, 1)
+        assert low.tokens == reference and e.stats.n_requests_failed == 0
 
 
 def test_bad_schedule_is_refused(model):

@@ -4,17 +4,20 @@ At the start of a step, when every slot is busy and the request the queue would 
 (waiting.py's order) has waited EngineConfig.preempt_after_ms, a running request gives up its
 slot if it has a worse priority (a higher number), or, under the fair schedule, if its user runs
 at least two more requests than the waiter's user and has had more tokens. The victim's KV
-sequence is saved to host RAM (llama_state_seq_get_data) with everything its slot knew (position,
-sampler with its RNG and penalty history, stop matcher, pending token), its cells are freed, and
-it waits in the queue again under its old id. When the queue gives it a slot, any slot, its
-sequence is loaded back (llama_state_seq_set_data) and it goes on from the token it had sampled:
+sequence is parked: with a unified KV cache in a holder sequence lent by holders.py
+(llama_memory_seq_cp: its cells tagged, nothing copied), else as bytes in host RAM
+(llama_state_seq_get_data); with it goes everything its slot knew (position, sampler with its
+RNG and penalty history, stop matcher, pending token). The slot is freed and the request waits
+in the queue again under its old id. When the queue gives it a slot, any slot, its sequence is
+tagged or loaded back (llama_state_seq_set_data) and it goes on from the token it had sampled:
 nothing is decoded twice, and its stream simply pauses. A greedy request's output is token for
 token what it is without preemption.
 
-A parked request lives outside the KV cache, so a full cache cannot take it; if its state does
-not load back (no room even after the prompt cache's idle prefixes are evicted), it stays parked
-and waits for a request to end. A cancelled parked request leaves the queue as any waiting one.
-Engine thread only (the queue is read under the engine's lock).
+A full KV cache cannot lose a parked request: when a decode finds no room and no idle prefix is
+left to evict, the one parked longest in a holder moves to host RAM (`evict_one`, the prompt
+cache's last resort). If a RAM state does not load back (no room even after evicting), it stays
+parked and waits for a request to end. A cancelled parked request leaves the queue as any
+waiting one. Engine thread only (the queue is read under the engine's lock).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -39,7 +43,8 @@ log = logging.getLogger("llama_lib.engine")
 
 @dataclass(eq=False)
 class Parked:
-    """A preempted request's slot state and KV sequence (bytes in host RAM)."""
+    """A preempted request's slot state and KV sequence: in a lent holder sequence (`seq`,
+    unified KV: its cells tagged, nothing copied) or as bytes in host RAM (`data`)."""
 
     data: bytes | None
     n_past: int
@@ -53,11 +58,16 @@ class Parked:
     sampler: Sampler | None
     matcher: StopMatcher | None
     t_parked: float
+    seq: int = -1                  # the holder sequence that keeps its cells; -1: `data` does
+    give_back: Callable[[int], None] | None = None  # returns `seq` to the holders
 
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
+        if self.seq >= 0 and self.give_back is not None:
+            self.give_back(self.seq)
+        self.seq = -1
         self.data = None
 
 
@@ -66,6 +76,8 @@ class PreemptStats:
     n_preempted: int = 0     # requests parked
     n_resumed: int = 0       # parked requests back in a slot
     n_load_failed: int = 0   # resumes that found no KV room (the request stayed parked)
+    n_in_holder: int = 0     # of the parked, those kept in a holder sequence (no copy)
+    n_to_ram: int = 0        # parked in a holder, then moved to host RAM to make room in KV
 
 
 class Scheduler:
@@ -77,6 +89,8 @@ class Scheduler:
         self.lock = lock
         self.after_s = preempt_after_ms / 1e3 if preempt_after_ms >= 0 else -1.0
         self.stats = PreemptStats()
+        self.holders = parts.cache.holders  # with unified KV: park in a holder sequence first
+        parts.cache.evict_parked = self.evict_one
 
     @property
     def n_parked_bytes(self) -> int:
@@ -149,14 +163,46 @@ class Scheduler:
     def park(self, s: Slot, now: float) -> Request:
         """Save the slot's sequence and state into its request (r.parked), free the slot."""
         p, r = self.p, s.req
-        r.parked = Parked(p.ctx.seq_state(s.seq_id), s.n_past, s.n_prefix, s.prefix_version,
-                          s.prompt_pos, s.sampled, s.shift_keep, s.n_shifted, s.cache_hit,
-                          s.sampler, s.matcher, now)
+        seq = self._hold(s)
+        r.parked = Parked(None if seq >= 0 else p.ctx.seq_state(s.seq_id), s.n_past, s.n_prefix,
+                          s.prefix_version, s.prompt_pos, s.sampled, s.shift_keep, s.n_shifted,
+                          s.cache_hit, s.sampler, s.matcher, now, seq,
+                          self.holders.take_back if self.holders is not None else None)
         s.sampler = None  # the parked request keeps it
         s.end(now)
         p.cache.seqs.reset_to_default(s)
         self.stats.n_preempted += 1
         return r
+
+    def _hold(self, s: Slot) -> int:
+        """Tag the slot's cells with a lent holder sequence (no copy); -1 when there is none."""
+        if self.holders is None:
+            return -1
+        seq = self.holders.lend()
+        if seq is None:
+            return -1
+        mem = self.p.memory
+        mem.seq_cp(s.seq_id, seq, -1, -1)
+        if mem.seq_pos_max(seq) != s.n_past - 1:
+            self.holders.take_back(seq)
+            return -1
+        self.stats.n_in_holder += 1
+        return seq
+
+    def evict_one(self) -> bool:
+        """KV is full (PromptCache.evict found no idle prefix): the request parked longest in a
+        holder moves to host RAM, freeing its cells. False when none is."""
+        with self.lock:
+            held = [r.parked for r in self.queue if r.parked is not None and r.parked.seq >= 0]
+        if not held:
+            return False
+        pk = min(held, key=lambda k: k.t_parked)
+        pk.data = self.p.ctx.seq_state(pk.seq)
+        self.holders.take_back(pk.seq)
+        pk.seq = -1
+        self.stats.n_to_ram += 1
+        log.info("KV cache full: a parked request's %d tokens moved to host RAM", pk.n_past)
+        return True
 
     # -- resumption -----------------------------------------------------------------------------
 
@@ -183,7 +229,11 @@ class Scheduler:
         ok = False
         while True:
             mem.seq_rm(s.seq_id, -1, -1)
-            ok = p.ctx.set_seq_state(s.seq_id, pk.data) and mem.seq_pos_max(s.seq_id) == pk.n_past - 1
+            if pk.seq >= 0:  # from its holder: the cells are tagged back, nothing is copied
+                mem.seq_cp(pk.seq, s.seq_id, -1, -1)
+            else:
+                p.ctx.set_seq_state(s.seq_id, pk.data)
+            ok = mem.seq_pos_max(s.seq_id) == pk.n_past - 1
             if ok or not p.cache.evict():
                 break
         if not ok:
@@ -204,7 +254,7 @@ class Scheduler:
         s.req = r
         r.slot_id = s.id + slot_id_base
         pk.sampler = None
-        pk.data = None
+        pk.close()  # its holder sequence goes back
         r.parked = None
         self.stats.n_resumed += 1
         return True
