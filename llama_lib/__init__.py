@@ -23,10 +23,10 @@ __all__ = [
 
 from .engine import (  # noqa: E402
     Chunk, Engine, EngineClosed, EngineConfig, EnginePool, EngineStats, FinishReason, PromptTooLong,
-    Progress, QueueFull, Request, RequestParams, Timings,
+    Progress, QueueFull, Request, RequestParams, Timings, UserQueueFull,
 )
 
 __all__ += [
     "Chunk", "Engine", "EngineClosed", "EngineConfig", "EnginePool", "EngineStats", "FinishReason",
-    "Progress", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings",
+    "Progress", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Timings", "UserQueueFull",
 ]

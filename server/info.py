@@ -65,6 +65,7 @@ def asleep_view(svc: Service) -> dict:
 def slots(svc: Service) -> list[dict]:
     """GET /slots."""
     out = []
+    users = {(u.get("engine", 0), u["user"]): u for u in svc.engine.users_info()}
     for info in svc.engine.slots_info():
         busy = info["is_processing"]
         out.append({
@@ -85,6 +86,9 @@ def slots(svc: Service) -> list[dict]:
             # they were found: "own" (the slot's cache), "shared" (another KV sequence's),
             # "ram" (the host-RAM tier), "" (none)
             "prompt_cache": info["prompt_cache"],
+            # our addition (docs/scheduling.md): who runs here, at which priority, and that
+            # user's queue in this slot's engine
+            "scheduling": slot_user(info, users.get((info.get("engine", 0), info["user"]))),
             "next_token": [{
                 "has_next_token": busy,
                 "has_new_line": False,
@@ -159,11 +163,16 @@ def metrics_text(svc: Service) -> str:
         *ram_cache_rows(e.ram_cache_stats()),
         *prefix_share_rows(e.share_stats()),
     ]
+    lines = metric_lines(rows) + user_metric_lines(e.users_info())
+    return "\n".join(lines) + "\n"
+
+
+def metric_lines(rows: list[tuple]) -> list[str]:
     lines = []
     for name, typ, help_, val in rows:
         lines += [f"# HELP llamacpp:{name} {help_}", f"# TYPE llamacpp:{name} {typ}",
                   f"llamacpp:{name} {val:g}" if isinstance(val, float) else f"llamacpp:{name} {val}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def ram_cache_rows(r: dict[str, int]) -> list[tuple]:
@@ -223,3 +232,45 @@ def kv_cells_used(e) -> int:
     own = sum(i["n_past"] - (i["n_system_tokens"] if e.config.kv_unified else 0)
               for i in e.slots_info())
     return n_sys * len(getattr(e, "engines", (e,))) + own  # every engine holds its own copy
+
+
+def slot_user(info: dict, user: dict | None) -> dict:
+    """/slots' `scheduling` of one slot: its request's user and priority, and that user's
+    waiting, parked and preempted requests (docs/scheduling.md)."""
+    u = user or {}
+    return {"user": info["user"], "priority": info["priority"],
+            "user_waiting": u.get("n_waiting", 0), "user_parked": u.get("n_parked", 0),
+            "user_preempted": u.get("n_preempted", 0), "user_wait_s_mean": round(u.get("wait_s_mean", 0.0), 3)}
+
+
+USER_ROWS = (  # (metric, users_info key, type, help)
+    ("user_requests_waiting", "n_waiting", "gauge", "Requests of the user waiting for a slot (parked ones included)"),
+    ("user_requests_running", "n_running", "gauge", "Requests of the user in a slot"),
+    ("user_requests_parked", "n_parked", "gauge", "Requests of the user preempted, their KV parked in host RAM"),
+    ("user_requests_started_total", "n_started", "counter", "Requests of the user that got a slot"),
+    ("user_wait_seconds_mean", "wait_s_mean", "gauge", "Mean seconds the user's requests waited for their first slot"),
+    ("user_wait_seconds_oldest", "wait_s_oldest", "gauge", "Seconds the user's oldest waiting request has waited"),
+    ("user_preemptions_total", "n_preempted", "counter", "Requests of the user parked to give their slot to another"),
+    ("user_refused_total", "n_refused", "counter", "Requests of the user refused by --max-queue-per-user (429)"),
+)
+
+
+def user_metric_lines(users: list[dict]) -> list[str]:
+    """Per-user series, labelled user="..." (the shared bucket is ""); several engines' counters
+    of one user are added up (a wait's mean weighted by starts, the oldest the largest)."""
+    merged: dict[str, dict] = {}
+    for u in users:
+        m = merged.setdefault(u["user"], dict.fromkeys((k for _, k, _, _ in USER_ROWS), 0))
+        n, total = m["n_started"] + u["n_started"], m["wait_s_mean"] * m["n_started"]
+        for _, k, _, _ in USER_ROWS:
+            m[k] = max(m[k], u[k]) if k == "wait_s_oldest" else m[k] + u[k]
+        m["wait_s_mean"] = (total + u["wait_s_mean"] * u["n_started"]) / n if n else 0.0
+    lines = []
+    for name, key, typ, help_ in USER_ROWS:
+        lines += [f"# HELP llamacpp:{name} {help_} (our addition)", f"# TYPE llamacpp:{name} {typ}"]
+        for user, m in merged.items():
+            label = user.replace("\\", "\\\\").replace('"', '\\"')
+            v = m[key]
+            lines.append(f'llamacpp:{name}{{user="{label}"}} {v:g}' if isinstance(v, float)
+                         else f'llamacpp:{name}{{user="{label}"}} {v}')
+    return lines

@@ -22,6 +22,7 @@ MAX_STOP_BYTES = 1_024           # each stop string (UTF-8)
 MAX_LOGIT_BIAS = 4_096           # logit_bias entries
 MAX_LOGIT_BIAS_TEXT_BYTES = 1_024  # a logit_bias text key (it is tokenized)
 N_PROBS_MAX = 100                # n_probs / logprobs: candidates per generated token
+MAX_USER_LEN = 256               # a user name: the `user` field or the --user-header header
 SCHEMA_MAX_DEPTH = 128           # JSON nesting of a JSON Schema (the converter recurses per level)
 SCHEMA_MAX_NODES = 100_000       # values (objects, arrays, strings, ...) in a JSON Schema
 

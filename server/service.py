@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from llama_lib import (
-    Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull,
+    Engine, EngineClosed, EnginePool, FinishReason, Model, PromptTooLong, QueueFull, UserQueueFull,
     SamplingParams,
 )
 
@@ -66,6 +66,9 @@ def engine_errors():
                        f"request ({e.n_prompt_tokens} tokens) exceeds the available context size "
                        f"({e.n_ctx} tokens), try increasing it",
                        {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}) from None
+    except UserQueueFull as e:  # this user's share of the queue is full; others still get in
+        raise ApiError(429, "rate_limit_error", f"too many requests waiting: {e}; retry later",
+                       headers={"Retry-After": str(e.retry_after)}) from None
     except QueueFull as e:
         raise ApiError(503, "unavailable_error", f"the server is busy: {e}; retry later",
                        headers={"Retry-After": RETRY_AFTER}) from None
@@ -240,12 +243,16 @@ class Service:
         v = self.model.vocab
         return v.detokenize(v.tokenize(text, add_special=False, parse_special=True), unparse_special=True) == text
 
-    def parse(self, body, kind: str) -> Job:
-        """A generation body of the kind's format as a Job. Raises ApiError."""
+    def parse(self, body, kind: str, user: str | None = None) -> Job:
+        """A generation body of the kind's format as a Job; `user` names who asks when the body
+        does not (routes.request_user). Raises ApiError."""
         # llama-server's --verbose makes every answer carry "__verbose"
         info = ServerInfo(tok=self.tokenizer, mark=self.special.mark, verbose=self.settings.verbose,
                           n_slots=self.settings.engine.n_parallel, responses=self.responses)
-        return parse_job(body, kind, self.defaults, self.template, info)
+        job = parse_job(body, kind, self.defaults, self.template, info)
+        if user is not None and job.params.user is None:
+            job = dataclasses.replace(job, params=dataclasses.replace(job.params, user=user))
+        return job
 
     def control(self, body) -> dict:
         """POST /v1/chat/completions/control (server/chat/control.py)."""

@@ -43,6 +43,7 @@ from .slot import Slot, SlotPhase
 from .system_prompt import starts_with_bos
 from .types import (
     DEFAULT_PREFILL_CHUNK, PREFILL_WHOLE_PROMPT, Chunk, EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull,
+    UserQueueFull,
     Progress, RequestParams, Timings, TokenProbs,
 )
 
@@ -53,7 +54,7 @@ _common_prefix = common_prefix
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK", "PREFILL_WHOLE_PROMPT", "Chunk", "Engine", "EngineClosed", "EnginePool", "EngineConfig", "EngineStats", "FinishReason",
-    "PromptCache", "PromptTooLong", "QueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
+    "PromptCache", "PromptTooLong", "QueueFull", "UserQueueFull", "Request", "RequestParams", "Slot", "SlotPhase",
     "StopMatcher", "Timings", "TokenProbs", "common_prefix", "split_config", "token_probs",
     "Handle", "Progress", "starts_with_bos",
     # imported by the single-module engine, still reachable as llama_lib.engine.X

@@ -44,6 +44,7 @@ from .decode import decode_and_sample
 from .embedding import Embedder, EmbeddingRequest
 from .outbox import Outbox
 from .parts import StepParts
+from .preempt import Scheduler
 from .prefix_share import pause_leaders, ready_followers
 from .prompt_cache import PromptCache
 from .ram_cache import summary
@@ -54,7 +55,7 @@ from .slot_files import SlotFile, SlotFiles, on_idle_slot
 from .system_prompt import SystemPrompt, decode_system_prompt, prompt_tokens, starts_with_bos, warmup
 from .waiting import WaitingQueue
 from .types import (
-    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, QueueFull, RequestParams,
+    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, RequestParams,
 )
 
 log = logging.getLogger("llama_lib.engine")
@@ -86,7 +87,7 @@ class Engine:
         self.files = SlotFiles(self.ctx, self.cache.seqs, self.n_ctx_slot, self.vocab.n_tokens)
         # Big enough for every slot's prompt at once, as llama.cpp's parallel example does.
         self.batch = Batch(max(self.n_ctx, self.n_batch) + cfg.n_parallel, 1)
-        self._waiting = WaitingQueue()  # guarded by _lock
+        self._waiting = WaitingQueue(cfg.schedule, cfg.max_queue_per_user)  # guarded by _lock
         self._lock = threading.Lock()
         try:  # the embedding lanes' own context, on this context's thread pool
             self.embedder = Embedder.for_engine(model, cfg, self.ctx, self.n_ctx_slot, self._lock)
@@ -97,6 +98,7 @@ class Engine:
         self.parts = StepParts(self.ctx, self.memory, self.batch, self.slots, self.cache, self.vocab,
                                self.stats, cfg, self.n_ctx_slot, self.n_batch)
         self._cond = threading.Condition(self._lock)
+        self.sched = Scheduler(self.parts, self._waiting, self._lock, cfg.preempt_after_ms)
         self._next_id = 0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -157,8 +159,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
-            if len(self._waiting) >= self.config.max_queue and all(s.busy for s in self.slots):
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests wait")
+            self._waiting.check_room(params, self.config.max_queue, all(s.busy for s in self.slots))
             req = Request(self._next_id, tokens, params)
             self._next_id += 1
             req._wake_engine = self._wake
@@ -277,6 +278,11 @@ class Engine:
     def share_stats(self) -> dict[str, int]:
         """Shared prefixes, cached prompt tokens by tier, evictions (PromptCache.summary)."""
         return self.cache.summary()
+
+    def users_info(self) -> list[dict]:
+        """Per user: waiting, running, parked, mean wait, preemptions (WaitingQueue.users_info)."""
+        with self._lock:
+            return self._waiting.users_info()
 
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""
@@ -403,6 +409,8 @@ class Engine:
             self._apply_system_prompt()
         self._calls.run()
         self._drop_cancelled()
+        if self._waiting:  # a waiting request may take a running one's slot (preempt.py)
+            self.sched.preempt()
 
     def _apply_system_prompt(self) -> None:
         """Decode the pending system prompt into sequence 0 (idle slots pick it up now)."""
@@ -416,7 +424,7 @@ class Engine:
         self.cache.set_system_tokens(tokens)
 
     def _admit(self) -> None:
-        """Start waiting requests in free slots, first come first served. The requests and
+        """Start waiting requests in free slots, in the queue's order (waiting.py). The requests and
         their slots are taken under the lock; samplers (a grammar is parsed) and KV edits are
         made outside it, so submit() never waits for them."""
         free = [s for s in self.slots if s.req is None]
@@ -424,6 +432,7 @@ class Engine:
             return
         with self._lock:
             chosen = self._waiting.take(free, self.slots, self.cache.choose)
+        chosen = self.sched.resume(chosen, self.slot_id_base)  # parked requests go on
         self._forget(start_requests(self.parts, chosen, self.slot_id_base))
 
     def _release(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:

@@ -127,6 +127,22 @@ class Holders:
         self.held.remove(h)
         self._free.append(h.seq_id)
 
+    def lend(self) -> int | None:
+        """A holder sequence for another use (a parked request, preempt.py), the least recently
+        used idle prefix evicted if none is free; None when there are no holders. Empty."""
+        if not self._free and self.held:
+            self.evict(self.oldest())
+        if not self._free:
+            return None
+        seq = self._free.pop()
+        self.memory.seq_rm(seq, -1, -1)
+        return seq
+
+    def take_back(self, seq: int) -> None:
+        """A lent sequence is free again (its cells go once no other sequence has them)."""
+        self.memory.seq_rm(seq, -1, -1)
+        self._free.append(seq)
+
     def drop_stale(self, version: int) -> None:
         """Drop holders that start with a system prompt other than the current one."""
         for h in [h for h in self.held if h.n_prefix and h.prefix_version != version]:

@@ -211,6 +211,10 @@ class EnginePool:
                 out[k] = out.get(k, 0) + v
         return out
 
+    def users_info(self) -> list[dict]:
+        """Every engine's per-user counters, with an `engine` field (each queues its own)."""
+        return [dict(u, engine=i) for i, e in enumerate(self.engines) for u in e.users_info()]
+
     def slots_info(self) -> list[dict]:
         """Every engine's slots with pool-wide ids and an `engine` field (its engine's index)."""
         return [dict(info, id=info["id"] + e.slot_id_base, engine=i)

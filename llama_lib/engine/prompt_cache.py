@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -75,6 +75,8 @@ class PromptCache:
         self.share = PrefixShare(self.seqs, self.holders) if share_prefixes else None
         self.share_stats = self.share.stats if self.share is not None else ShareStats()
         self.n_kv_evictions = 0  # idle caches dropped from KV (holders' and slots') to make room
+        # the last resort of evict(): a parked request's cells moved to host RAM (preempt.py)
+        self.evict_parked: Callable[[], bool] | None = None
         # prompt tokens requests found cached, by where: their slot's own cache, another KV
         # sequence (a slot, a holder), the host-RAM tier
         self.hits = {"own": 0, "shared": 0, "ram": 0}
@@ -300,7 +302,7 @@ class PromptCache:
                      slot.id, len(slot.cache_tokens))
             self.save_to_ram(slot)
             self.seqs.reset_to_default(slot)
-        else:
+        elif self.evict_parked is None or not self.evict_parked():
             return False
         self.n_kv_evictions += 1
         return True

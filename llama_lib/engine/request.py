@@ -47,6 +47,7 @@ class Request(Handle):
         self.truncated = False
         self.controls = None  # n_indent / t_max_predict_ms state (controls.LineControls), if any
         self.slot_id = -1
+        self.parked = None  # preempt.Parked while its KV waits in host RAM for a slot
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox = None  # the engine's Outbox: a step's output reaches readers at its end
         # Who is told of new output: one-shot wakers of waiting coroutines (any output, or the

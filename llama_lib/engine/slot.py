@@ -95,6 +95,8 @@ class Slot:
             # the sequence's largest KV position when the slot was last released (-1: empty)
             "kv_pos_max": self.kv_pos_max,
             "prompt_cache": {"tier": self.cache_hit[0], "n_tokens": self.cache_hit[1]},
+            "user": (r.params.user or "") if r is not None else None,
+            "priority": r.params.priority if r is not None else 0,
         }
 
     def begin(self, req: Request, n_past: int, n_cached: int, sampler: Sampler,

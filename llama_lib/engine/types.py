@@ -42,6 +42,16 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at its limit."""
 
 
+class UserQueueFull(QueueFull):
+    """The request's user has EngineConfig.max_queue_per_user requests waiting already (others
+    still get in); `retry_after`: seconds after which one of them has likely started."""
+
+    def __init__(self, message: str, user: str, retry_after: int):
+        super().__init__(message)
+        self.user = user
+        self.retry_after = retry_after
+
+
 class PromptTooLong(ValueError):
     """The prompt does not fit in one slot's context."""
 
@@ -131,6 +141,15 @@ class EngineConfig:
     # llama-server's --cache-idle-slots: when a request starts, idle slots' caches are saved to
     # the RAM tier (and, with a unified KV cache, cleared); needs --cache-ram
     cache_idle_slots: bool = False
+    # Scheduling between users (waiting.py, preempt.py; docs/scheduling.md): "fair" takes the
+    # next request from the user who has had the fewest tokens decoded (prompt and generated),
+    # FCFS within a user; "fcfs" takes them in arrival order. Either way a lower
+    # RequestParams.priority goes first.
+    schedule: str = "fair"
+    max_queue_per_user: int = -1   # requests one user may have waiting (-1: only max_queue)
+    # A waiting request of better priority (or whose user is far below its share of the slots)
+    # that waited this long parks the worst running request's KV and takes its slot; -1: never
+    preempt_after_ms: int = 100
     context: ContextParams = field(default_factory=ContextParams)
 
     def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
@@ -204,6 +223,10 @@ class RequestParams:
     t_max_predict_ms: int = -1     # stop at a new line once generating took longer (<= 0: off)
     n_cache_reuse: int = 0         # reuse cached chunks of at least this many tokens past the
                                    # common prefix by shifting their KV (0: off)
+    # who asks (fair scheduling between users; None: the shared bucket "") and the priority:
+    # lower runs first, as vLLM's (EngineConfig.schedule)
+    user: str | None = None
+    priority: int = 0
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 

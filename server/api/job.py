@@ -40,6 +40,9 @@ class Defaults:
     chat: ChatOptions = field(default_factory=ChatOptions)  # the other chat flags (chat/options.py)
     n_keep: int = 0            # --keep: a request's default n_keep (context shift)
     n_cache_reuse: int = 0     # --cache-reuse: a request's default n_cache_reuse
+    # --priority-min: the lowest (most urgent) `priority` a request may ask for; by default
+    # clients may only yield (docs/scheduling.md)
+    priority_min: int = 0
 
     @property
     def grammar(self) -> str | None:

@@ -22,7 +22,7 @@ from ..fields import (
     Tokenizer, check_body, check_object, check_token_ids, get_bool, get_float, get_int, get_logit_bias,
     get_stop, get_str,
 )
-from ..limits import N_PROBS_MAX
+from ..limits import MAX_USER_LEN, N_PROBS_MAX
 from .grammar_limits import check_grammar
 from .job import KIND_OAI_CHAT, Defaults, Job, SystemUpdate
 from .samplers import chain_fields
@@ -147,8 +147,20 @@ def base_params(body: dict, d: Defaults, n_predict_names: Sequence[str],
         post_sampling_probs=get_bool(body, "post_sampling_probs", False),
         # prompt progress events: streams only, as llama-server
         return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
+        user=get_user(body.get("user"), "'user'"),
+        priority=get_int(body, "priority", 0, lo=d.priority_min, hi=_I32),
         **control_fields(body, d),
     )
+
+
+def get_user(v: Any, what: str) -> str | None:
+    """A user name (docs/scheduling.md): a string of 1 to MAX_USER_LEN printable characters;
+    absent or null: None. 400 otherwise."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_USER_LEN or not v.isprintable():
+        raise bad_request(f"{what} must be a string of 1 to {MAX_USER_LEN} printable characters")
+    return v
 
 
 # an int32, as llama-server reads these fields

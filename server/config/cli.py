@@ -24,6 +24,7 @@ from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
 from .cli_drain import add_drain_flags, check_drain_flags
 from .cli_router import add_router_flags, check_router_flags
+from .cli_schedule import add_schedule_flags, check_schedule_flags
 from .cli_sampling import add_sampling_flags, check_sampling_flags
 from .cli_http import add_http_flags, check_http_flags, csv_list as _csv
 from ..errors import ApiError
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(p)  # --engines, -C/-Cr/--cpu-strict and their -batch forms
     add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
     add_router_flags(p)  # --sleep-idle-seconds, --models-dir/-preset/-max/-autoload
+    add_schedule_flags(p)  # --schedule, --max-queue-per-user, --priority-min, --preempt-after-ms
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
             (("--rerank", "--reranking"), 0, "reranking is"),
@@ -331,6 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pooling rank: reranking is not supported by this server")
     check_drain_flags(p, args)
     check_router_flags(p, args)
+    check_schedule_flags(p, args)
     check_engine_flags(p, args)
     check_http_flags(p, args)
     if args.slot_save_path:

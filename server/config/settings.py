@@ -12,6 +12,7 @@ from ..api.requests import Defaults
 from .cli_chat import chat_options
 from ..api.response_store import DEFAULT_STORE_MIB
 from .cli_sampling import sampling_kwargs
+from .cli_schedule import DEFAULT_USER_HEADER, schedule_config
 
 
 
@@ -49,6 +50,7 @@ class Settings:
     responses_store_mib: float = DEFAULT_STORE_MIB  # --responses-store: stored Responses, MiB
     chat_continuations: bool = True  # --chat-continuations: reuse an answer's own tokens (chat/continuations.py)
     sleep_idle_seconds: float = -1  # --sleep-idle-seconds: free the model when idle (-1: never)
+    user_header: str = DEFAULT_USER_HEADER  # --user-header: names the user (docs/scheduling.md)
 
     # llama-server's flag names for what the engine config holds
     @property
@@ -93,13 +95,13 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             cache_idle_slots=args.cache_idle_slots and args.cache_ram != 0, kv_holders=args.kv_holders, pack_sequences=args.pack_sequences,
             embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize,
             cpumask=args.cpus, strict_cpu=args.cpu_strict, cpumask_batch=args.cpus_batch,
-            strict_cpu_batch=args.cpu_strict_batch),
+            strict_cpu_batch=args.cpu_strict_batch, **schedule_config(args)),
         n_engines=args.engines,
         reverse_prompts=list(args.reverse_prompt),
         defaults=Defaults(
             n_predict=args.n_predict, ignore_eos=args.ignore_eos, cache_prompt=args.cache_prompt,
             reasoning_format=args.reasoning_format, n_keep=args.keep, n_cache_reuse=args.cache_reuse,
-            sse_ping_interval=args.sse_ping_interval,
+            sse_ping_interval=args.sse_ping_interval, priority_min=args.priority_min,
             chat=chat_options(args),
             sampling=SamplingParams(
                 seed=None if args.seed == -1 else args.seed, temperature=args.temp,
@@ -111,7 +113,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
         jinja=args.jinja, verbose=args.verbose,
         slots_endpoint=args.slots, metrics_endpoint=args.metrics, props_endpoint=args.props,
         slot_save_path=args.slot_save_path or "",
-        webui=args.webui, responses_store_mib=args.responses_store,
+        webui=args.webui, responses_store_mib=args.responses_store, user_header=args.user_header,
         chat_continuations=args.chat_continuations,
         sleep_idle_seconds=args.sleep_idle_seconds,
     )

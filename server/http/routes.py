@@ -17,10 +17,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import info
 from ..api.embeddings import refuse_not_enabled
+from ..api.requests import get_user
 from ..api.job import KIND_ANTHROPIC, KIND_COMPLETION, KIND_OAI_CHAT, KIND_OAI_COMPLETION, KIND_OAI_RESPONSES
 from ..api.shapes import SHAPES
 from ..api.shapes.responses_input import to_chat_body
 from ..errors import RETRY_AFTER, ApiError, ClientGone, bad_request, error_body
+from ..config.cli_schedule import key_user
 from ..service import Service
 from . import slot_files
 from .connection import Connection
@@ -110,6 +112,7 @@ class Handler(Connection):
 
     def _dispatch(self) -> None:
         self._body_done = False
+        self.auth_key = None  # the API key the request authenticated with (check_auth)
         path = urlsplit(self.path).path
         if self.server.service.closing:
             self.close_connection = True
@@ -197,7 +200,10 @@ class Handler(Connection):
         ok = False
         for g in given:
             for key in keys:
-                ok |= hmac.compare_digest(g.encode("utf-8", "replace"), key)
+                match = hmac.compare_digest(g.encode("utf-8", "replace"), key)
+                ok |= match
+                if match:
+                    self.auth_key = key
         if not ok:
             raise ApiError(401, "authentication_error", "Invalid API Key")
 
@@ -326,11 +332,20 @@ class Handler(Connection):
 
     def h_generate(self, kind: str) -> None:
         svc = self.server.service
-        job = svc.parse(self.read_json(), kind)
+        job = svc.parse(self.read_json(), kind, user=self.request_user())
         if job.stream:
             self.send_stream(svc.stream(job, watch=self.watch_client))
         else:
             self.send_json(200, svc.complete(job, watch=self.watch_client))
+
+    def request_user(self) -> str | None:
+        """Who asks when the body names nobody: the --user-header header, else the API key it
+        authenticated with (hashed), else None (docs/scheduling.md). A bad header is a 400."""
+        name = self.server.service.settings.user_header
+        v = self.headers.get(name)
+        if v is not None:
+            return get_user(v.strip(), f"the {name} header")
+        return key_user(self.auth_key) if self.auth_key else None
 
     def h_embed(self, kind: str) -> None:
         svc = self.server.service
