@@ -51,6 +51,7 @@ from .lifecycle import end_waiting, release, start_request, start_requests
 from .request import Request
 from .slot import WAIT, Slot, batch_generated, batch_prompts
 from .slot_files import SlotFile, SlotFiles, on_idle_slot
+from .speculative import make_speculator
 from .system_prompt import SystemPrompt, decode_system_prompt, prompt_tokens, starts_with_bos, warmup
 from .waiting import WaitingQueue
 from .types import (
@@ -94,8 +95,9 @@ class Engine:
             self.ctx.close()
             raise
         self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder, _cache=self.cache)
+        self.spec = make_speculator(model, cfg, self.ctx)  # speculative decoding (None: off)
         self.parts = StepParts(self.ctx, self.memory, self.batch, self.slots, self.cache, self.vocab,
-                               self.stats, cfg, self.n_ctx_slot, self.n_batch)
+                               self.stats, cfg, self.n_ctx_slot, self.n_batch, self.spec)
         self._cond = threading.Condition(self._lock)
         self._next_id = 0
         self._closed = False
@@ -244,6 +246,8 @@ class Engine:
         for s in self.slots:
             if s.sampler is not None:
                 s.sampler.close()
+        if self.spec is not None:
+            self.spec.close()
         self.ctx.close()
 
     def __enter__(self) -> "Engine":
@@ -280,7 +284,7 @@ class Engine:
 
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""
-        return [s.info(self.n_ctx_slot) for s in self.slots]
+        return [s.info(self.n_ctx_slot) | (self.spec.info(s) if self.spec else {}) for s in self.slots]
 
     # -- slot files (llama-server's /slots/{id}?action=...): on the engine thread, slot idle --
 
@@ -364,6 +368,8 @@ class Engine:
             t_prepared = time.perf_counter()
             self.batch.clear()
             batch_generated(self.slots, self.batch)
+            if self.spec is not None:  # drafts after the generated tokens (speculative.py)
+                self.spec.add_drafts(self.parts)
             t_generated = time.perf_counter()
             if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
                 self._admit()

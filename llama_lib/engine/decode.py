@@ -17,6 +17,7 @@ from .lifecycle import release
 from .request import Request
 from .seq_order import arrange, drop_fillers, remove_fillers
 from .slot import GENERATE, PREFILL, repoint_rows
+from .spec_verify import verify
 from .types import FinishReason
 
 log = logging.getLogger("llama_lib.engine")
@@ -31,6 +32,8 @@ def decode_and_sample(p: StepParts) -> list[Request]:
         _decode_chunks(p, fillers, ended)
     finally:
         remove_fillers(p, fillers)
+        if p.spec is not None:
+            p.spec.after_decode(p)
     return ended
 
 
@@ -99,6 +102,8 @@ def _sample_range(p: StepParts, lo: int, hi: int, ended: list[Request]) -> None:
         ib = s.i_batch
         if ib < lo or ib >= hi or s.req is None:
             continue
+        if p.spec is not None and verify(p.spec, p, s, lo, hi, ended):
+            continue  # the slot had a draft (spec_verify.py)
         s.i_batch = -1
         r = s.req
         t0 = time.perf_counter()
