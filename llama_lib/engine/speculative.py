@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .draft_model import DraftModel
 from .ngram_draft import NgramMod, ngram_map_k, ngram_simple
 from .parts import StepParts
 from .seq_order import PASS_COST, SEQUENCE_COST, decode_cost, ubatch_shapes
@@ -138,9 +139,7 @@ class Speculator:
                 break
             if t == "draft-simple":
                 if self.drafter is not None:
-                    got = self.drafter.draft_many(
-                        [(s, hist, min(limit, prm.n_max)) for s, hist, limit in left], self.p_min)
-                    out.update({sid: d for sid, d in got.items() if len(d) >= self.n_min(p.slots[sid])})
+                    out.update(self._model_drafts(p, gen, left))
                 continue
             for s, hist, limit in left:
                 if t == "ngram-simple":
@@ -152,6 +151,17 @@ class Speculator:
                 if len(d) >= max(1, self.n_min(s)):
                     out[s.id] = d
         return out
+
+    def _model_drafts(self, p: StepParts, gen: list[Slot], left) -> dict[int, np.ndarray]:
+        """draft-simple's drafts; a draft model costs a decode per token, so with the adaptive
+        length a slot drafts only as many tokens as it would verify at its acceptance."""
+        lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
+        if self.params.adaptive:
+            pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
+            lim = {sid: pre.get(sid, 0) for sid in lim}
+        ask = [(s, hist, lim[s.id]) for s, hist, _ in left if lim[s.id] >= max(1, self.n_min(s))]
+        got = self.drafter.draft_many(ask, self.p_min) if ask else {}
+        return {sid: d for sid, d in got.items() if len(d) >= max(1, self.n_min(p.slots[sid]))}
 
     def p_min(self, s: Slot) -> float:
         spec = getattr(s.req.params, "speculative", None)
@@ -277,8 +287,5 @@ def make_speculator(model, cfg, ctx) -> Speculator | None:
     prm = cfg.speculative
     if prm is None or not prm.on:
         return None
-    drafter = None
-    if "draft-simple" in prm.types:
-        from .draft_model import DraftModel
-        drafter = DraftModel.for_engine(model, cfg, ctx)
+    drafter = DraftModel.for_engine(model, cfg, ctx) if "draft-simple" in prm.types else None
     return Speculator(prm, cfg.n_parallel, drafter)

@@ -23,6 +23,7 @@ from llama_lib.sampler import SAMPLING_RANGES
 from .cli_engines import add_engine_flags, check_engine_flags
 from .cli_chat import add_chat_flags
 from .cli_drain import add_drain_flags, check_drain_flags
+from .cli_spec import add_spec_flags, spec_params
 from .cli_sampling import add_sampling_flags, check_sampling_flags
 from .cli_http import add_http_flags, check_http_flags, csv_list as _csv
 from ..errors import ApiError
@@ -281,13 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_flags(p)  # --engines, -C/-Cr/--cpu-strict and their -batch forms
     add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
+    add_spec_flags(p)  # --spec-type, -md, --spec-draft-*, --spec-ngram-*
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
             (("--rerank", "--reranking"), 0, "reranking is"),
             (("--lora",), 1, "LoRA adapters are"),
             (("-mm", "--mmproj"), 1, "multimodal projectors are"),
             (("-mmu", "--mmproj-url"), 1, "multimodal projectors are"),
-            (("--spec-draft-model", "-md", "--model-draft"), 1, "speculative decoding is"),
             (("--media-path",), 1, "media files (multimodal input) are"),
             (("--tools",), 1, "built-in agent tools are"),
             (("-hf", "-hfr", "--hf-repo"), 1, "downloading models is"),
@@ -328,6 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pooling == "rank":
         p.error("--pooling rank: reranking is not supported by this server")
     check_drain_flags(p, args)
+    args.speculative = spec_params(p, args)
     check_engine_flags(p, args)
     check_http_flags(p, args)
     if args.slot_save_path:
