@@ -31,6 +31,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _builds  # noqa: E402
+from samplers_vs_cpp import wait  # noqa: E402  (a server's /health, or its exit)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".llama" / "models" / "gemma-3-270m-q4_k_m.gguf"
@@ -103,20 +104,6 @@ def start(side: str, spec: str, port: int, build, args, log: Path) -> subprocess
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
-def wait(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}: not ready")
-
-
 def cell(url: str, workload: str, clients: int, n_req: int) -> tuple[float, float]:
     """Generated tokens/s and draft acceptance of one cell."""
     prompt, n_predict = WORKLOADS[workload]
@@ -174,7 +161,7 @@ def main() -> int:
                 proc = start(side, spec, port, build, args, logdir / f"{side}-{spec}.log")
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    wait(url, proc)
+                    wait(url, proc, timeout=300)
                     cell(url, "chat", 1, 1)  # warm-up
                     for w in args.workloads:
                         for c in args.clients:

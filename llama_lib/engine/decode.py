@@ -10,7 +10,7 @@ import logging
 import time
 
 from ..context import DECODE_NO_KV_SLOT
-from .ctx_shift import shift_enabled, shift_slot
+from .ctx_shift import settle
 from .output import take_token
 from .parts import StepParts
 from .lifecycle import release
@@ -116,12 +116,4 @@ def _sample_range(p: StepParts, lo: int, hi: int, ended: list[Request]) -> None:
             s.phase = GENERATE
         s.sampled = tok
         reason = take_token(r, s.matcher, tok, vocab, ctx, ib - lo, st, s.sampler)
-        # llama-server's rule: the slot is full when the next token would take its last cell;
-        # with --context-shift it makes room (ctx_shift.py), else the request ends, truncated
-        if reason is None and s.n_past + 1 >= p.n_ctx_slot \
-                and not (shift_enabled(p) and shift_slot(p, s)):
-            reason = FinishReason.LENGTH
-            r.truncated = True
-        if reason is not None:
-            release(s, reason, None, p.cache, st)
-            ended.append(r)
+        settle(p, s, reason, ended)  # a full slot shifts or ends (ctx_shift.py); an end releases

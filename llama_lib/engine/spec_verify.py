@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import time
 
-from .ctx_shift import shift_enabled, shift_slot
-from .lifecycle import release
+from .ctx_shift import settle
 from .output import take_token
 from .parts import StepParts
 from .request import Request
 from .slot import Slot
 from .speculative import DECAY, Speculator
-from .types import FinishReason
 
 
 def verify(spec: Speculator, p: StepParts, s: Slot, lo: int, hi: int, ended: list[Request]) -> bool:
@@ -68,11 +66,5 @@ def verify(spec: Speculator, p: StepParts, s: Slot, lo: int, hi: int, ended: lis
         p.memory.seq_rm(s.seq_id, s.n_past, -1)
         if kk < k:  # rows of a later chunk: they land after this
             spec.stale_after(s.seq_id, s.n_past)
-    if reason is None and s.n_past + 1 >= p.n_ctx_slot \
-            and not (shift_enabled(p) and shift_slot(p, s)):
-        reason = FinishReason.LENGTH
-        r.truncated = True
-    if reason is not None:
-        release(s, reason, None, p.cache, stats)
-        ended.append(r)
+    settle(p, s, reason, ended)
     return True
