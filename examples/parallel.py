@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_lib  # noqa: E402
 from llama_lib import Engine, EngineConfig, RequestParams, SamplingParams  # noqa: E402
 from llama_lib.engine import PREFILL_WHOLE_PROMPT  # noqa: E402
+from server.config.cli_spec import add_spec_flags, spec_params  # noqa: E402  (llama-server's spec flags)
 
 SYSTEM_PROMPT = """A conversation between a curious User and an Assistant.
 The Assistant answers every question at once, clearly and correctly, in a few sentences.
@@ -149,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers to offload to a GPU (default: all)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     ap.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    add_spec_flags(ap)  # --spec-type, -md, --spec-draft-*, --spec-ngram-* (docs/speculative.md)
     args = ap.parse_args(argv)
+    args.speculative = spec_params(ap, args)
     for name in ("parallel", "sequences"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         share_system_prompt=args.pps, poll=args.poll, prio=args.prio,
         threadpool=args.threadpool, pack_sequences=args.pack_sequences,
         # whole prompts in one step, as llama-parallel decodes them (not the engine's default)
-        prefill_chunk=PREFILL_WHOLE_PROMPT,
+        prefill_chunk=PREFILL_WHOLE_PROMPT, speculative=args.speculative,
     )
     engine = Engine(model, config)
     # Timing starts before the shared system prompt is decoded, as in the C++ example.
@@ -310,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"Total gen tokens:    {total_gen:6d}, speed: {summary['gen_speed']:5.2f} t/s")
     say(f"Total speed (AVG):   {'':6s}  speed: {summary['total_speed']:5.2f} t/s")
     say(f"Cache misses:        {st.n_cache_misses:6d}")
+    if st.n_drafts:
+        say(f"Draft tokens:        {st.n_draft_tokens:6d}, accepted {st.n_draft_accepted} "
+            f"({st.n_draft_accepted / max(1, st.n_draft_tokens):.1%}) in {st.n_drafts} verifications")
     say(f"Time in llama_decode: {st.t_decode:6.2f} s of {t_total:.2f} s wall "
         f"({100 * summary['decode_share']:.1f} %), sampling {st.t_sample:.2f} s, "
         f"Python overhead {summary['overhead_ms_per_step']:.3f} ms/step over {st.n_steps} steps")

@@ -72,7 +72,7 @@ def slots(svc: Service) -> list[dict]:
             "id": info["id"],
             "id_task": info["id_task"],
             "n_ctx": info["n_ctx"],
-            "speculative": False,
+            "speculative": info.get("speculative", False),
             "is_processing": busy,
             "n_prompt_tokens": info["n_prompt_tokens"],
             "n_past": info["n_past"],
@@ -89,6 +89,11 @@ def slots(svc: Service) -> list[dict]:
             # our addition (docs/scheduling.md): who runs here, at which priority, and that
             # user's queue in this slot's engine
             "scheduling": slot_user(info, users.get((info.get("engine", 0), info["user"]))),
+            # our addition with speculative decoding: the request's draft tokens, those kept,
+            # and the acceptance the draft length is chosen from (docs/speculative.md)
+            **({"draft": {k: info[k] for k in ("draft_n", "draft_n_accepted", "draft_acceptance",
+                                               "draft_acceptance_estimate")}}
+               if info.get("speculative") else {}),
             "next_token": [{
                 "has_next_token": busy,
                 "has_new_line": False,
@@ -145,11 +150,12 @@ def metrics_text(svc: Service) -> str:
         ("tokens_predicted_seconds_total", "counter", "Total time spent generating tokens", m.t_predicted_s),
         ("n_decode_total", "counter", "Total number of llama_decode() calls", st.n_decode_calls),
         ("n_tokens_max", "counter", "Largest observed sequence length (prompt + generation)", m.n_tokens_max),
-        # no speculative decoding here: llama-server's counters, always 0
-        ("spec_decode_num_draft_tokens_total", "counter", "Speculative: Total draft tokens generated", 0),
+        ("spec_decode_num_draft_tokens_total", "counter", "Speculative: Total draft tokens generated",
+         st.n_draft_tokens),
         ("spec_decode_num_accepted_tokens_total", "counter",
-         "Speculative: Total draft tokens accepted by the target model", 0),
-        ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps", 0),
+         "Speculative: Total draft tokens accepted by the target model", st.n_draft_accepted),
+        ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps",
+         st.n_drafts),
         ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s",
          m.n_prompt_tokens / m.t_prompt_s if m.t_prompt_s else 0.0),
         ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",

@@ -17,13 +17,11 @@ prefixes, holders.py). `step()` runs one iteration of the loop, in timed phases:
    its tokens as a cache (a cancelled or failed one goes back to the system prompt);
 5. embed: the embedding lanes (embedding.py).
 
-A phase works on the engine's parts (parts.py: context, batch, slots, cache, stats) and returns
-what happened (requests that ended, slots ready to start); `step()` applies that to what only
-the engine holds: its lock, its waiting queue, its set of unfinished requests.
-
-`submit()` may be called from any thread. `start()` runs `step()` on a background thread that
-sleeps on a condition variable while there is nothing to do. Only that thread touches the
-llama_context.
+A phase works on the engine's parts (parts.py: context, batch, slots, cache, stats) and returns what
+happened (requests that ended, slots ready to start); `step()` applies that to what only the engine
+holds: its lock, its waiting queue, its set of unfinished requests. `submit()` may be called from
+any thread. `start()` runs `step()` on a background thread that sleeps on a condition variable
+while there is nothing to do. Only that thread touches the llama_context.
 """
 
 from __future__ import annotations
@@ -52,11 +50,10 @@ from .lifecycle import end_waiting, release, start_request, start_requests
 from .request import Request
 from .slot import WAIT, Slot, batch_generated, batch_prompts
 from .slot_files import SlotFile, SlotFiles, on_idle_slot
+from .speculative import make_speculator
 from .system_prompt import SystemPrompt, decode_system_prompt, prompt_tokens, starts_with_bos, warmup
 from .waiting import WaitingQueue
-from .types import (
-    EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, RequestParams,
-)
+from .types import EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, RequestParams
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -95,8 +92,9 @@ class Engine:
             self.ctx.close()
             raise
         self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder, _cache=self.cache)
+        self.spec = make_speculator(model, cfg, self.ctx)  # speculative decoding (None: off)
         self.parts = StepParts(self.ctx, self.memory, self.batch, self.slots, self.cache, self.vocab,
-                               self.stats, cfg, self.n_ctx_slot, self.n_batch)
+                               self.stats, cfg, self.n_ctx_slot, self.n_batch, self.spec)
         self._cond = threading.Condition(self._lock)
         self.sched = Scheduler(self.parts, self._waiting, self._lock, cfg.preempt_after_ms)
         self._next_id = 0
@@ -245,6 +243,8 @@ class Engine:
         for s in self.slots:
             if s.sampler is not None:
                 s.sampler.close()
+        if self.spec is not None:
+            self.spec.close()
         self.ctx.close()
 
     def __enter__(self) -> "Engine":
@@ -271,8 +271,7 @@ class Engine:
     def n_busy(self) -> int:
         return sum(1 for s in self.slots if s.busy)
 
-    def ram_cache_stats(self) -> dict[str, int]:
-        """The host-RAM tier's counters (ram_cache.summary), read while the engine runs."""
+    def ram_cache_stats(self) -> dict[str, int]:  # the host-RAM tier's counters (ram_cache.summary)
         return summary(self.cache.ram)
 
     def share_stats(self) -> dict[str, int]:
@@ -286,7 +285,7 @@ class Engine:
 
     def slots_info(self) -> list[dict]:
         """A snapshot of every slot, for monitoring (read without stopping the engine)."""
-        return [s.info(self.n_ctx_slot) for s in self.slots]
+        return [s.info(self.n_ctx_slot) | (self.spec.info(s) if self.spec else {}) for s in self.slots]
 
     # -- slot files (llama-server's /slots/{id}?action=...): on the engine thread, slot idle --
 
@@ -370,6 +369,8 @@ class Engine:
             t_prepared = time.perf_counter()
             self.batch.clear()
             batch_generated(self.slots, self.batch)
+            if self.spec is not None:  # drafts after the generated tokens (speculative.py)
+                self.spec.add_drafts(self.parts)
             t_generated = time.perf_counter()
             if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
                 self._admit()

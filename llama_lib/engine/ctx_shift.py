@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 
+from .lifecycle import release
 from .parts import StepParts
 from .slot import Slot
+from .types import FinishReason
 
 log = logging.getLogger("llama_lib.engine")
 
@@ -64,3 +66,16 @@ def shift_slot(p: StepParts, s: Slot) -> bool:
     s.n_shifted += n_discard
     r.truncated = True
     return True
+
+
+def settle(p: StepParts, s: Slot, reason: FinishReason | None, ended: list) -> None:
+    """After a slot took a token: llama-server's rule, the slot is full when the next token
+    would take its last cell (with --context-shift it makes room, else the request ends,
+    truncated); a request that ends is released and added to `ended`."""
+    r = s.req
+    if reason is None and s.n_past + 1 >= p.n_ctx_slot and not (shift_enabled(p) and shift_slot(p, s)):
+        reason = FinishReason.LENGTH
+        r.truncated = True
+    if reason is not None:
+        release(s, reason, None, p.cache, p.stats)
+        ended.append(r)

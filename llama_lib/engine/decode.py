@@ -10,13 +10,14 @@ import logging
 import time
 
 from ..context import DECODE_NO_KV_SLOT
-from .ctx_shift import shift_enabled, shift_slot
+from .ctx_shift import settle
 from .output import take_token
 from .parts import StepParts
 from .lifecycle import release
 from .request import Request
 from .seq_order import arrange, drop_fillers, remove_fillers
 from .slot import GENERATE, PREFILL, repoint_rows
+from .spec_verify import verify
 from .types import FinishReason
 
 log = logging.getLogger("llama_lib.engine")
@@ -31,6 +32,8 @@ def decode_and_sample(p: StepParts) -> list[Request]:
         _decode_chunks(p, fillers, ended)
     finally:
         remove_fillers(p, fillers)
+        if p.spec is not None:
+            p.spec.after_decode(p)
     return ended
 
 
@@ -99,6 +102,8 @@ def _sample_range(p: StepParts, lo: int, hi: int, ended: list[Request]) -> None:
         ib = s.i_batch
         if ib < lo or ib >= hi or s.req is None:
             continue
+        if p.spec is not None and verify(p.spec, p, s, lo, hi, ended):
+            continue  # the slot had a draft (spec_verify.py)
         s.i_batch = -1
         r = s.req
         t0 = time.perf_counter()
@@ -111,12 +116,4 @@ def _sample_range(p: StepParts, lo: int, hi: int, ended: list[Request]) -> None:
             s.phase = GENERATE
         s.sampled = tok
         reason = take_token(r, s.matcher, tok, vocab, ctx, ib - lo, st, s.sampler)
-        # llama-server's rule: the slot is full when the next token would take its last cell;
-        # with --context-shift it makes room (ctx_shift.py), else the request ends, truncated
-        if reason is None and s.n_past + 1 >= p.n_ctx_slot \
-                and not (shift_enabled(p) and shift_slot(p, s)):
-            reason = FinishReason.LENGTH
-            r.truncated = True
-        if reason is not None:
-            release(s, reason, None, p.cache, st)
-            ended.append(r)
+        settle(p, s, reason, ended)  # a full slot shifts or ends (ctx_shift.py); an end releases

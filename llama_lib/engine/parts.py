@@ -29,3 +29,4 @@ class StepParts:
     config: EngineConfig
     n_ctx_slot: int         # cells a slot's sequence may fill
     n_batch: int            # tokens per llama_decode call
+    spec: object = None     # a speculative.Speculator when speculative decoding is on

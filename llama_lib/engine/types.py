@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from ..context import LLAMA_MAX_SEQ, ContextParams
 from ..sampler import SamplingParams
+from .spec_params import RequestSpec, SpecParams
 
 # EngineConfig.prefill_chunk: the most prompt tokens put in one step beside the generating
 # slots, so a long prompt is prefilled in pieces instead of stalling the streams. The default
@@ -150,6 +151,8 @@ class EngineConfig:
     # A waiting request of better priority (or whose user is far below its share of the slots)
     # that waited this long parks the worst running request's KV and takes its slot; -1: never
     preempt_after_ms: int = 100
+    # llama-server's --spec-type and its flags (spec_params.py, speculative.py); None: off
+    speculative: SpecParams | None = None
     context: ContextParams = field(default_factory=ContextParams)
 
     def __init__(self, n_parallel: int = 4, *, context: ContextParams | None = None, **settings: Any):
@@ -227,6 +230,7 @@ class RequestParams:
     # lower runs first, as vLLM's (EngineConfig.schedule)
     user: str | None = None
     priority: int = 0
+    speculative: RequestSpec | None = None  # llama-server's speculative.n_max / n_min / p_min
     tag: object = None             # free for the caller (parallel.py stores the client here)
 
 
@@ -275,6 +279,8 @@ class Timings:
     started: float = 0.0           # admitted into a slot
     prompt_done: float = 0.0       # first token sampled
     done: float = 0.0
+    draft_n: int = 0               # speculative decoding: draft tokens verified
+    draft_n_accepted: int = 0      # and of those, kept
 
     @property
     def queued_s(self) -> float:
@@ -314,6 +320,9 @@ class EngineStats:
     t_admit: float = 0.0           # slot choice, prompt-cache reuse, samplers of new requests
     t_batch: float = 0.0           # filling the batch with generated tokens and prompt pieces
     t_decode_sample: float = 0.0   # llama_decode, sampling, stop rules, streaming, releases
+    n_draft_tokens: int = 0        # speculative decoding: draft tokens verified,
+    n_draft_accepted: int = 0      # of those kept,
+    n_drafts: int = 0              # and verifications (llama-server's spec_decode_* metrics)
     _ctx: object = field(default=None, repr=False)
     _embedder: object = field(default=None, repr=False)
     _cache: object = field(default=None, repr=False)

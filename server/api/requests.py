@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from llama_lib import RequestParams, SamplingParams
-from llama_lib.sampler import SAMPLING_RANGES
+from llama_lib.engine.spec_params import RequestSpec
+from llama_lib.sampler import SAMPLING_RANGES, Range
 
 from ..chat.control import register as register_control
 from ..chat.options import completion_reasoning, reasoning_params
@@ -178,7 +179,18 @@ def control_fields(body: dict, d: Defaults) -> dict[str, int]:
         "n_indent": get_int(body, "n_indent", 0, lo=0, hi=_I32),
         "t_max_predict_ms": get_int(body, "t_max_predict_ms", -1, lo=-_I32 - 1, hi=_I32),
         "n_cache_reuse": get_int(body, "n_cache_reuse", d.n_cache_reuse, lo=0, hi=_I32),
+        "speculative": spec_fields(body),
     }
+
+
+def spec_fields(body: dict) -> RequestSpec | None:
+    """The request's own draft limits, under llama-server's names ("speculative.n_max",
+    "speculative.n_min", "speculative.p_min"); None when it gives none."""
+    if not any(k.startswith("speculative.") for k in body):
+        return None
+    return RequestSpec(n_max=get_int(body, "speculative.n_max", None, lo=0, hi=_I32),
+                       n_min=get_int(body, "speculative.n_min", None, lo=0, hi=_I32),
+                       p_min=get_float(body, "speculative.p_min", None, Range(0.0, 1.0)))
 
 
 @dataclass

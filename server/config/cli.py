@@ -25,6 +25,7 @@ from .cli_chat import add_chat_flags
 from .cli_drain import add_drain_flags, check_drain_flags
 from .cli_router import add_router_flags, check_router_flags
 from .cli_schedule import add_schedule_flags, check_schedule_flags
+from .cli_spec import add_spec_flags, spec_params
 from .cli_sampling import add_sampling_flags, check_sampling_flags
 from .cli_http import add_http_flags, check_http_flags, csv_list as _csv
 from ..errors import ApiError
@@ -285,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_drain_flags(p)  # --drain-delay, --drain-timeout, --agent-port
     add_router_flags(p)  # --sleep-idle-seconds, --models-dir/-preset/-max/-autoload
     add_schedule_flags(p)  # --schedule, --max-queue-per-user, --priority-min, --preempt-after-ms
+    add_spec_flags(p)  # --spec-type, -md, --spec-draft-*, --spec-ngram-*
     r = p.add_argument_group("llama-server flags for features this server does not have (refused)")
     for flags, nargs, what in (
             (("--rerank", "--reranking"), 0, "reranking is"),
             (("--lora",), 1, "LoRA adapters are"),
             (("-mm", "--mmproj"), 1, "multimodal projectors are"),
             (("-mmu", "--mmproj-url"), 1, "multimodal projectors are"),
-            (("--spec-draft-model", "-md", "--model-draft"), 1, "speculative decoding is"),
             (("--media-path",), 1, "media files (multimodal input) are"),
             (("--tools",), 1, "built-in agent tools are"),
             (("-hf", "-hfr", "--hf-repo"), 1, "downloading models is"),
@@ -334,6 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_drain_flags(p, args)
     check_router_flags(p, args)
     check_schedule_flags(p, args)
+    args.speculative = spec_params(p, args)
     check_engine_flags(p, args)
     check_http_flags(p, args)
     if args.slot_save_path:

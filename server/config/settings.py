@@ -95,7 +95,7 @@ def build_settings(args: argparse.Namespace, system_prompt: str = "") -> Setting
             cache_idle_slots=args.cache_idle_slots and args.cache_ram != 0, kv_holders=args.kv_holders, pack_sequences=args.pack_sequences,
             embeddings=args.embedding, pooling=args.pooling, embd_normalize=args.embd_normalize,
             cpumask=args.cpus, strict_cpu=args.cpu_strict, cpumask_batch=args.cpus_batch,
-            strict_cpu_batch=args.cpu_strict_batch, **schedule_config(args)),
+            strict_cpu_batch=args.cpu_strict_batch, speculative=args.speculative, **schedule_config(args)),
         n_engines=args.engines,
         reverse_prompts=list(args.reverse_prompt),
         defaults=Defaults(

@@ -72,7 +72,10 @@ def timings(h, n_predicted: int | None = None) -> dict:
         end = 0.0
     predicted_ms = max(0.0, end - t.prompt_done) * 1000.0 if end else 0.0
     n_pred = h.n_generated if n_predicted is None else n_predicted
-    return timings_json(h.n_cached_tokens, h.n_prompt_tokens, t.prompt_s * 1000.0, n_pred, predicted_ms)
+    out = timings_json(h.n_cached_tokens, h.n_prompt_tokens, t.prompt_s * 1000.0, n_pred, predicted_ms)
+    if getattr(t, "draft_n", 0) > 0:  # as llama-server: only when something was drafted
+        out["draft_n"], out["draft_n_accepted"] = t.draft_n, t.draft_n_accepted
+    return out
 
 
 def progress_json(p: Progress) -> dict:

@@ -1,0 +1,291 @@
+"""Speculative decoding, batched across slots (llama-server's `--spec-type`), with a draft
+length each slot earns.
+
+Each step, after the generating slots' last tokens are in the batch (`add_drafts`):
+1. every generating slot may get a draft: tokens the model will probably write next, from its
+   own text (ngram_draft.py) or from a small draft model (draft_model.py);
+2. the draft length is chosen (`choose_lengths`): a slot's recent acceptance gives the chance
+   that its j-th draft token survives (a^j), the decode-cost model of seq_order.py gives what a
+   wider step costs, and a slot gets draft tokens only while they raise the step's expected
+   tokens per unit of cost. A busy engine (a step already costs much) or a slot whose drafts
+   keep failing drafts nothing; a lone slot over repetitive text drafts long;
+3. the batch is rebuilt: each slot's last token followed by its draft, every row with logits.
+
+One llama_decode verifies all of them. `verify` (spec_verify.py) then samples each slot at
+each of its rows with its own sampler chain and keeps the prefix the draft got right; the
+cells of the rejected tail leave the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .draft_model import DraftModel
+from .ngram_draft import NgramMod, ngram_map_k, ngram_simple
+from .parts import StepParts
+from .seq_order import PASS_COST, SEQUENCE_COST, decode_cost, ubatch_shapes
+from .slot import GENERATE, Slot
+from .spec_params import SpecParams
+
+log = logging.getLogger("llama_lib.engine")
+
+# What one output row (a logits row over the vocabulary) adds to a decode, in decode_cost's
+# units (one token of a ubatch): the output layer of a 262k-token vocabulary is most of the
+# model's weights. Measured here with the default model: 1 sequence x 1 token 25 ms, x 4 tokens
+# all with logits 63 ms, x 8 87 ms; with logits on the last only 32 and 46 ms.
+LOGITS_COST = 4.0
+ROW_COST = 1.0 + LOGITS_COST    # a draft row: a token of the ubatch, and its logits
+DECAY = 0.85                    # weight of older verifications in a slot's acceptance
+IDLE_DECAY = 0.97               # a step without a draft forgets a little (so a slot tries again)
+# Before any verification a draft token is taken to be right this often (weighted as PRIOR_N
+# verified tokens): an n-gram draft exists only where the text repeated itself, and a slot
+# must verify a little to learn its own figure.
+PRIOR = 0.75
+PRIOR_N = 2.0
+
+
+@dataclass
+class SlotSpec:
+    """A slot's speculation state."""
+
+    req: object = None                   # the request its history belongs to
+    buf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    n: int = 0                           # tokens of buf in use (prompt, then generated)
+    seen: int = 0                        # generated tokens already in buf
+    mod_at: int = 0                      # ngram-mod: where its next n-grams start
+    draft: np.ndarray | None = None      # the draft in this step's batch (None: none)
+    hits: float = 0.0                    # decayed counts of accepted and rejected draft tokens
+    misses: float = 0.0
+    n_drafted: int = 0                   # the request's totals (for /slots)
+    n_accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft token is right, given the ones before it were."""
+        return (self.hits + PRIOR * PRIOR_N) / (self.hits + self.misses + PRIOR_N)
+
+
+class Speculator:
+    """The engine's speculative decoding (see the module docstring)."""
+
+    def __init__(self, params: SpecParams, n_slots: int, drafter=None):
+        self.params = params
+        self.slots = [SlotSpec() for _ in range(n_slots)]
+        self.drafter = drafter  # draft_model.DraftModel for draft-simple
+        p = params
+        self.mod = NgramMod(p.mod_n_match, p.mod_n_min, p.mod_n_max) if "ngram-mod" in p.types else None
+        self._pending: list[tuple[int, int]] = []  # (sequence, first stale position) after the decode
+
+    # -- the history of a slot ------------------------------------------------------------
+
+    def history(self, s: Slot) -> np.ndarray:
+        """The slot's request's prompt and generated tokens, the last sampled one included."""
+        st, r = self.slots[s.id], s.req
+        if st.req is not r:
+            prompt = np.asarray(r.prompt_tokens, np.int32)
+            st.req, st.n, st.seen, st.mod_at = r, len(prompt), 0, 0
+            st.buf = np.empty(len(prompt) + 256, np.int32)
+            st.buf[:len(prompt)] = prompt
+            st.n_drafted = st.n_accepted = 0
+            st.hits = st.misses = 0.0
+        new = r.tokens[st.seen:]
+        if new:
+            need = st.n + len(new)
+            if need > len(st.buf):
+                st.buf = np.concatenate([st.buf[:st.n], np.empty(max(need, 2 * len(st.buf)) - st.n, np.int32)])
+            st.buf[st.n:need] = new
+            st.n, st.seen = need, len(r.tokens)
+        return st.buf[:st.n]
+
+    def room(self, p: StepParts, s: Slot) -> int:
+        """The most draft tokens the slot may take: its cells left (llama-server leaves two) and
+        its n_predict left, less the token sampled after the draft; the request's own n_max."""
+        r = s.req
+        n = p.n_ctx_slot - s.n_past - 1
+        if r.params.n_predict >= 0:
+            n = min(n, r.params.n_predict - len(r.tokens) - 1)
+        spec = getattr(r.params, "speculative", None)
+        if spec is not None and spec.n_max is not None:
+            n = min(n, spec.n_max)
+        return n
+
+    def n_min(self, s: Slot) -> int:
+        spec = getattr(s.req.params, "speculative", None)
+        return spec.n_min if spec is not None and spec.n_min is not None else self.params.n_min
+
+    # -- drafts ---------------------------------------------------------------------------
+
+    def propose(self, p: StepParts, gen: list[Slot]) -> dict[int, np.ndarray]:
+        """A draft for each generating slot that has one: the first drafter (in --spec-type
+        order) whose draft is at least n_min long."""
+        prm = self.params
+        out: dict[int, np.ndarray] = {}
+        want: list[tuple[Slot, np.ndarray, int]] = []
+        for s in gen:
+            limit = self.room(p, s)
+            hist = self.history(s)
+            st = self.slots[s.id]
+            if self.mod is not None:
+                st.mod_at = self.mod.add(hist, st.mod_at)
+            if limit < max(1, self.n_min(s)):
+                continue
+            want.append((s, hist, limit))
+        for t in prm.types:
+            left = [w for w in want if w[0].id not in out]
+            if not left:
+                break
+            if t == "draft-simple":
+                if self.drafter is not None:
+                    out.update(self._model_drafts(p, gen, left))
+                continue
+            for s, hist, limit in left:
+                if t == "ngram-simple":
+                    d = ngram_simple(hist, prm.ngram_size_n, min(limit, prm.ngram_size_m), prm.ngram_min_hits)
+                elif t == "ngram-map-k":
+                    d = ngram_map_k(hist, prm.ngram_k_size_n, min(limit, prm.ngram_k_size_m), prm.ngram_k_min_hits)
+                else:  # ngram-mod
+                    d = self.mod.draft(hist, limit)
+                if len(d) >= max(1, self.n_min(s)):
+                    out[s.id] = d
+        return out
+
+    def _model_drafts(self, p: StepParts, gen: list[Slot], left) -> dict[int, np.ndarray]:
+        """draft-simple's drafts; a draft model costs a decode per token, so with the adaptive
+        length a slot drafts only as many tokens as it would verify at its acceptance."""
+        lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
+        if self.params.adaptive:
+            pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
+            lim = {sid: pre.get(sid, 0) for sid in lim}
+        ask = [(s, hist, lim[s.id]) for s, hist, _ in left if lim[s.id] >= max(1, self.n_min(s))]
+        got = self.drafter.draft_many(ask, self.p_min) if ask else {}
+        return {sid: d for sid, d in got.items() if len(d) >= max(1, self.n_min(p.slots[sid]))}
+
+    def p_min(self, s: Slot) -> float:
+        spec = getattr(s.req.params, "speculative", None)
+        return spec.p_min if spec is not None and spec.p_min is not None else self.params.p_min
+
+    def choose_lengths(self, p: StepParts, gen: list[Slot], drafts: dict[int, np.ndarray]) -> dict[int, int]:
+        """How many of its draft tokens each slot verifies this step (see the module docstring)."""
+        if not self.params.adaptive:
+            return {sid: len(d) for sid, d in drafts.items()}
+        n_gen = len(gen)
+        base = step_cost(p, [1] * n_gen, [s.seq_id for s in gen])
+        tokens, cost = float(n_gen), base
+        items = []  # (chance the row's token is kept, slot id)
+        for sid, d in drafts.items():
+            a = self.slots[sid].acceptance
+            v = 1.0
+            for _ in range(len(d)):
+                v *= a
+                items.append((v, sid))
+        items.sort(reverse=True)
+        k: dict[int, int] = {}
+        for v, sid in items:
+            if v * cost <= ROW_COST * tokens:  # one more row would lower tokens per cost
+                break
+            tokens += v
+            cost += ROW_COST
+            k[sid] = k.get(sid, 0) + 1
+        if k and not p.cache.kv_unified:
+            # a KV stream per slot: uneven rows split the decode into more passes (seq_order.py);
+            # keep the drafts only if the exact layout still pays
+            counts = [1 + k.get(s.id, 0) for s in gen]
+            exact = step_cost(p, counts, [s.seq_id for s in gen])
+            if tokens / exact <= n_gen / base:
+                return {}
+        return k
+
+    def add_drafts(self, p: StepParts) -> None:
+        """Draft for the generating slots and rebuild the batch (their last tokens only, as
+        slot.batch_generated left it) with each slot's token followed by its draft."""
+        for st in self.slots:
+            st.draft = None
+        gen = [s for s in p.slots if s.phase is GENERATE]
+        batch = p.batch
+        if not gen or batch.n_tokens != len(gen):
+            return
+        drafts = self.propose(p, gen)
+        for s in gen:
+            if s.id not in drafts:
+                st = self.slots[s.id]
+                st.hits *= IDLE_DECAY
+                st.misses *= IDLE_DECAY
+        if not drafts:
+            return
+        # the drafts stay in one decode with every prompt piece of the step (n_batch rows)
+        budget = p.n_batch - len(gen) - (p.config.prefill_chunk or p.n_batch // 2)
+        k = self.choose_lengths(p, gen, drafts)
+        if not k or budget <= 0:
+            return
+        batch.clear()
+        for s in gen:
+            d = drafts.get(s.id)
+            n = min(k.get(s.id, 0), max(0, budget))
+            budget -= n
+            d = d[:n] if d is not None and n > 0 else None
+            pos0 = s.n_past - 1
+            if d is None:
+                s.i_batch = batch.add(s.sampled, pos0, s.seq_id, True)
+                continue
+            last = batch.add_sequence(np.concatenate([[s.sampled], d]).astype(np.int32), pos0, s.seq_id)
+            batch.logits[last - n:last + 1] = 1
+            s.i_batch = last - n
+            s.n_past = pos0 + 1 + n
+            self.slots[s.id].draft = d
+
+    # -- after the decode -------------------------------------------------------------------
+
+    def stale_after(self, seq_id: int, pos: int) -> None:
+        """Draft rows of a later decode chunk land in sequence seq_id from pos on: remove them
+        once the step's decode is done (`after_decode`)."""
+        self._pending.append((seq_id, pos))
+
+    def after_decode(self, p: StepParts) -> None:
+        for seq, pos in self._pending:
+            p.memory.seq_rm(seq, pos, -1)
+        self._pending.clear()
+        for st in self.slots:
+            st.draft = None
+
+    def info(self, s: Slot) -> dict:
+        """The slot's speculation figures for /slots."""
+        st = self.slots[s.id]
+        return {"speculative": True, "draft_n": st.n_drafted, "draft_n_accepted": st.n_accepted,
+                "draft_acceptance": round(st.n_accepted / st.n_drafted, 4) if st.n_drafted else 0.0,
+                "draft_acceptance_estimate": round(st.acceptance, 4)}
+
+    def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+
+
+def step_cost(p: StepParts, counts: list[int], seq_ids: list[int]) -> float:
+    """decode_cost of a step whose slots (`seq_ids`) decode `counts` rows each, all with logits:
+    one stream (-kvu) splits simply; a stream per slot splits equally (seq_order.py), and a
+    wide slot's rows make passes of their own unless every slot is padded to its width."""
+    n_ubatch = p.ctx.n_ubatch
+    rows = sum(counts)
+    logits = LOGITS_COST * rows
+    if p.cache.kv_unified:
+        n_pass = -(-rows // n_ubatch)
+        return n_pass * PASS_COST + SEQUENCE_COST * len(counts) + rows + logits
+    order = np.argsort(seq_ids)
+    ids = np.asarray(seq_ids)[order]
+    c = np.asarray(counts)[order]
+    split = decode_cost(ubatch_shapes(ids, c, n_ubatch))
+    padded = decode_cost(ubatch_shapes(ids, np.full(len(c), c.max()), n_ubatch))
+    return min(split, padded) + logits
+
+
+def make_speculator(model, cfg, ctx) -> Speculator | None:
+    """The engine's Speculator for cfg.speculative (None when it is off); draft-simple loads
+    its draft model and context here (draft_model.py)."""
+    prm = cfg.speculative
+    if prm is None or not prm.on:
+        return None
+    drafter = DraftModel.for_engine(model, cfg, ctx) if "draft-simple" in prm.types else None
+    return Speculator(prm, cfg.n_parallel, drafter)
