@@ -318,6 +318,10 @@ class Context(OwnedPointer):
         """One sequence's KV state as bytes (llama_state_seq_get_data)."""
         return bytes(self.seq_state_view(seq_id))
 
+    def seq_state_size(self, seq_id: int) -> int:
+        """The bytes seq_state would return (counted, nothing copied)."""
+        return lib().llama_state_seq_get_size(self.ptr, seq_id)
+
     def seq_state_view(self, seq_id: int) -> memoryview:
         """seq_state without the copy to bytes: a view of the buffer libllama filled (a slot
         file writes it out directly, so a large state is held once)."""

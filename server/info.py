@@ -186,6 +186,8 @@ def ram_cache_rows(r: dict[str, int]) -> list[tuple]:
     return [
         ("cache_ram_bytes", "gauge", "Bytes of KV state held in host RAM by the prompt cache", r["bytes"]),
         ("cache_ram_entries", "gauge", "Sequences held in host RAM by the prompt cache", r["entries"]),
+        ("cache_ram_parked_bytes", "gauge", "Bytes of preempted requests' KV parked in host RAM (within --cache-ram)",
+         r["parked_bytes"]),
         ("cache_ram_saved_total", "counter", "Slot caches saved to host RAM before being overwritten", r["saved"]),
         ("cache_ram_loaded_total", "counter", "Slot caches loaded back from host RAM", r["loaded"]),
         ("cache_ram_tokens_loaded_total", "counter", "Cached tokens loaded back from host RAM", r["tokens_loaded"]),

@@ -97,12 +97,13 @@ def test_queue_limit_per_user_refuses_that_user_only(model):
 
 
 def test_preempted_request_resumes_token_for_token(model, reference):
-    with engine(model, preempt_after_ms=0) as e:
+    with engine(model, preempt_after_ms=0, cache_ram_mib=16) as e:
         low = e.submit(PROMPT, greedy(32, user="batch", priority=5))
         step_until(e, lambda: low.n_generated >= 10)
         high = e.submit(OTHER, greedy(6, user="chat"))
         e.step()  # the high-priority request takes the slot; `low` is parked in RAM
         assert low.parked is not None and low.parked.data and e.sched.n_parked_bytes > 0
+        assert e.cache.ram.n_reserved == len(low.parked.data)  # counted against --cache-ram
         assert e.slots[0].req is high
         n_parked = low.n_generated
         step_until(e, lambda: high.done)
@@ -113,6 +114,7 @@ def test_preempted_request_resumes_token_for_token(model, reference):
         st = e.sched.stats
         assert (st.n_preempted, st.n_resumed) == (1, 1)
         assert {u["user"]: u["n_preempted"] for u in e.users_info()} == {"batch": 1, "chat": 0}
+        assert e.cache.ram.n_reserved == 0
         no_leak(e)
 
 
@@ -122,7 +124,7 @@ def test_a_user_far_below_its_share_preempts_and_outputs_stay_greedy(model):
     with engine(model, n_parallel=2, preempt_after_ms=-1) as ref:
         want = [ref.submit(PROMPT, p), ref.submit(OTHER, p)]
         ref.run_until_idle()
-    with engine(model, n_parallel=2, preempt_after_ms=0) as e:
+    with engine(model, n_parallel=2, preempt_after_ms=0, cache_ram_mib=16) as e:
         a = [e.submit(PROMPT, p), e.submit(OTHER, p)]
         step_until(e, lambda: min(h.n_generated for h in a) >= 8)
         b = e.submit(OTHER, greedy(4, user="b"))
@@ -135,7 +137,7 @@ def test_a_user_far_below_its_share_preempts_and_outputs_stay_greedy(model):
 
 
 def test_a_parked_request_can_be_cancelled(model):
-    with engine(model, preempt_after_ms=0) as e:
+    with engine(model, preempt_after_ms=0, cache_ram_mib=16) as e:
         low = e.submit(PROMPT, greedy(32, priority=1))
         step_until(e, lambda: low.n_generated >= 4)
         high = e.submit(OTHER, greedy(8))
@@ -145,7 +147,57 @@ def test_a_parked_request_can_be_cancelled(model):
         e.run_until_idle()
         assert low.finish_reason == FinishReason.CANCELLED and low.parked is None
         assert high.finish_reason == FinishReason.LENGTH
-        assert e.stats.n_requests_cancelled == 1
+        assert e.stats.n_requests_cancelled == 1 and e.cache.ram.n_reserved == 0
+        no_leak(e)
+
+
+def test_parked_bytes_are_bounded_by_cache_ram(model):
+    """A parked request's bytes count against --cache-ram: when they do not fit, the running
+    request keeps its slot (and its output); without RAM or holders nothing is parked."""
+    long_prompt = PROMPT * 4  # ~70 tokens of ~18 KB each: past 1 MiB
+    for mib in (1, 0):
+        with engine(model, preempt_after_ms=0, cache_ram_mib=mib) as e:
+            low = e.submit(long_prompt, greedy(8, priority=1))
+            step_until(e, lambda: low.n_generated >= 2)
+            high = e.submit(OTHER, greedy(4))
+            e.step()
+            assert low.parked is None and e.slots[0].req is low and high.slot_id < 0
+            e.run_until_idle()
+            assert low.finish_reason == high.finish_reason == FinishReason.LENGTH
+            assert low.timings.done < high.timings.started
+            assert e.sched.stats.n_preempted == 0 and (e.sched.stats.n_no_room > 0) == bool(mib)
+
+
+def test_ram_tier_entries_make_room_for_parked_bytes():
+    from llama_lib.engine.ram_cache import RamCache
+    import numpy as np
+    ram = RamCache(limit_bytes=1000)
+    for i in range(3):
+        assert ram.put(np.arange(i * 100, i * 100 + 20, dtype=np.int32), 0, 0, bytes(300))
+    ram.n_reserved = 300  # a parked request
+    assert ram.make_room(250) and len(ram.entries) == 1 and ram.stats.n_evicted == 2
+    ram.n_reserved += 250
+    assert not ram.make_room(500) and not ram.entries  # the reserved bytes alone leave no room
+    assert not ram.put(np.arange(20, dtype=np.int32), 0, 0, bytes(600))
+
+
+def test_a_prefilling_request_can_be_preempted(model):
+    """A long prompt going in 16-token pieces is parked half way and resumes its prefill."""
+    long_prompt = PROMPT * 6
+    with engine(model, prefill_chunk=16, cache_ram_mib=0) as ref:
+        want = ref.submit(long_prompt, greedy(12))
+        ref.run_until_idle()
+    with engine(model, prefill_chunk=16, preempt_after_ms=0, cache_ram_mib=16) as e:
+        low = e.submit(long_prompt, greedy(12, priority=1))
+        e.step()
+        e.step()
+        assert e.slots[0].phase.value == "prefill" and 0 < e.slots[0].prompt_pos < len(low.prompt_tokens)
+        high = e.submit(OTHER, greedy(4))
+        e.step()
+        assert low.parked is not None and low.parked.phase.value == "prefill" and e.slots[0].req is high
+        e.run_until_idle()
+        assert low.tokens == want.tokens and high.finish_reason == FinishReason.LENGTH
+        assert e.sched.stats.n_resumed == 1
         no_leak(e)
 
 

@@ -111,7 +111,7 @@ def test_schedule_flags_reach_the_engine_config():
     assert (e.schedule, e.max_queue_per_user, e.preempt_after_ms) == ("fcfs", 3, -1)
     assert s.defaults.priority_min == -2 and s.user_header == "X-Tenant"
     d = build_settings(parse_args([]))
-    assert (d.engine.schedule, d.engine.max_queue_per_user, d.engine.preempt_after_ms) == ("fair", -1, 100)
+    assert (d.engine.schedule, d.engine.max_queue_per_user, d.engine.preempt_after_ms) == ("fair", -1, 0)
     assert d.defaults.priority_min == 0 and d.user_header == "X-User-ID"
 
 
@@ -122,3 +122,20 @@ def test_bad_schedule_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2
+
+
+def test_anthropic_and_responses_name_their_user(server):
+    """/v1/messages' metadata.user_id and /v1/responses' safety_identifier (else user) are the user."""
+    msg = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    r = server.post("/v1/messages", {**msg, "metadata": {"user_id": "claude-7"}})
+    assert r.status_code == 200, r.text
+    r = server.post("/v1/responses", {"input": "hi", "max_output_tokens": 2, "safety_identifier": "resp-9",
+                                      "user": "ignored-when-safety-identifier"})
+    assert r.status_code == 200, r.text
+    r = server.post("/v1/responses", {"input": "hi", "max_output_tokens": 2, "user": "resp-legacy"})
+    assert r.status_code == 200, r.text
+    assert server.post("/v1/messages", {**msg, "metadata": {"user_id": 5}}).status_code == 400
+    metrics = server.get("/metrics").text
+    for who in ("claude-7", "resp-9", "resp-legacy"):
+        assert f'llamacpp:user_requests_started_total{{user="{who}"}} 1' in metrics, who
+    assert "ignored-when-safety-identifier" not in metrics

@@ -34,8 +34,9 @@ import numpy as np
 from ..sampler import Sampler
 from .output import StopMatcher
 from .parts import StepParts
+from .ram_cache import RamCache
 from .request import Request
-from .slot import GENERATE, Slot
+from .slot import GENERATE, PREFILL, Slot, SlotPhase
 from .waiting import WaitingQueue, user_of
 
 log = logging.getLogger("llama_lib.engine")
@@ -60,6 +61,14 @@ class Parked:
     t_parked: float
     seq: int = -1                  # the holder sequence that keeps its cells; -1: `data` does
     give_back: Callable[[int], None] | None = None  # returns `seq` to the holders
+    phase: SlotPhase = GENERATE    # PREFILL: its prompt goes on from prompt_pos
+    ram: RamCache | None = None    # the tier whose limit `data` is counted against
+
+    def keep_bytes(self, data: bytes, ram: RamCache | None) -> None:
+        """Hold the sequence as bytes, reserved against the host-RAM tier's limit."""
+        self.data, self.ram = data, ram
+        if ram is not None:
+            ram.n_reserved += len(data)
 
     def close(self) -> None:
         if self.sampler is not None:
@@ -68,6 +77,8 @@ class Parked:
         if self.seq >= 0 and self.give_back is not None:
             self.give_back(self.seq)
         self.seq = -1
+        if self.data is not None and self.ram is not None:
+            self.ram.n_reserved -= len(self.data)
         self.data = None
 
 
@@ -78,6 +89,8 @@ class PreemptStats:
     n_load_failed: int = 0   # resumes that found no KV room (the request stayed parked)
     n_in_holder: int = 0     # of the parked, those kept in a holder sequence (no copy)
     n_to_ram: int = 0        # parked in a holder, then moved to host RAM to make room in KV
+    n_no_room: int = 0       # preemptions given up: the bytes would pass --cache-ram
+    n_over_limit: int = 0    # holder-parked moved to RAM past --cache-ram (KV full: never lost)
 
 
 class Scheduler:
@@ -103,6 +116,8 @@ class Scheduler:
         slots = self.p.slots
         if self.after_s < 0 or any(s.req is None for s in slots):
             return
+        if self.holders is None and self.p.cache.ram is None:
+            return  # nowhere to park: no holder sequences, no host RAM (--cache-ram 0)
         now = time.perf_counter()
         with self.lock:
             if self._one_user():
@@ -118,6 +133,8 @@ class Scheduler:
         if victim is None:
             return
         r = self.park(victim, now)
+        if r is None:
+            return
         with self.lock:
             self.queue.park(r)
         log.info("slot %d: request %d (user %r, priority %d) parked for request %d (user %r, priority %d)",
@@ -145,7 +162,7 @@ class Scheduler:
         best, best_key = None, None
         for s in slots:
             r = s.req
-            if r is None or s.phase is not GENERATE or s.hold_at or r._cancel.is_set():
+            if r is None or s.phase not in (GENERATE, PREFILL) or s.hold_at or r._cancel.is_set():
                 continue
             if any(o.follow is s for o in slots):  # a leader others copy a prefix from
                 continue
@@ -160,14 +177,25 @@ class Scheduler:
                 best, best_key = s, k
         return best
 
-    def park(self, s: Slot, now: float) -> Request:
-        """Save the slot's sequence and state into its request (r.parked), free the slot."""
+    def park(self, s: Slot, now: float) -> Request | None:
+        """Save the slot's sequence and state into its request (r.parked), free the slot.
+        None (nothing changed) when its bytes would not fit --cache-ram beside the tier's
+        entries and the other parked requests."""
         p, r = self.p, s.req
         seq = self._hold(s)
-        r.parked = Parked(None if seq >= 0 else p.ctx.seq_state(s.seq_id), s.n_past, s.n_prefix,
-                          s.prefix_version, s.prompt_pos, s.sampled, s.shift_keep, s.n_shifted,
-                          s.cache_hit, s.sampler, s.matcher, now, seq,
-                          self.holders.take_back if self.holders is not None else None)
+        data, ram = None, p.cache.ram
+        if seq < 0:
+            size = p.ctx.seq_state_size(s.seq_id)
+            if ram is None or not ram.make_room(size):
+                self.stats.n_no_room += 1
+                log.debug("slot %d: request %d not parked: %d bytes do not fit --cache-ram", s.id, r.id, size)
+                return None
+            data = p.ctx.seq_state(s.seq_id)
+        r.parked = Parked(None, s.n_past, s.n_prefix, s.prefix_version, s.prompt_pos, s.sampled,
+                          s.shift_keep, s.n_shifted, s.cache_hit, s.sampler, s.matcher, now, seq,
+                          self.holders.take_back if self.holders is not None else None, s.phase)
+        if data is not None:
+            r.parked.keep_bytes(data, ram)
         s.sampler = None  # the parked request keeps it
         s.end(now)
         p.cache.seqs.reset_to_default(s)
@@ -197,7 +225,11 @@ class Scheduler:
         if not held:
             return False
         pk = min(held, key=lambda k: k.t_parked)
-        pk.data = self.p.ctx.seq_state(pk.seq)
+        data, ram = self.p.ctx.seq_state(pk.seq), self.p.cache.ram
+        if ram is None or not ram.make_room(len(data)):
+            self.stats.n_over_limit += 1  # past the limit rather than lose the request
+            log.warning("KV cache full: a parked request's %d bytes go to host RAM past --cache-ram", len(data))
+        pk.keep_bytes(data, ram)
         self.holders.take_back(pk.seq)
         pk.seq = -1
         self.stats.n_to_ram += 1
@@ -250,7 +282,7 @@ class Scheduler:
         s.sampler, s.matcher = pk.sampler, pk.matcher
         s.i_batch = -1
         s.kv_pos_max = pk.n_past - 1
-        s.phase = GENERATE
+        s.phase = pk.phase
         s.req = r
         r.slot_id = s.id + slot_id_base
         pk.sampler = None

@@ -45,6 +45,8 @@ class RamCache:
     n_bytes: int = 0
     stats: RamStats = field(default_factory=RamStats)
     tree: PrefixTree = field(default_factory=PrefixTree)
+    # bytes kept outside the entries against the same limit: parked requests' KV (preempt.py)
+    n_reserved: int = 0
     _clock: int = 0
 
     def _tick(self) -> int:
@@ -75,7 +77,7 @@ class RamCache:
 
     def put(self, tokens: np.ndarray, n_prefix: int, version: int, data: bytes) -> bool:
         """Keep a sequence's state; False when it does not fit the limit or is already kept."""
-        if len(tokens) < MIN_TOKENS or len(data) > self.limit_bytes:
+        if len(tokens) < MIN_TOKENS or self.n_reserved + len(data) > self.limit_bytes:
             return False
         shared = [(e, n) for e, n in self.tree.match(tokens).items() if e.n_prefix == n_prefix]
         for e, n in shared:
@@ -85,15 +87,21 @@ class RamCache:
         for e, n in shared:  # entries this one contains are no longer needed
             if n == len(e.tokens):
                 self.remove(e)
-        while self.entries and self.n_bytes + len(data) > self.limit_bytes:
-            self.remove(min(self.entries, key=lambda e: e.t_used))
-            self.stats.n_evicted += 1
+        self.make_room(len(data))
         entry = RamEntry(tokens.copy(), n_prefix, version, data, self._tick())
         self.entries.append(entry)
         self.tree.insert(entry, entry.tokens)
         self.n_bytes += len(data)
         self.stats.n_saved += 1
         return True
+
+    def make_room(self, n: int) -> bool:
+        """Evict the least recently used entries until `n` more bytes fit the limit beside
+        what is held and reserved; False when they cannot."""
+        while self.entries and self.n_bytes + self.n_reserved + n > self.limit_bytes:
+            self.remove(min(self.entries, key=lambda e: e.t_used))
+            self.stats.n_evicted += 1
+        return self.n_bytes + self.n_reserved + n <= self.limit_bytes
 
     def remove(self, entry: RamEntry) -> None:
         if entry in self.entries:
@@ -106,7 +114,7 @@ def summary(ram: RamCache | None) -> dict[str, int]:
     """Bytes and entries held; sequences saved, loaded back and evicted; cached tokens loaded.
     All 0 when the tier is off."""
     if ram is None:
-        return dict.fromkeys(("bytes", "entries", "saved", "loaded", "tokens_loaded", "evicted"), 0)
+        return dict.fromkeys(("bytes", "entries", "saved", "loaded", "tokens_loaded", "evicted", "parked_bytes"), 0)
     st = ram.stats
-    return {"bytes": ram.n_bytes, "entries": len(ram.entries), "saved": st.n_saved, "loaded": st.n_loaded,
+    return {"bytes": ram.n_bytes, "parked_bytes": ram.n_reserved, "entries": len(ram.entries), "saved": st.n_saved, "loaded": st.n_loaded,
             "tokens_loaded": st.n_tokens_loaded, "evicted": st.n_evicted}

@@ -150,7 +150,7 @@ class EngineConfig:
     max_queue_per_user: int = -1   # requests one user may have waiting (-1: only max_queue)
     # A waiting request of better priority (or whose user is far below its share of the slots)
     # that waited this long parks the worst running request's KV and takes its slot; -1: never
-    preempt_after_ms: int = 100
+    preempt_after_ms: int = 0
     # llama-server's --spec-type and its flags (spec_params.py, speculative.py); None: off
     speculative: SpecParams | None = None
     context: ContextParams = field(default_factory=ContextParams)

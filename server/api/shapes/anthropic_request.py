@@ -13,7 +13,7 @@ we are stricter (Anthropic's own API refuses these too):
   cache is automatic.
 - `tools` (name, description, input_schema), `tool_choice` (`auto`, `any`, `tool` + name,
   `none`; `disable_parallel_tool_use`), `stop_sequences`, `max_tokens` (llama-server's default
-  4096 when absent), `temperature`, `top_p`, `top_k`, `metadata` (ignored), `stream`,
+  4096 when absent), `temperature`, `top_p`, `top_k`, `metadata` (its `user_id` names the user for scheduling), `stream`,
   `thinking` (`enabled`, `adaptive`, `between_tools` / `disabled`: the template's
   `enable_thinking` switch; the budget is passed on as llama-server's `thinking_budget_tokens`),
   `output_config.format` (a JSON Schema: a `response_format`) and llama.cpp's
@@ -270,6 +270,8 @@ def to_chat_body(body: Any) -> dict:
     meta = body.get("metadata")
     if meta is not None and not _is_obj(meta):
         raise bad_request("metadata must be an object")
+    if meta and meta.get("user_id") is not None:  # the user, for fair scheduling
+        chat["user"] = meta["user_id"]
     if body.get("thinking") is not None:
         _thinking(body["thinking"], chat)
     if body.get("output_config") is not None:

@@ -224,6 +224,9 @@ def to_chat_body(body: Any, store: Any = None) -> tuple[dict, ResponsesRequest]:
         history = copy.deepcopy(prev.messages)  # merged into below; the stored ones stay as they are
     conversation = history + input_messages(body)
     chat = {k: v for k, v in body.items() if k not in RESPONSES_ONLY}
+    who = body.get("safety_identifier", body.get("user"))  # the user, for fair scheduling
+    if who is not None:
+        chat["user"] = who
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad_request("'instructions' must be a string")
