@@ -7,6 +7,7 @@ and memory, so the benchmark process stays small). Prints one JSON object on std
         about --long-tokens tokens (for the long-prompt test)
     python bench/_engine_probe.py overhead -m MODEL --np N [--requests R] [--n-predict 64]
                                    [--sampling default] [--lengths mixed] [--no-pack-sequences]
+                                   [--schedule fcfs] [--preempt-after-ms -1]
         llama_lib.Engine with n_parallel=N, R requests of 64 tokens (EOS ignored, greedy or not),
         stepped in this thread; per decode step: wall, llama_decode, sampling, and the rest
         (the Python engine's own time), from engine.stats
@@ -80,7 +81,8 @@ def cmd_overhead(a) -> dict:
     n = a.np
     cfg = EngineConfig(n_parallel=n, n_ctx=a.ctx_per_slot * (n + 1), n_threads=a.threads,
                        n_threads_batch=a.threads, flash_attn=a.flash_attn, kv_unified=a.kv_unified,
-                       pack_sequences=a.pack_sequences)
+                       pack_sequences=a.pack_sequences, schedule=a.schedule,
+                       preempt_after_ms=a.preempt_after_ms)
     eng = Engine(model, cfg)
     reqs = a.requests or n
 
@@ -146,6 +148,8 @@ def main() -> int:
                    help="seq_order.py's batch layout (off: llama.cpp's own order, no gap fillers)")
     o.add_argument("--sampling", choices=("greedy", "default"), default="greedy",
                    help="greedy, or llama.cpp's default chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)")
+    o.add_argument("--schedule", choices=("fair", "fcfs"), default="fair")
+    o.add_argument("--preempt-after-ms", type=int, default=EngineConfig().preempt_after_ms)
     a = ap.parse_args()
     out = cmd_vocab(a) if a.cmd == "vocab" else cmd_overhead(a)
     print(json.dumps(out))

@@ -11,7 +11,7 @@ p50 / p95 (to the first content token), A's total tokens/s (A's tokens over the 
 last request ends). Runs, one after the other:
 
 - idle: B alone on each server (its first token on an idle server);
-- ours fair (the default schedule, preemption after 100 ms), ours fcfs (--schedule fcfs),
+- ours fair (the default schedule: preemption at once), ours fcfs (--schedule fcfs),
   llama-server (FCFS: its only queue);
 - ours prio: as fair, B's chats with `priority` -5 (--priority-min -5).
 
