@@ -96,7 +96,7 @@ def test_high_priority_preempts_and_the_parked_stream_is_unchanged(server):
     events = out[0]
     assert "".join(e["content"] for e in events if isinstance(e, dict)) == want
     assert vip_done < 10
-    assert slots[0]["scheduling"]["user"] in ("batch", "")
+    assert slots[0]["scheduling"]["user"] in ("batch", "", None)  # None: idle between the two
     metrics = server.get("/metrics").text
     assert 'llamacpp:user_preemptions_total{user="batch"} 1' in metrics
     assert 'llamacpp:user_requests_started_total{user="vip"} 1' in metrics
