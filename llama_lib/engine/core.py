@@ -45,20 +45,20 @@ from .parts import StepParts
 from .preempt import Scheduler
 from .prefix_share import pause_leaders, ready_followers
 from .prompt_cache import PromptCache
-from .ram_cache import summary
 from .lifecycle import end_waiting, release, start_request, start_requests
 from .request import Request
 from .slot import WAIT, Slot, batch_generated, batch_prompts
-from .slot_files import SlotFile, SlotFiles, on_idle_slot
+from .slot_files import SlotFiles
 from .speculative import make_speculator
 from .system_prompt import SystemPrompt, decode_system_prompt, prompt_tokens, starts_with_bos, warmup
 from .waiting import WaitingQueue
 from .types import EngineClosed, EngineConfig, EngineStats, FinishReason, PromptTooLong, RequestParams
+from .views import EngineViews
 
 log = logging.getLogger("llama_lib.engine")
 
 
-class Engine:
+class Engine(EngineViews):
     """Continuous batching over one llama_context. See the module docstring."""
 
     def __init__(self, model: Model, config: EngineConfig | None = None):
@@ -257,49 +257,6 @@ class Engine:
     def is_running(self) -> bool:
         """Whether step() runs on the engine's own thread (start() was called, close() not)."""
         return self._thread is not None
-
-    @property
-    def n_waiting(self) -> int:
-        return len(self._waiting)
-
-    def waiting_prompts(self) -> list[np.ndarray]:
-        """The prompt tokens of the requests waiting for a slot, in order (a snapshot)."""
-        with self._lock:
-            return [r.prompt_tokens for r in self._waiting]
-
-    @property
-    def n_busy(self) -> int:
-        return sum(1 for s in self.slots if s.busy)
-
-    def ram_cache_stats(self) -> dict[str, int]:  # the host-RAM tier's counters (ram_cache.summary)
-        return summary(self.cache.ram)
-
-    def share_stats(self) -> dict[str, int]:
-        """Shared prefixes, cached prompt tokens by tier, evictions (PromptCache.summary)."""
-        return self.cache.summary()
-
-    def users_info(self) -> list[dict]:
-        """Per user: waiting, running, parked, mean wait, preemptions (WaitingQueue.users_info)."""
-        with self._lock:
-            return self._waiting.users_info()
-
-    def slots_info(self) -> list[dict]:
-        """A snapshot of every slot, for monitoring (read without stopping the engine)."""
-        return [s.info(self.n_ctx_slot) | (self.spec.info(s) if self.spec else {}) for s in self.slots]
-
-    # -- slot files (llama-server's /slots/{id}?action=...): on the engine thread, slot idle --
-
-    def save_slot(self, slot_id: int, path: str) -> SlotFile:
-        """Save the slot's KV sequence and tokens to `path` (waits for the slot to be idle)."""
-        return on_idle_slot(self.slots, self.call, slot_id, lambda s: self.files.save(s, path))
-
-    def restore_slot(self, slot_id: int, path: str) -> SlotFile:
-        """Load a saved sequence into the slot, as its prompt cache. ValueError if it cannot."""
-        return on_idle_slot(self.slots, self.call, slot_id, lambda s: self.files.restore(s, path))
-
-    def erase_slot(self, slot_id: int) -> int:
-        """Drop the slot's prompt cache; returns the tokens it held."""
-        return on_idle_slot(self.slots, self.call, slot_id, self.files.erase)
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest KV position of a sequence (read by the engine thread between steps)."""
