@@ -128,8 +128,11 @@ def test_a_user_far_below_its_share_preempts_and_outputs_stay_greedy(model):
         a = [e.submit(PROMPT, p), e.submit(OTHER, p)]
         step_until(e, lambda: min(h.n_generated for h in a) >= 8)
         b = e.submit(OTHER, greedy(4, user="b"))
+        before = [h.n_generated for h in a]
         e.step()
         assert b.slot_id >= 0 and sum(h.parked is not None for h in a) == 1
+        # that step decoded b's prompt alone: b has its first token, a's running stream waited
+        assert b.n_generated == 1 and [h.n_generated for h in a] == before
         e.run_until_idle()
         assert b.timings.done < max(h.timings.done for h in a)
         assert all(same_greedy(g, w) for g, w in zip(a, want)), [(g.text, w.text) for g, w in zip(a, want)]

@@ -322,12 +322,13 @@ class Engine(EngineViews):
         st = self.stats
         t_start = time.perf_counter()
         with self._outbox.step():  # the step's output reaches its readers at the end
-            self._prepare()
+            solo = self._prepare() and self.config.cont_batching
             t_prepared = time.perf_counter()
             self.batch.clear()
-            batch_generated(self.slots, self.batch)
-            if self.spec is not None:  # drafts after the generated tokens (speculative.py)
-                self.spec.add_drafts(self.parts)
+            if not solo:  # after a preemption the new prompt decodes alone (Scheduler.preempt)
+                batch_generated(self.slots, self.batch)
+                if self.spec is not None:  # drafts after the generated tokens (speculative.py)
+                    self.spec.add_drafts(self.parts)
             t_generated = time.perf_counter()
             if self._waiting and (self.config.cont_batching or not any(s.busy for s in self.slots)):
                 self._admit()
@@ -355,9 +356,12 @@ class Engine(EngineViews):
 
     # -- the phases of a step ---------------------------------------------------------------
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> bool:
         """The warm-up (once), a new shared system prompt into sequence 0, the calls other
-        threads asked for; cancelled requests go."""
+        threads asked for; cancelled requests go. True when a running request was just parked
+        for a waiting one: this step then decodes only the prompts it admits, so the waiter's
+        first token is one short step away instead of behind every other stream's token (the
+        others lose that one step; preemptions are rare by design)."""
         if self._warmup_pending:
             self._warmup_pending = False
             warmup(self.ctx, self.batch, self.vocab)
@@ -367,8 +371,8 @@ class Engine(EngineViews):
             self._apply_system_prompt()
         self._calls.run()
         self._drop_cancelled()
-        if self._waiting:  # a waiting request may take a running one's slot (preempt.py)
-            self.sched.preempt()
+        # a waiting request may take a running one's slot (preempt.py)
+        return bool(self._waiting) and self.sched.preempt()
 
     def _apply_system_prompt(self) -> None:
         """Decode the pending system prompt into sequence 0 (idle slots pick it up now)."""

@@ -111,35 +111,37 @@ class Scheduler:
 
     # -- preemption -----------------------------------------------------------------------------
 
-    def preempt(self) -> None:
-        """Park a running request for the queue's next one, when the rules above say so."""
+    def preempt(self) -> bool:
+        """Park a running request for the queue's next one, when the rules above say so;
+        True when one was parked."""
         slots = self.p.slots
         if self.after_s < 0 or any(s.req is None for s in slots):
-            return
+            return False
         if self.holders is None and self.p.cache.ram is None:
-            return  # nowhere to park: no holder sequences, no host RAM (--cache-ram 0)
+            return False  # nowhere to park: no holder sequences, no host RAM (--cache-ram 0)
         now = time.perf_counter()
         with self.lock:
             if self._one_user():
-                return
+                return False
             self.queue.account()
             waiter = self.queue.best(skip=lambda r: r.params.slot is not None)
             if waiter is None:
-                return
+                return False
             since = waiter.parked.t_parked if waiter.parked is not None else waiter.timings.submitted
             if now - since < self.after_s:
-                return
+                return False
             victim = self._victim(waiter)
         if victim is None:
-            return
+            return False
         r = self.park(victim, now)
         if r is None:
-            return
+            return False
         with self.lock:
             self.queue.park(r)
         log.info("slot %d: request %d (user %r, priority %d) parked for request %d (user %r, priority %d)",
                  victim.id, r.id, user_of(r), r.params.priority, waiter.id, user_of(waiter),
                  waiter.params.priority)
+        return True
 
     def _one_user(self) -> bool:
         """Nobody to be fair to: one user everywhere and every priority 0 (the common case,
