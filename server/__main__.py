@@ -22,6 +22,7 @@ from .config.cli import _log_level, parse_args
 from .config.cli_chat import check_chat_template
 from . import info
 from .http.drain import drain, start_agents
+from .cpu_share import listen_router
 from .router.child import notify_router
 from .router.run import run_router
 from .http.routes import make_server
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("server is ready on %s (%d slots, %d tokens each)", ", ".join(urls),
              settings.engine.n_parallel, service.n_ctx_slot)
+    listen_router(service)  # the router's control pipe: the cores this model may use
     notify_router(f"ready {servers[0].server_address[1]}")  # when a router started this server
     signum = signal.sigwait(stop_signals)  # returns at once if one came during loading
 

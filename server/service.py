@@ -37,6 +37,7 @@ from .chat.render import FALLBACK_TEMPLATE, render_chat
 from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
 from .config.settings import Settings
+from .cpu_share import CpuShare
 from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
 from .sleep import IdleSleep, release_freed_memory
 
@@ -106,6 +107,7 @@ class Service:
         self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load, before=self._keep_view)
         self.snapshot: Callable[[], dict] | None = None
         self.asleep_view: dict = {}
+        self.cpu_share = CpuShare()  # the cores a router gives this model (server.cpu_share)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Service:
         self.continuations = Continuations(
             lambda toks: model.vocab.detokenize(toks, unparse_special=True)) if s.chat_continuations else None
         self.engine.start()
+        self.cpu_share.apply(self.engine)
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
                  s.n_engines,

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ..cpu_share import CONTROL_ENV
 from .presets import ModelSpec
 
 log = logging.getLogger("server.router")
@@ -58,13 +59,21 @@ class Child:
         self.argv = ["-m", spec.path, "--alias", spec.name, *spec.args,
                      "--host", "127.0.0.1", "--port", "0"]
         r, w = os.pipe()
+        cr, cw = os.pipe()  # the router's control lines to the child (server.cpu_share)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server", *self.argv, "--api-key-file", key_file], cwd=ROOT,
-                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), "PYTHONUNBUFFERED": "1"})
+                pass_fds=(w, cr), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), CONTROL_ENV: str(cr),
+                                               "PYTHONUNBUFFERED": "1"})
+        except BaseException:
+            os.close(cw)
+            raise
         finally:
             os.close(w)
+            os.close(cr)
+        self._control = cw
+        self._control_lock = threading.Lock()
         self._key_file = key_file
         self._notify = os.fdopen(r, "rb", buffering=0)
         threading.Thread(target=self._read_log, name=f"log-{spec.name}", daemon=True).start()
@@ -92,7 +101,16 @@ class Child:
                     self.on_event(self, word, None)
         code = self.proc.wait()
         self._drop_key_file()
+        with self._control_lock, contextlib.suppress(OSError):
+            fd, self._control = self._control, -1
+            os.close(fd)
         self.on_event(self, "exit", code)
+
+    def control(self, line: str) -> None:
+        """A line to the child's control pipe (a short write; a child that ended is ignored)."""
+        with self._control_lock, contextlib.suppress(OSError):
+            if self._control >= 0:
+                os.write(self._control, (line + "\n").encode())
 
     def _drop_key_file(self) -> None:
         if self._key_file:

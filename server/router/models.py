@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from ..errors import ApiError, ClientGone
 from .child import Child
+from .cores import CoreArbiter
 from .presets import ModelSpec
 
 log = logging.getLogger("server.router")
@@ -42,6 +43,7 @@ class Instance:
     exit_code: int = 0
     error: str = ""
     args: list[str] = field(default_factory=list)
+    cpus: tuple[int, ...] = ()  # the cores its child was last given (server.router.cores)
 
     @property
     def running(self) -> bool:
@@ -50,7 +52,7 @@ class Instance:
 
 class ModelTable:
     def __init__(self, specs: dict[str, ModelSpec], models_max: int, autoload: bool,
-                 memory_mib: float = 0.0):
+                 memory_mib: float = 0.0, share_cpus: bool = True):
         self.models = {name: Instance(spec) for name, spec in specs.items()}
         self.models_max = models_max
         self.memory_mib = memory_mib  # --models-memory: the loaded models' estimates fit in it
@@ -59,6 +61,7 @@ class ModelTable:
         self._queue: list[str] = []  # models waiting for a free place, first come first
         self._subscribers: list[queue.SimpleQueue] = []
         self.closing = False
+        self.cores = CoreArbiter(share_cpus)  # busy models' children on disjoint cores
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -85,12 +88,14 @@ class ModelTable:
         held is never the one unloaded to make room."""
         with self._cond:
             inst.users += 1
+            self.cores.rebalance(self.models.values())
         try:
             yield
         finally:
             with self._cond:
                 inst.users -= 1
                 inst.last_used = time.monotonic()
+                self.cores.rebalance(self.models.values())
                 self._cond.notify_all()
 
     def ready(self, inst: Instance, autoload: bool, timeout: float,
@@ -199,7 +204,7 @@ class ModelTable:
             if inst.child is not child:
                 return
             if word == "ready":
-                inst.status, inst.port = LOADED, int(arg)
+                inst.status, inst.port, inst.cpus = LOADED, int(arg), ()
                 log.info("model %s loaded on port %d", inst.spec.name, inst.port)
             elif word in ("sleeping", "awake") and inst.status in (LOADED, SLEEPING):
                 inst.status = SLEEPING if word == "sleeping" else LOADED
@@ -212,6 +217,7 @@ class ModelTable:
                 if inst.failed:
                     log.error("model %s %s (exit code %d): %s", inst.spec.name,
                               "failed to load" if was == LOADING else "stopped", code, inst.error)
+            self.cores.rebalance(self.models.values())
             self._emit(inst)
             self._cond.notify_all()
 
@@ -245,6 +251,8 @@ class ModelTable:
         st: dict = {"value": inst.status, "args": list(inst.args)}
         if inst.port:
             st["port"] = inst.port  # our addition: where its child listens (127.0.0.1)
+        if inst.cpus and inst.child is not None:
+            st["cpus"] = self.cores.view(inst)  # ours: the cores it was last given
         if inst.failed:
             st.update(failed=True, exit_code=inst.exit_code, error=inst.error)
         return st

@@ -19,7 +19,8 @@ DEFAULT_STOP_TIMEOUT = 10.0  # seconds an unloaded child has after SIGINT before
 # the router's own flags: not handed down to the children
 ROUTER_ONLY = {"models_dir", "models_preset", "models_max", "models_autoload", "host", "port",
                "api_key", "api_key_file", "agent_port", "drain_delay", "drain_timeout", "path",
-               "models_memory", "model", "alias", "cors_origin", "cors_origins", "cors_methods", "cors_headers",
+               "models_memory", "models_share_cpus", "model", "alias", "cors_origin", "cors_origins",
+               "cors_methods", "cors_headers",
                "cors_credentials", "max_connections_per_ip", "timeout_head", "threads_http"}
 PRESET_ONLY = {"model", "m", "load-on-startup", "stop-timeout", "alias", "a", "version"}
 TRUTHY = {"1", "true", "on", "yes", "enabled"}

@@ -42,7 +42,8 @@ def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> 
     except PresetError as e:
         p.error(str(e))
     check_child_args(p, specs)
-    table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory)
+    table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory,
+                       args.models_share_cpus)
     service = RouterService(table, args.timeout)
     servers = []
     try:
