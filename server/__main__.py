@@ -22,6 +22,7 @@ from .config.cli import _log_level, parse_args
 from .config.cli_chat import check_chat_template
 from . import info
 from .http.drain import drain, start_agents
+from . import saved_cache
 from .cpu_share import listen_router
 from .router.child import notify_router
 from .router.run import run_router
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: shutting down: no new connections, cancelling running requests",
              signal.Signals(signum).name)
     shutdown_http()
+    saved_cache.save(service.engine)  # a router's child: its prompt cache for the next load
     service.stop_engine()
     deadline = time.monotonic() + 10.0
     for httpd in servers:

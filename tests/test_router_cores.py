@@ -100,3 +100,20 @@ def test_busy_models_get_disjoint_cores_and_a_lone_one_all(router):
     finally:
         long_a.close()
         long_b.close()
+
+
+def test_prompt_cache_survives_an_unload(router):
+    history = "".join(f"User: Question {i} about the sea and its ships?\nAssistant: Answer {i}.\n"
+                      for i in range(12))
+    body = {"model": "gemma", "prompt": history + "User: And the last one?\nAssistant:",
+            "n_predict": 4, "temperature": 0}
+    first = router.post("/completion", body).json()["timings"]
+    assert first["prompt_n"] > 150
+    assert router.post("/models/unload", {"model": "gemma"}).status_code == 200
+    deadline = time.monotonic() + 60
+    while next(m for m in router.get("/models").json()["data"] if m["id"] == "gemma")["status"]["value"] != "unloaded":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = router.post("/completion", body).json()["timings"]  # a new child: its cache came back
+    assert again["cache_n"] >= first["prompt_n"] - 1, (first, again)
+    assert again["prompt_n"] <= 1, (first, again)

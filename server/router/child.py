@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..cpu_share import CONTROL_ENV
+from ..saved_cache import CACHE_FILE_ENV
 from .presets import ModelSpec
 
 log = logging.getLogger("server.router")
@@ -40,11 +42,26 @@ def notify_router(message: str) -> None:
             pass
 
 
+def cache_folder() -> str:
+    """The router's folder of saved prompt caches (server.saved_cache): in /dev/shm (memory)
+    where there is one, else the temporary folder; only this user reads it."""
+    shm = "/dev/shm"
+    return tempfile.mkdtemp(prefix="pyllama-router-cache-",
+                            dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+
+
+def cache_file(folder: str, spec: ModelSpec) -> str:
+    """One file per model and flags: a reload with other flags does not read another's KV state."""
+    key = hashlib.sha256("\0".join([spec.path, *spec.args]).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"{spec.name[:40]}-{key}.cache")
+
+
 class Child:
     """A started child process. `on_event(child, word, arg)` is called from the child's
     thread: ("ready", port), ("sleeping", None), ("awake", None), and ("exit", returncode) last."""
 
-    def __init__(self, spec: ModelSpec, on_event: Callable[["Child", str, object], None]):
+    def __init__(self, spec: ModelSpec, on_event: Callable[["Child", str, object], None],
+                 cache_file: str = ""):
         self.spec = spec
         self.on_event = on_event
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -65,7 +82,7 @@ class Child:
                 [sys.executable, "-m", "server", *self.argv, "--api-key-file", key_file], cwd=ROOT,
                 pass_fds=(w, cr), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), CONTROL_ENV: str(cr),
-                                               "PYTHONUNBUFFERED": "1"})
+                                               CACHE_FILE_ENV: cache_file, "PYTHONUNBUFFERED": "1"})
         except BaseException:
             os.close(cw)
             raise

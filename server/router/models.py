@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import ApiError, ClientGone
-from .child import Child
+from .child import Child, cache_file, cache_folder
 from .cores import CoreArbiter
 from .presets import ModelSpec
 
@@ -62,6 +63,7 @@ class ModelTable:
         self._subscribers: list[queue.SimpleQueue] = []
         self.closing = False
         self.cores = CoreArbiter(share_cpus)  # busy models' children on disjoint cores
+        self.cache_dir = cache_folder()  # prompt caches kept across unloads (server.saved_cache)
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class ModelTable:
         inst.n_loads += 1
         inst.last_used = time.monotonic()
         try:
-            inst.child = Child(inst.spec, self._on_child)
+            inst.child = Child(inst.spec, self._on_child, cache_file(self.cache_dir, inst.spec))
         except OSError as e:
             inst.status, inst.failed, inst.error = UNLOADED, True, f"cannot start: {e}"
             self._emit(inst)
@@ -243,6 +245,7 @@ class ModelTable:
             t.start()
         for t in threads:
             t.join()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
         self._emit_raw({"event": "shutdown"})
 
     # -- what /models and /models/sse show ------------------------------------------------------
