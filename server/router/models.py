@@ -181,6 +181,12 @@ class ModelTable:
         inst.status, inst.failed, inst.error, inst.exit_code = LOADING, False, "", 0
         inst.n_loads += 1
         inst.last_used = time.monotonic()
+        if not inst.spec.path:  # a preset's hf-repo: nothing is downloaded here
+            inst.status, inst.failed = UNLOADED, True
+            inst.error = (f"hf-repo = {inst.spec.hf_repo}: downloading models is not supported "
+                          f"by this server; give the section 'model = PATH'")
+            self._emit(inst)
+            return
         try:
             inst.child = Child(inst.spec, self._on_child, cache_file(self.cache_dir, inst.spec))
         except OSError as e:
@@ -229,6 +235,28 @@ class ModelTable:
             with contextlib.suppress(ApiError, ClientGone), self.hold(inst):
                 self.ready(inst, True, 3600.0)
         threading.Thread(target=run, daemon=True, name=f"load-{inst.spec.name}").start()
+
+    def reload(self, specs: dict[str, ModelSpec], timeout: float = 60.0) -> None:
+        """GET /models?reload=1, as llama-server's: a running model whose source went or whose
+        flags changed is unloaded (waited for), models no longer in the sources go, the others
+        take their new settings (a failure forgotten), new ones are added (none loaded)."""
+        with self._cond:
+            changed = [i for n, i in self.models.items() if i.running and
+                       (n not in specs or (specs[n].path, specs[n].args) != (i.spec.path, i.spec.args))]
+            for inst in changed:
+                self._stop(inst)
+            deadline = time.monotonic() + timeout
+            while any(i.running for i in changed) and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            for name in [n for n, i in self.models.items() if n not in specs and not i.running
+                         and i.users == 0]:
+                del self.models[name]
+            for name, spec in specs.items():
+                inst = self.models.setdefault(name, Instance(spec))
+                if not inst.running:
+                    inst.spec, inst.failed, inst.exit_code, inst.error = spec, False, 0, ""
+            self._cond.notify_all()
+        self._emit_raw({"model": "*", "event": "models_reload", "data": {}})
 
     def unload(self, inst: Instance) -> None:
         with self._cond:

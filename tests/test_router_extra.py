@@ -1,5 +1,6 @@
 """Router mode, ours beyond llama-server: the cores split between busy models' children
-(server.router.cores), and prompt caches kept across an unload (server.router.saved_cache)."""
+(server.router.cores), prompt caches kept across an unload (server.saved_cache); and
+llama-server's GET /models?reload=1 (the models folder read again)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def router(tmp_path_factory):
     s = ServerProcess(["--models-dir", str(models), "-c", "1024", "-np", "2", "-t", str(N_CPUS),
                        "--models-max", "2"], d / "router.log")
     s.wait_ready()
+    s.models = models
     yield s
     s.stop()
 
@@ -117,3 +119,15 @@ def test_prompt_cache_survives_an_unload(router):
     again = router.post("/completion", body).json()["timings"]  # a new child: its cache came back
     assert again["cache_n"] >= first["prompt_n"] - 1, (first, again)
     assert again["prompt_n"] <= 1, (first, again)
+
+
+def test_reload_reads_the_folder_again(router):
+    def ids():
+        return {m["id"] for m in router.get("/models?reload=1").json()["data"]}
+    assert ids() == {"tiny", "gemma"}
+    (router.models / "tiny-b.gguf").symlink_to(tiny_model())
+    try:
+        assert ids() == {"tiny", "gemma", "tiny-b"}
+    finally:
+        (router.models / "tiny-b.gguf").unlink()
+    assert ids() == {"tiny", "gemma"}
