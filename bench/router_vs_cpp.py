@@ -216,6 +216,8 @@ def part_two(a, build, tmp: Path) -> None:
                               build.env_cpp())}
     if not a.unshared:
         del sides["ours, --no-models-share-cpus"]
+    if not a.cpp:
+        del sides["llama-server"]
     results = {s: [] for s in sides}
     for r in range(a.rounds):
         for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
@@ -241,10 +243,11 @@ def part_two(a, build, tmp: Path) -> None:
     med = {s: {k: statistics.median(x[k] for x in v) for k in keys} for s, v in results.items()}
     for s, m in med.items():
         print(f"| {s} | " + " | ".join(f"{m[k]:.1f}" for k in keys) + " |")
+    ref = "llama-server" if a.cpp else "ours, --no-models-share-cpus"
     for s in med:
-        if s != "llama-server":
-            print(f"\n{s} / llama-server: tokens/s {med[s]['tps'] / med['llama-server']['tps']:.2f}x, p95 "
-                  + " / ".join(f"{med[s][f'p95 {n}'] / med['llama-server'][f'p95 {n}']:.2f}x" for n in NAMES))
+        if s != ref and ref in med:
+            print(f"\n{s} / {ref}: tokens/s {med[s]['tps'] / med[ref]['tps']:.2f}x, p95 "
+                  + " / ".join(f"{med[s][f'p95 {n}'] / med[ref][f'p95 {n}']:.2f}x" for n in NAMES))
 
 
 def main() -> None:
@@ -258,6 +261,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-unshared", dest="unshared", action="store_false",
                     help="part two: leave out ours with --no-models-share-cpus (the cores not split)")
+    ap.add_argument("--no-cpp", dest="cpp", action="store_false",
+                    help="part two: leave out llama-server (ours with and without the split only)")
     a = ap.parse_args()
     if a.part == "hop" and a.build == "prebuilt":  # ours only: no C++ program needed
         build = _builds.Build("prebuilt", _builds.PREBUILT_LIB, _builds.SHIM)

@@ -1,6 +1,6 @@
 """In a router's child: the share of the cores the router gives this model (server.router.cores).
 
-The router writes `cpus 0,1` lines to a pipe it hands the child (`PYLLAMA_CONTROL_FD`); a thread
+The router writes `cpus 0,1` lines (and `cache-off` before it stops, server.saved_cache) to a pipe it hands the child (`PYLLAMA_CONTROL_FD`); a thread
 here reads them and has the engine apply each one between two steps (llama_lib.engine.cpu_share:
 every thread of the process pinned to the share, each context at min(-t, CPUs) threads). The
 last share is kept and applied again when the model is loaded again (after sleeping). /props
@@ -14,6 +14,8 @@ import os
 import threading
 
 from llama_lib.engine.cpu_share import share_cpus
+
+from . import saved_cache
 
 log = logging.getLogger("server")
 CONTROL_ENV = "PYLLAMA_CONTROL_FD"
@@ -57,5 +59,7 @@ def listen_router(service) -> None:
                 word, _, arg = raw.decode().strip().partition(" ")
                 if word == "cpus" and arg:
                     service.cpu_share.set(tuple(int(c) for c in arg.split(",")), service.engine)
+                elif word == "cache-off":  # the router stops: no prompt cache to keep
+                    saved_cache.turn_off()
 
     threading.Thread(target=run, name="router-control", daemon=True).start()

@@ -4,8 +4,10 @@ The router names a file per model and flags (`PYLLAMA_CACHE_FILE`, under a folde
 /dev/shm: memory, not disk). When the model is freed (the router stops the child: unloading,
 least recently used, shutdown; or the child sleeps on idle), the engine's host-RAM tier, with
 every slot's cache added, is written there (llama_lib.engine.ram_export) when memory allows: the
-tier is already bounded by --cache-ram, and the file is skipped when it would take more than half
-of the memory the system has available, or more than the folder's free space. The next load of
+tier is already bounded by --cache-ram, and the file is skipped when the folder's files would
+then take more than a quarter of the memory the system would have available without them (or
+more than the folder's free space). When the router itself stops it tells its children first
+(`cache-off` on the control pipe) and nothing is written. The next load of
 the same model and flags reads it back into the new engine's tier and deletes it, so a returning
 conversation is answered from its saved KV state (timings.cache_n) instead of decoding its
 history again.
@@ -21,6 +23,21 @@ from llama_lib.engine.ram_export import export_entries, import_entries, n_bytes,
 
 log = logging.getLogger("server")
 CACHE_FILE_ENV = "PYLLAMA_CACHE_FILE"
+_off = False  # the router said cache-off: it is stopping, a saved cache would not be read
+
+
+def turn_off() -> None:
+    global _off
+    _off = True
+
+
+def folder_bytes(folder: str, but: str) -> int:
+    """The saved caches already in the router's folder (all models'), less `but`."""
+    total = 0
+    for e in os.scandir(folder):
+        if e.path != but and e.is_file():
+            total += e.stat().st_size
+    return total
 
 
 def mem_available() -> int:
@@ -38,7 +55,7 @@ def mem_available() -> int:
 def save(engine) -> int:
     """Write the engine's RAM tier to the router's file; returns the bytes written (0: nothing)."""
     path = os.environ.get(CACHE_FILE_ENV)
-    if not path or engine is None:
+    if not path or engine is None or _off:
         return 0
     t0 = time.perf_counter()
     try:
@@ -46,8 +63,10 @@ def save(engine) -> int:
         size = n_bytes(entries)
         if not entries:
             return 0
-        st = os.statvfs(os.path.dirname(path))
-        room = min(mem_available() // 2 or size, st.f_bavail * st.f_frsize)
+        folder = os.path.dirname(path)
+        st = os.statvfs(folder)
+        others = folder_bytes(folder, path)
+        room = min((mem_available() + others) // 4 - others, st.f_bavail * st.f_frsize)
         if size > room:
             log.warning("prompt cache not kept for the next load: %.1f MiB, more than the %.1f MiB "
                         "memory allows", size / 2**20, room / 2**20)

@@ -267,6 +267,8 @@ class ModelTable:
         with self._cond:
             self.closing = True
             children = [(i.child, i.spec.stop_timeout) for i in self.models.values() if i.child]
+            for child, _ in children:  # no prompt cache to keep: nothing will load it again
+                child.control("cache-off")
             self._cond.notify_all()
         threads = [threading.Thread(target=c.stop, args=(t,)) for c, t in children]
         for t in threads:
