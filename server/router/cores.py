@@ -38,8 +38,9 @@ class CoreArbiter:
             return
         loaded = [i for i in instances if i.status == "loaded" and i.child is not None and not i.stopping]
         busy = [i for i in loaded if i.users > 0]
+        shares = self.shares(loaded, busy)
         for inst in loaded:
-            share = self.shares(loaded, busy)[inst.spec.name]
+            share = shares[inst.spec.name]
             if inst.cpus != share:
                 inst.cpus = share
                 self.n_changes += 1
