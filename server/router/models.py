@@ -248,13 +248,14 @@ class ModelTable:
             deadline = time.monotonic() + timeout
             while any(i.running for i in changed) and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
-            for name in [n for n, i in self.models.items() if n not in specs and not i.running
-                         and i.users == 0]:
-                del self.models[name]
+            # a new table, swapped in whole: the HTTP threads read `models` without the lock
+            kept = {n: i for n, i in self.models.items() if n not in specs and (i.running or i.users)}
+            table = {}
             for name, spec in specs.items():
-                inst = self.models.setdefault(name, Instance(spec))
+                inst = table[name] = self.models.get(name) or Instance(spec)
                 if not inst.running:
                     inst.spec, inst.failed, inst.exit_code, inst.error = spec, False, 0, ""
+            self.models = {**table, **kept}
             self._cond.notify_all()
         self._emit_raw({"model": "*", "event": "models_reload", "data": {}})
 
