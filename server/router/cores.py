@@ -8,6 +8,7 @@ CPUs), a lone busy model gets them all, and an idle model keeps them all (it com
 its share is cut the moment a request for it is held, before the request is passed on). A
 share goes to the child as a `cpus 0,1` line on its control pipe, and the child applies it
 between two steps (server.cpu_share: threads pinned, min(-t, CPUs) threads per decode).
+A model given its own CPU set (-C / -Cr in its flags) is left out of the split.
 `--no-models-share-cpus` turns it off.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 
 from llama_lib.cpuset import format_cpus, split_cpus
+
+PINNED_FLAGS = {"-C", "--cpu-mask", "-Cr", "--cpu-range"}  # a model given its own CPU set
 
 
 class CoreArbiter:
@@ -36,7 +39,8 @@ class CoreArbiter:
         """Under the table's lock: send each loaded child its share when it changed."""
         if not self.enabled:
             return
-        loaded = [i for i in instances if i.status == "loaded" and i.child is not None and not i.stopping]
+        loaded = [i for i in instances if i.status == "loaded" and i.child is not None and not i.stopping
+                  and not PINNED_FLAGS.intersection(i.spec.args)]  # its own CPU set: left alone
         busy = [i for i in loaded if i.users > 0]
         shares = self.shares(loaded, busy)
         for inst in loaded:
