@@ -12,6 +12,9 @@
     python bench/router_vs_cpp.py --part hop --rounds 5
     python bench/router_vs_cpp.py --part two --clients 4 --n-predict 64 --rounds 3
 
+Part two runs ours with and without --no-models-share-cpus (the cores split between busy
+children, or not), and llama-server.
+
 Figures go in docs/router.md.
 """
 
@@ -207,14 +210,20 @@ def part_two(a, build, tmp: Path) -> None:
     common = ["--models-preset", str(ini), "--models-max", "2", "-np", str(a.clients),
               "-c", str(a.clients * 512), "-t", str(a.threads)]
     sides = {"ours": ([sys.executable, "-m", "server", *common], build.env_ours()),
+             "ours, --no-models-share-cpus": ([sys.executable, "-m", "server", *common,
+                                               "--no-models-share-cpus"], build.env_ours()),
              "llama-server": ([str(build.program("llama-server")), *common, "--offline", "--no-webui"],
                               build.env_cpp())}
+    if not a.unshared:
+        del sides["ours, --no-models-share-cpus"]
+    if not a.cpp:
+        del sides["llama-server"]
     results = {s: [] for s in sides}
     for r in range(a.rounds):
         for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
             cmd, env = sides[side]
             port = free_port()
-            proc = start([*cmd, "--port", str(port)], env, tmp / f"{side}.log")
+            proc = start([*cmd, "--port", str(port)], env, tmp / f"{side.split(',')[0]}{len(side)}.log")
             try:
                 wait_health(port, proc)
                 load_models(port, NAMES)
@@ -234,7 +243,11 @@ def part_two(a, build, tmp: Path) -> None:
     med = {s: {k: statistics.median(x[k] for x in v) for k in keys} for s, v in results.items()}
     for s, m in med.items():
         print(f"| {s} | " + " | ".join(f"{m[k]:.1f}" for k in keys) + " |")
-    print(f"\nours / llama-server tokens/s: {med['ours']['tps'] / med['llama-server']['tps']:.2f}x")
+    ref = "llama-server" if a.cpp else "ours, --no-models-share-cpus"
+    for s in med:
+        if s != ref and ref in med:
+            print(f"\n{s} / {ref}: tokens/s {med[s]['tps'] / med[ref]['tps']:.2f}x, p95 "
+                  + " / ".join(f"{med[s][f'p95 {n}'] / med[ref][f'p95 {n}']:.2f}x" for n in NAMES))
 
 
 def main() -> None:
@@ -246,6 +259,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="streams per client in part two")
     ap.add_argument("--n-predict", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-unshared", dest="unshared", action="store_false",
+                    help="part two: leave out ours with --no-models-share-cpus (the cores not split)")
+    ap.add_argument("--no-cpp", dest="cpp", action="store_false",
+                    help="part two: leave out llama-server (ours with and without the split only)")
     a = ap.parse_args()
     if a.part == "hop" and a.build == "prebuilt":  # ours only: no C++ program needed
         build = _builds.Build("prebuilt", _builds.PREBUILT_LIB, _builds.SHIM)

@@ -302,6 +302,10 @@ class Context(OwnedPointer):
         os.sched_setaffinity(0, self.pin_cpus)
         self._pinned_thread = threading.get_ident()
 
+    def set_n_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        """Threads of the next decodes (llama_set_n_threads); on the thread that decodes."""
+        lib().llama_set_n_threads(self.ptr, max(1, n_threads), max(1, n_threads_batch))
+
     @property
     def threadpool_attached(self) -> bool:
         """Whether this context runs on a persistent ggml thread pool (ContextParams.threadpool)."""

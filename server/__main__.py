@@ -22,6 +22,8 @@ from .config.cli import _log_level, parse_args
 from .config.cli_chat import check_chat_template
 from . import info
 from .http.drain import drain, start_agents
+from . import saved_cache
+from .cpu_share import listen_router
 from .router.child import notify_router
 from .router.run import run_router
 from .http.routes import make_server
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("server is ready on %s (%d slots, %d tokens each)", ", ".join(urls),
              settings.engine.n_parallel, service.n_ctx_slot)
+    listen_router(service)  # the router's control pipe: the cores this model may use
     notify_router(f"ready {servers[0].server_address[1]}")  # when a router started this server
     signum = signal.sigwait(stop_signals)  # returns at once if one came during loading
 
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: shutting down: no new connections, cancelling running requests",
              signal.Signals(signum).name)
     shutdown_http()
+    saved_cache.save(service.engine)  # a router's child: its prompt cache for the next load
     service.stop_engine()
     deadline = time.monotonic() + 10.0
     for httpd in servers:

@@ -26,6 +26,7 @@ def props(svc: Service) -> dict:
         "default_generation_settings": {"params": settings, "n_ctx": svc.n_ctx_slot},
         "total_slots": s.engine.n_parallel,
         "n_engines": s.n_engines,  # our addition: contexts over the model (--engines)
+        "cpu_share": svc.cpu_share.view,  # ours: the cores a router gives it (docs/router.md)
         "model_alias": svc.model_name,
         "model_ftype": model_ftype(m),
         "model_path": s.model_path,

@@ -37,7 +37,9 @@ from .chat.render import FALLBACK_TEMPLATE, render_chat
 from .chat.special_text import OPEN, SpecialText
 from .chat.templates import pick_template
 from .config.settings import Settings
+from .cpu_share import CpuShare
 from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
+from . import saved_cache
 from .sleep import IdleSleep, release_freed_memory
 
 log = logging.getLogger("server")
@@ -106,6 +108,7 @@ class Service:
         self.sleep = IdleSleep(s.sleep_idle_seconds, self._fall_asleep, self.load, before=self._keep_view)
         self.snapshot: Callable[[], dict] | None = None
         self.asleep_view: dict = {}
+        self.cpu_share = CpuShare()  # the cores a router gives this model (server.cpu_share)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -140,6 +143,8 @@ class Service:
         self.continuations = Continuations(
             lambda toks: model.vocab.detokenize(toks, unparse_special=True)) if s.chat_continuations else None
         self.engine.start()
+        self.cpu_share.apply(self.engine)
+        saved_cache.restore(self.engine)  # a router's child: the prompt cache of its last load
         log.info("model %s loaded in %.2f s: %d slots of %d tokens in %d context(s), chat template: %s",
                  s.model_path, time.perf_counter() - t0, s.engine.n_parallel, self.engine.n_ctx_slot,
                  s.n_engines,
@@ -159,6 +164,7 @@ class Service:
 
     def _fall_asleep(self) -> None:
         """IdleSleep's hook, with no request running: free the engine (contexts, KV) and the model."""
+        saved_cache.save(self.engine)  # a router's child: kept for the next load (server.saved_cache)
         engine, model, self.engine, self.model = self.engine, self.model, None, None
         engine.close(cancel=True)
         model.close()

@@ -31,6 +31,11 @@ def add_router_flags(p) -> None:
            "compute buffers: docs/router.md) and unload least recently used models until the loaded "
            "ones fit in MiB, or refuse it when it cannot fit alone (default: 0 = no limit; "
            "not a llama.cpp flag)")
+    g("--models-share-cpus", action="store_true", default=True,
+      help="router mode: models decoding at the same time get disjoint shares of the cores, a lone "
+           "busy model all of them (docs/router.md) (default: enabled; not a llama.cpp flag)")
+    g("--no-models-share-cpus", dest="models_share_cpus", action="store_false",
+      help="router mode: every model's threads may run on every core (llama-server's way)")
     g("--models-autoload", action="store_true", default=True,
       help="router mode: a request for an unloaded model loads it (default: enabled)")
     g("--no-models-autoload", dest="models_autoload", action="store_false",

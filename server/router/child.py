@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -22,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from ..cpu_share import CONTROL_ENV
+from ..saved_cache import CACHE_FILE_ENV
 from .presets import ModelSpec
 
 log = logging.getLogger("server.router")
@@ -39,11 +42,26 @@ def notify_router(message: str) -> None:
             pass
 
 
+def cache_folder() -> str:
+    """The router's folder of saved prompt caches (server.saved_cache): in /dev/shm (memory)
+    where there is one, else the temporary folder; only this user reads it."""
+    shm = "/dev/shm"
+    return tempfile.mkdtemp(prefix="pyllama-router-cache-",
+                            dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+
+
+def cache_file(folder: str, spec: ModelSpec) -> str:
+    """One file per model and flags: a reload with other flags does not read another's KV state."""
+    key = hashlib.sha256("\0".join([spec.path, *spec.args]).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"{spec.name[:40]}-{key}.cache")
+
+
 class Child:
     """A started child process. `on_event(child, word, arg)` is called from the child's
     thread: ("ready", port), ("sleeping", None), ("awake", None), and ("exit", returncode) last."""
 
-    def __init__(self, spec: ModelSpec, on_event: Callable[["Child", str, object], None]):
+    def __init__(self, spec: ModelSpec, on_event: Callable[["Child", str, object], None],
+                 cache_file: str = ""):
         self.spec = spec
         self.on_event = on_event
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -58,13 +76,21 @@ class Child:
         self.argv = ["-m", spec.path, "--alias", spec.name, *spec.args,
                      "--host", "127.0.0.1", "--port", "0"]
         r, w = os.pipe()
+        cr, cw = os.pipe()  # the router's control lines to the child (server.cpu_share)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server", *self.argv, "--api-key-file", key_file], cwd=ROOT,
-                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), "PYTHONUNBUFFERED": "1"})
+                pass_fds=(w, cr), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env={**os.environ, NOTIFY_ENV: str(w), CONTROL_ENV: str(cr),
+                                               CACHE_FILE_ENV: cache_file, "PYTHONUNBUFFERED": "1"})
+        except BaseException:
+            os.close(cw)
+            raise
         finally:
             os.close(w)
+            os.close(cr)
+        self._control = cw
+        self._control_lock = threading.Lock()
         self._key_file = key_file
         self._notify = os.fdopen(r, "rb", buffering=0)
         threading.Thread(target=self._read_log, name=f"log-{spec.name}", daemon=True).start()
@@ -92,7 +118,16 @@ class Child:
                     self.on_event(self, word, None)
         code = self.proc.wait()
         self._drop_key_file()
+        with self._control_lock, contextlib.suppress(OSError):
+            fd, self._control = self._control, -1
+            os.close(fd)
         self.on_event(self, "exit", code)
+
+    def control(self, line: str) -> None:
+        """A line to the child's control pipe (a short write; a child that ended is ignored)."""
+        with self._control_lock, contextlib.suppress(OSError):
+            if self._control >= 0:
+                os.write(self._control, (line + "\n").encode())
 
     def _drop_key_file(self) -> None:
         if self._key_file:

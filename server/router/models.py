@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import ApiError, ClientGone
-from .child import Child
+from .child import Child, cache_file, cache_folder
+from .cores import CoreArbiter
 from .presets import ModelSpec
 
 log = logging.getLogger("server.router")
@@ -42,6 +44,7 @@ class Instance:
     exit_code: int = 0
     error: str = ""
     args: list[str] = field(default_factory=list)
+    cpus: tuple[int, ...] = ()  # the cores its child was last given (server.router.cores)
 
     @property
     def running(self) -> bool:
@@ -50,7 +53,7 @@ class Instance:
 
 class ModelTable:
     def __init__(self, specs: dict[str, ModelSpec], models_max: int, autoload: bool,
-                 memory_mib: float = 0.0):
+                 memory_mib: float = 0.0, share_cpus: bool = True):
         self.models = {name: Instance(spec) for name, spec in specs.items()}
         self.models_max = models_max
         self.memory_mib = memory_mib  # --models-memory: the loaded models' estimates fit in it
@@ -59,6 +62,8 @@ class ModelTable:
         self._queue: list[str] = []  # models waiting for a free place, first come first
         self._subscribers: list[queue.SimpleQueue] = []
         self.closing = False
+        self.cores = CoreArbiter(share_cpus)  # busy models' children on disjoint cores
+        self.cache_dir = cache_folder()  # prompt caches kept across unloads (server.saved_cache)
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -85,12 +90,14 @@ class ModelTable:
         held is never the one unloaded to make room."""
         with self._cond:
             inst.users += 1
+            self.cores.rebalance(self.models.values())
         try:
             yield
         finally:
             with self._cond:
                 inst.users -= 1
                 inst.last_used = time.monotonic()
+                self.cores.rebalance(self.models.values())
                 self._cond.notify_all()
 
     def ready(self, inst: Instance, autoload: bool, timeout: float,
@@ -174,8 +181,14 @@ class ModelTable:
         inst.status, inst.failed, inst.error, inst.exit_code = LOADING, False, "", 0
         inst.n_loads += 1
         inst.last_used = time.monotonic()
+        if not inst.spec.path:  # a preset's hf-repo: nothing is downloaded here
+            inst.status, inst.failed = UNLOADED, True
+            inst.error = (f"hf-repo = {inst.spec.hf_repo}: downloading models is not supported "
+                          f"by this server; give the section 'model = PATH'")
+            self._emit(inst)
+            return
         try:
-            inst.child = Child(inst.spec, self._on_child)
+            inst.child = Child(inst.spec, self._on_child, cache_file(self.cache_dir, inst.spec))
         except OSError as e:
             inst.status, inst.failed, inst.error = UNLOADED, True, f"cannot start: {e}"
             self._emit(inst)
@@ -199,7 +212,7 @@ class ModelTable:
             if inst.child is not child:
                 return
             if word == "ready":
-                inst.status, inst.port = LOADED, int(arg)
+                inst.status, inst.port, inst.cpus = LOADED, int(arg), ()
                 log.info("model %s loaded on port %d", inst.spec.name, inst.port)
             elif word in ("sleeping", "awake") and inst.status in (LOADED, SLEEPING):
                 inst.status = SLEEPING if word == "sleeping" else LOADED
@@ -212,6 +225,7 @@ class ModelTable:
                 if inst.failed:
                     log.error("model %s %s (exit code %d): %s", inst.spec.name,
                               "failed to load" if was == LOADING else "stopped", code, inst.error)
+            self.cores.rebalance(self.models.values())
             self._emit(inst)
             self._cond.notify_all()
 
@@ -222,6 +236,29 @@ class ModelTable:
                 self.ready(inst, True, 3600.0)
         threading.Thread(target=run, daemon=True, name=f"load-{inst.spec.name}").start()
 
+    def reload(self, specs: dict[str, ModelSpec], timeout: float = 60.0) -> None:
+        """GET /models?reload=1, as llama-server's: a running model whose source went or whose
+        flags changed is unloaded (waited for), models no longer in the sources go, the others
+        take their new settings (a failure forgotten), new ones are added (none loaded)."""
+        with self._cond:
+            changed = [i for n, i in self.models.items() if i.running and
+                       (n not in specs or (specs[n].path, specs[n].args) != (i.spec.path, i.spec.args))]
+            for inst in changed:
+                self._stop(inst)
+            deadline = time.monotonic() + timeout
+            while any(i.running for i in changed) and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            # a new table, swapped in whole: the HTTP threads read `models` without the lock
+            kept = {n: i for n, i in self.models.items() if n not in specs and (i.running or i.users)}
+            table = {}
+            for name, spec in specs.items():
+                inst = table[name] = self.models.get(name) or Instance(spec)
+                if not inst.running:
+                    inst.spec, inst.failed, inst.exit_code, inst.error = spec, False, 0, ""
+            self.models = {**table, **kept}
+            self._cond.notify_all()
+        self._emit_raw({"model": "*", "event": "models_reload", "data": {}})
+
     def unload(self, inst: Instance) -> None:
         with self._cond:
             self._stop(inst)
@@ -231,12 +268,15 @@ class ModelTable:
         with self._cond:
             self.closing = True
             children = [(i.child, i.spec.stop_timeout) for i in self.models.values() if i.child]
+            for child, _ in children:  # no prompt cache to keep: nothing will load it again
+                child.control("cache-off")
             self._cond.notify_all()
         threads = [threading.Thread(target=c.stop, args=(t,)) for c, t in children]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
         self._emit_raw({"event": "shutdown"})
 
     # -- what /models and /models/sse show ------------------------------------------------------
@@ -245,6 +285,8 @@ class ModelTable:
         st: dict = {"value": inst.status, "args": list(inst.args)}
         if inst.port:
             st["port"] = inst.port  # our addition: where its child listens (127.0.0.1)
+        if inst.cpus and inst.child is not None:
+            st["cpus"] = self.cores.view(inst)  # ours: the cores it was last given
         if inst.failed:
             st.update(failed=True, exit_code=inst.exit_code, error=inst.error)
         return st

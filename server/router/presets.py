@@ -19,8 +19,13 @@ DEFAULT_STOP_TIMEOUT = 10.0  # seconds an unloaded child has after SIGINT before
 # the router's own flags: not handed down to the children
 ROUTER_ONLY = {"models_dir", "models_preset", "models_max", "models_autoload", "host", "port",
                "api_key", "api_key_file", "agent_port", "drain_delay", "drain_timeout", "path",
-               "models_memory", "model", "alias", "cors_origin", "cors_origins", "cors_methods", "cors_headers",
+               "models_memory", "models_share_cpus", "model", "alias", "cors_origin", "cors_origins",
+               "cors_methods", "cors_headers",
                "cors_credentials", "max_connections_per_ip", "timeout_head", "threads_http"}
+# Hugging Face keys of llama-server's presets: read (a section with hf-repo and no model file is
+# listed, and its load fails: nothing is downloaded here), never passed to a child
+HF_KEYS = {"hf-repo", "hf", "hfr", "hf-file", "hff", "spec-draft-hf", "hfd", "hfrd", "hf-repo-draft",
+           "dedup-cache-models"}
 PRESET_ONLY = {"model", "m", "load-on-startup", "stop-timeout", "alias", "a", "version"}
 TRUTHY = {"1", "true", "on", "yes", "enabled"}
 FALSY = {"0", "false", "off", "no", "disabled"}
@@ -40,6 +45,7 @@ class ModelSpec:
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     source: str = "models_dir"  # or "preset"
     memory_mib: float = 0.0     # what it will take loaded (server.router.memory), 0: unknown
+    hf_repo: str = ""           # `hf-repo = ...` without a model file: listed, not loadable here
 
 
 def scan_models_dir(folder: str) -> dict[str, str]:
@@ -151,6 +157,9 @@ def _apply(spec: ModelSpec, parser, layer: dict[str, tuple[str, int]], preset: s
                 spec.stop_timeout = float(value)
             except ValueError:
                 raise PresetError(f"{at}: stop-timeout must be a number of seconds, got {value!r}") from None
+        elif key in HF_KEYS:
+            if key in ("hf-repo", "hf", "hfr"):
+                spec.hf_repo = value
         elif key != "version":
             spec.args += option_args(parser, key, value, at)
 
@@ -171,7 +180,7 @@ def load_specs(parser: argparse.ArgumentParser, models_dir: str | None, preset: 
     for name, spec in specs.items():
         _apply(spec, parser, star_flags, preset or "", base)
         _apply(spec, parser, ini.get(name, {}), preset or "", base)
-        if not spec.path:
+        if not spec.path and not spec.hf_repo:
             raise PresetError(f"{preset}: [{name}]: no 'model = PATH' and no such model in --models-dir")
         spec.args += tail
     return specs

@@ -22,6 +22,7 @@ from ..errors import ApiError, bad_request
 from ..http.routes import PUBLIC_PATHS, Handler
 from ..http.transport import Server, Server6
 from .models import ModelTable
+from .presets import PresetError
 from .proxy import ChildConnections, forward
 
 log = logging.getLogger("server.router")
@@ -40,6 +41,7 @@ class RouterService:
         self.conns = ChildConnections(timeout)
         self.closing = self.refusing = self.draining = False
         self.ready = True
+        self.reload_specs = None  # set by run.py: the sources read again (GET /models?reload=1)
 
 
 class RouterHandler(Handler):
@@ -106,7 +108,12 @@ class RouterHandler(Handler):
                 "ui_settings": {}, "build_info": f"pyllama-server {__version__}",
                 "cors_proxy_enabled": False, "is_sleeping": False}
 
-    def r_models(self, svc: RouterService, _q) -> None:
+    def r_models(self, svc: RouterService, q) -> None:
+        if q.get("reload", [""])[0] and svc.reload_specs is not None:
+            try:
+                svc.table.reload(svc.reload_specs())
+            except PresetError as e:
+                raise ApiError(400, "invalid_request_error", f"reload: {e}") from None
         t = int(time.time())
         data = [{"id": name, "aliases": list(i.spec.aliases), "tags": [], "object": "model",
                  "owned_by": "llamacpp", "created": t, "status": svc.table.status(i),

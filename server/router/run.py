@@ -21,14 +21,17 @@ from .routes import RouterService, make_router_server
 log = logging.getLogger("server.router")
 
 
-def check_child_args(p: argparse.ArgumentParser, specs) -> None:
-    """Each model's flags parse as a child would parse them (exit 2 here, not at its load), and
-    each model's memory is estimated from them (0 when its file cannot be read: it will fail)."""
+def check_child_args(p: argparse.ArgumentParser, specs, fail=None) -> None:
+    """Each model's flags parse as a child would parse them (exit 2 here, not at its load; on a
+    reload `fail` raises instead), and each model's memory is estimated from them (0 when its
+    file cannot be read: it will fail)."""
     for spec in specs.values():
+        if not spec.path:  # hf-repo only: listed, fails when loaded
+            continue
         try:
             child = parse_args(["-m", spec.path, *spec.args])
         except SystemExit:
-            p.error(f"model '{spec.name}': its flags {' '.join(spec.args)!r} are refused (see above)")
+            (fail or p.error)(f"model '{spec.name}': its flags {' '.join(spec.args)!r} are refused (see above)")
         try:
             spec.memory_mib = estimate_mib(read_shape(spec.path), child)
         except (OSError, ValueError, struct.error) as e:
@@ -42,8 +45,17 @@ def run_router(args: argparse.Namespace, argv: list[str], stop_signals: set) -> 
     except PresetError as e:
         p.error(str(e))
     check_child_args(p, specs)
-    table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory)
+    table = ModelTable(specs, args.models_max, args.models_autoload, args.models_memory,
+                       args.models_share_cpus)
     service = RouterService(table, args.timeout)
+
+    def reload_specs():  # GET /models?reload=1: the folder and the preset file read again
+        def fail(msg):
+            raise PresetError(msg)
+        new = load_specs(p, args.models_dir, args.models_preset, _dashes(argv))
+        check_child_args(p, new, fail)
+        return new
+    service.reload_specs = reload_specs
     servers = []
     try:
         for host in args.hosts:
