@@ -75,8 +75,12 @@ def run_requests(url: str, workload: str, ks: list[list[int]], n_predict: int) -
     def client(i: int) -> None:
         with requests.Session() as s:
             for k in ks[i]:
-                r = s.post(url + "/completion", json={"prompt": prompt(workload, k), "n_predict": n_predict,
-                                                       "temperature": 0, "cache_prompt": True}, timeout=1800)
+                try:
+                    r = s.post(url + "/completion", json={"prompt": prompt(workload, k), "n_predict": n_predict,
+                                                           "temperature": 0, "cache_prompt": True}, timeout=1800)
+                except requests.RequestException as e:
+                    errors.append(f"{url} {workload} {k}: {e}")
+                    return
                 if r.status_code != 200:
                     errors.append(f"{url} {workload} {k}: HTTP {r.status_code} {r.text[:200]}")
                     return
@@ -105,12 +109,12 @@ def measure(args, build, logdir: Path) -> dict:
     """Every cell's per-round figures: {(side, spec, workload, clients): [(t/s, acceptance), ...]}."""
     res: dict[tuple, list[tuple[float, float]]] = {}
     flip = 0
-    for spec in args.types:
+    for n_spec, spec in enumerate(args.types):
         procs, urls = {}, {}
         try:
             for j, side in enumerate(args.sides):
                 port = args.port + j
-                procs[side] = start(side, spec, port, build, args, logdir / f"{side}-{spec}.log")
+                procs[side] = start(side, spec, port, build, args, logdir / f"{side}-{n_spec}-{spec}.log")
                 urls[side] = f"http://127.0.0.1:{port}"
             for side in args.sides:
                 wait(urls[side], procs[side], timeout=300)
@@ -210,6 +214,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--requests", type=int, default=1, help="requests per client per cell")
     ap.add_argument("--build", default="native", choices=_builds.NAMES)
+    ap.add_argument("--shim", type=Path, help="with --build prebuilt: the folder for the C++ programs "
+                    "beside the prebuilt libraries (default: .llama/cpp-on-prebuilt)")
     ap.add_argument("--np", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
@@ -221,6 +227,8 @@ def main() -> int:
         ap.error("draft-simple needs --draft-model")
     if max(args.clients) > args.np:
         ap.error("more clients than slots (-np)")
+    if args.shim:
+        _builds.SHIM = args.shim
     build = _builds.get(args.build)
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "speculative_vs_cpp"
     logdir.mkdir(exist_ok=True)
