@@ -20,7 +20,7 @@ import pytest
 
 from conftest import N_THREADS
 from llama_lib import Engine, EngineConfig, FinishReason, RequestParams, SamplingParams
-from llama_lib.engine.ngram_draft import NgramMod, ngram_map_k, ngram_simple
+from llama_lib.engine.ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from llama_lib.engine.spec_params import RequestSpec, SpecParams
 from llama_lib.engine.speculative import SlotSpec
 from tiny_model import tiny_model
@@ -48,9 +48,9 @@ GRAMMAR = 'root ::= ("ab" | "cd" | " ")+'
 GRAMMAR_PROMPT = "ab cd ab cd ab cd ab cd ab cd ab cd ab cd"
 # n-gram drafts of at most 8 tokens: long enough to show the gain, short enough to be cheap
 SPEC = {t: SpecParams(types=(t,), ngram_size_n=3, ngram_size_m=8, ngram_k_size_n=3, ngram_k_size_m=8,
-                      mod_n_match=3, mod_n_min=1, mod_n_max=8)
-        for t in ("ngram-simple", "ngram-map-k", "ngram-mod")}
-KVU = {"ngram-simple": False, "ngram-map-k": True, "ngram-mod": False}  # both KV layouts covered
+                      ngram_k4v_size_n=3, ngram_k4v_size_m=8, mod_n_match=3, mod_n_min=1, mod_n_max=8)
+        for t in ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")}
+KVU = {"ngram-simple": False, "ngram-map-k": True, "ngram-map-k4v": True, "ngram-mod": False}  # both KV layouts
 
 
 def engine(model, n_parallel=3, spec=None, **kw) -> Engine:
@@ -120,6 +120,13 @@ def test_ngram_drafters():
     h2 = np.array([1, 2, 7, 1, 2, 7, 1, 2, 8, 1, 2], np.int32)
     assert ngram_map_k(h2, 2, 2).tolist() == [7, 1]            # 7 followed "1 2" twice, 8 once
     assert ngram_simple(h2, 2, 2).tolist() == [8, 1]
+    # k4v: whole 2-grams after "1 2": "7 1" twice, "8 1" once (twice the others: a draft);
+    # "7 1" once and "8 1" once: no draft
+    assert ngram_map_k4v(h2, 2, 2).tolist() == [7, 1]
+    assert ngram_map_k4v(np.array([1, 2, 7, 1, 2, 8, 1, 2], np.int32), 2, 2).tolist() == []
+    h3 = np.array([1, 2, 7, 1, 1, 2, 7, 1, 1, 2, 8, 3, 1, 2, 7, 1, 1, 2], np.int32)
+    assert ngram_map_k4v(h3, 2, 2).tolist() == [7, 1]          # three times against once
+    assert ngram_map_k4v(h3, 2, 2, min_hits=5).tolist() == []  # the key seen four times
     mod = NgramMod(2, 1, 8)
     mod.add(np.array([4, 5, 6, 7, 4, 5], np.int32), 0)
     assert mod.draft(np.array([0, 4, 5], np.int32), 3).tolist() == [6, 7, 4]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .draft_model import DraftModel
-from .ngram_draft import NgramMod, ngram_map_k, ngram_simple
+from .ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from .parts import StepParts
 from .seq_order import PASS_COST, SEQUENCE_COST, decode_cost, ubatch_shapes
 from .slot import GENERATE, Slot
@@ -146,6 +146,9 @@ class Speculator:
                     d = ngram_simple(hist, prm.ngram_size_n, min(limit, prm.ngram_size_m), prm.ngram_min_hits)
                 elif t == "ngram-map-k":
                     d = ngram_map_k(hist, prm.ngram_k_size_n, min(limit, prm.ngram_k_size_m), prm.ngram_k_min_hits)
+                elif t == "ngram-map-k4v":
+                    d = ngram_map_k4v(hist, prm.ngram_k4v_size_n, min(limit, prm.ngram_k4v_size_m),
+                                      prm.ngram_k4v_min_hits)
                 else:  # ngram-mod
                     d = self.mod.draft(hist, limit)
                 if len(d) >= max(1, self.n_min(s)):
