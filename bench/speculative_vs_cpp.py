@@ -5,7 +5,7 @@
     python bench/speculative_vs_cpp.py --json /tmp/spec.json # also every figure as JSON
     python bench/speculative_vs_cpp.py --workloads code --clients 1 --types none ngram-simple
 
-The issue's matrix: three workloads of greedy /completion requests (bench/spec_workloads.py:
+The issue's matrix: three workloads of /completion requests (greedy; chat sampled) (bench/spec_workloads.py:
 `code`, a ~360-token function returned with one rename; `quote`, passages of a document word
 for word; `chat`, a free answer) at 1, 4 and 8 clients, for each spec type (none = off) on
 both servers with the same flags (-np 8, -c 8192, the same --spec-* flags), ours on the native
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,12 +43,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _builds  # noqa: E402
 from samplers_vs_cpp import wait  # noqa: E402  (a server's /health, or its exit)
-from spec_workloads import N_PREDICT, prompt  # noqa: E402
+from spec_workloads import N_PREDICT, prompt, sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".llama" / "models" / "gemma-3-270m-q4_k_m.gguf"
 WORKLOADS = tuple(N_PREDICT)
-TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple")
+TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "draft-simple")
 TARGET_GAIN, TARGET_FLOOR = 1.6, 0.97
 
 
@@ -75,9 +76,10 @@ def run_requests(url: str, workload: str, ks: list[list[int]], n_predict: int) -
     def client(i: int) -> None:
         with requests.Session() as s:
             for k in ks[i]:
+                body = {"prompt": prompt(workload, k), "n_predict": n_predict, "cache_prompt": True,
+                        **sampling(workload, k)}
                 try:
-                    r = s.post(url + "/completion", json={"prompt": prompt(workload, k), "n_predict": n_predict,
-                                                           "temperature": 0, "cache_prompt": True}, timeout=1800)
+                    r = s.post(url + "/completion", json=body, timeout=1800)
                 except requests.RequestException as e:
                     errors.append(f"{url} {workload} {k}: {e}")
                     return
@@ -206,7 +208,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
-    ap.add_argument("--types", nargs="+", default=["none", "ngram-simple", "ngram-map-k", "ngram-mod"],
+    ap.add_argument("--types", nargs="+", default=list(TYPES[:-1]),
                     choices=TYPES, help="draft-simple needs --draft-model (no draft smaller than the "
                                         "default model shares its vocabulary: not in the default matrix)")
     ap.add_argument("--draft-model", default="", help="the -md model of draft-simple")
@@ -232,6 +234,7 @@ def main() -> int:
     build = _builds.get(args.build)
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / "speculative_vs_cpp"
     logdir.mkdir(exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     started, load0, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), load(), time.perf_counter()
     res = measure(args, build, logdir)
     out = report(args, res)
