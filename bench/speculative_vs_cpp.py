@@ -108,7 +108,8 @@ def load() -> str:
 
 
 def measure(args, build, logdir: Path) -> dict:
-    """Every cell's per-round figures: {(side, spec, workload, clients): [(t/s, acceptance), ...]}."""
+    """Every cell's per-round figures: {(side, spec, workload, clients): [(t/s, acceptance,
+    draft tokens), ...]}."""
     res: dict[tuple, list[tuple[float, float]]] = {}
     flip = 0
     for n_spec, spec in enumerate(args.types):
@@ -132,9 +133,9 @@ def measure(args, build, logdir: Path) -> dict:
                         for side in (args.sides if flip % 2 else args.sides[::-1]):
                             dt, n, drafted, kept = run_requests(urls[side], w, ks, N_PREDICT[w])
                             tps, acc = n / dt, kept / drafted if drafted else 0.0
-                            res.setdefault((side, spec, w, c), []).append((tps, acc))
+                            res.setdefault((side, spec, w, c), []).append((tps, acc, drafted))
                             print(f"{time.strftime('%H:%M:%S')} round {rnd + 1} {side:4s} {spec:12s} {w:5s} "
-                                  f"x{c}: {tps:7.2f} t/s ({n} tokens, {dt:5.1f} s) acceptance {acc:.0%} "
+                                  f"x{c}: {tps:7.2f} t/s ({n} tokens, {dt:5.1f} s) drafted {drafted}, acceptance {acc:.0%} "
                                   f"load {load()}", file=sys.stderr, flush=True)
         finally:
             for p in procs.values():
@@ -163,7 +164,9 @@ def report(args, res: dict) -> dict:
                         "ours_over_off": o / base if o and base else None, "ours_over_cpp": o / p if o and p else None,
                         "acceptance_ours": acc.get(("ours", spec, w, c)), "acceptance_cpp": acc.get(("cpp", spec, w, c)),
                         "rounds_ours": [x[0] for x in res.get(("ours", spec, w, c), [])],
-                        "rounds_cpp": [x[0] for x in res.get(("cpp", spec, w, c), [])]}
+                        "rounds_cpp": [x[0] for x in res.get(("cpp", spec, w, c), [])],
+                        "drafted_ours": [x[2] for x in res.get(("ours", spec, w, c), [])],
+                        "drafted_cpp": [x[2] for x in res.get(("cpp", spec, w, c), [])]}
                 cells.append(cell)
                 f = lambda v, fmt: format(v, fmt) if v is not None else "-"
                 print(f"| {c} | {spec} | {f(o, '.1f')} | {f(p, '.1f')} | {f(cell['ours_over_off'], '.2f')}x | "
