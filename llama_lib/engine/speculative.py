@@ -47,6 +47,39 @@ PRIOR = 0.75
 PRIOR_N = 2.0
 
 
+FIT_DECAY = 0.98    # weight of older steps in the measured step costs (~50 steps)
+FIT_MIN_WEIGHT = 8.0
+
+
+class StepCosts:
+    """What a draft row costs, measured: for each number of generating slots, a decayed
+    least-squares line through the steps' decode times against their draft rows (pure
+    generation steps: one decode, no prompt rows). `ratio(n)` is a draft row's time over the
+    time of the step without drafts; None until the steps seen differ enough in draft rows."""
+
+    def __init__(self, n_slots: int):
+        self.sums = np.zeros((n_slots + 1, 5))  # weight, sum x, sum y, sum xx, sum xy
+
+    def add(self, n_gen: int, rows: int, seconds: float) -> None:
+        s = self.sums[n_gen]
+        s *= FIT_DECAY
+        s += (1.0, rows, seconds, rows * rows, rows * seconds)
+
+    def ratio(self, n_gen: int) -> float | None:
+        w, sx, sy, sxx, sxy = self.sums[n_gen]
+        if w < FIT_MIN_WEIGHT:
+            return None
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        if var < 0.25:  # too little spread in draft rows for a slope
+            return None
+        slope = (sxy / w - mx * my) / var
+        base = my - slope * mx
+        if slope <= 0.0 or base <= 0.0:
+            return None
+        return min(1.0, slope / base)
+
+
 @dataclass
 class SlotSpec:
     """A slot's speculation state."""
@@ -78,6 +111,8 @@ class Speculator:
         p = params
         self.mod = NgramMod(p.mod_n_match, p.mod_n_min, p.mod_n_max) if "ngram-mod" in p.types else None
         self._pending: list[tuple[int, int]] = []  # (sequence, first stale position) after the decode
+        self.costs = StepCosts(n_slots)
+        self._probe: tuple | None = None  # (slots, draft rows, decode time, decode calls, prompt tokens)
 
     # -- the history of a slot ------------------------------------------------------------
 
@@ -176,6 +211,9 @@ class Speculator:
             return {sid: len(d) for sid, d in drafts.items()}
         n_gen = len(gen)
         base = step_cost(p, [1] * n_gen, [s.seq_id for s in gen])
+        # a draft row's cost: measured on this machine once the steps allow it, else the model's
+        q = self.costs.ratio(n_gen)
+        row_cost = q * base if q is not None else ROW_COST
         tokens, cost = float(n_gen), base
         items = []  # (chance the row's token is kept, slot id)
         for sid, d in drafts.items():
@@ -187,12 +225,12 @@ class Speculator:
         items.sort(reverse=True)
         k: dict[int, int] = {}
         for v, sid in items:
-            if v * cost <= ROW_COST * tokens:  # one more row would lower tokens per cost
+            if v * cost <= row_cost * tokens:  # one more row would lower tokens per cost
                 break
             tokens += v
-            cost += ROW_COST
+            cost += row_cost
             k[sid] = k.get(sid, 0) + 1
-        if k and not p.cache.kv_unified:
+        if k and q is None and not p.cache.kv_unified:
             # a KV stream per slot: uneven rows split the decode into more passes (seq_order.py);
             # keep the drafts only if the exact layout still pays
             counts = [1 + k.get(s.id, 0) for s in gen]
@@ -208,8 +246,10 @@ class Speculator:
             st.draft = None
         gen = [s for s in p.slots if s.phase is GENERATE]
         batch = p.batch
+        self._probe = None
         if not gen or batch.n_tokens != len(gen):
             return
+        self._probe = (len(gen), 0, p.ctx.t_decode, p.ctx.n_decode_calls, p.stats.n_prompt_tokens)
         drafts = self.propose(p, gen)
         for s in gen:
             if s.id not in drafts:
@@ -238,6 +278,7 @@ class Speculator:
             s.i_batch = last - n
             s.n_past = pos0 + 1 + n
             self.slots[s.id].draft = d
+        self._probe = (len(gen), batch.n_tokens - len(gen), *self._probe[2:])
 
     # -- after the decode -------------------------------------------------------------------
 
@@ -247,6 +288,11 @@ class Speculator:
         self._pending.append((seq_id, pos))
 
     def after_decode(self, p: StepParts) -> None:
+        if self._probe is not None:
+            n_gen, rows, t0, calls, prompt = self._probe
+            self._probe = None
+            if p.ctx.n_decode_calls == calls + 1 and p.stats.n_prompt_tokens == prompt:
+                self.costs.add(n_gen, rows, p.ctx.t_decode - t0)
         for seq, pos in self._pending:
             p.memory.seq_rm(seq, pos, -1)
         self._pending.clear()
