@@ -22,7 +22,7 @@ from conftest import N_THREADS
 from llama_lib import Engine, EngineConfig, FinishReason, RequestParams, SamplingParams
 from llama_lib.engine.ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from llama_lib.engine.spec_params import RequestSpec, SpecParams
-from llama_lib.engine.speculative import SlotSpec
+from llama_lib.engine.speculative import SlotSpec, StepCosts
 from tiny_model import tiny_model
 
 TIE = 0.05  # logprob gap under which the two best tokens count as a tie
@@ -146,7 +146,21 @@ def test_adaptive_length_follows_acceptance(model):
         fair_alone = sp.choose_lengths(p, e.slots[2:3], {2: d}).get(2, 0)
         fair_busy = sp.choose_lengths(p, e.slots, {2: d}).get(2, 0)
         assert fair_alone >= 2 and fair_busy < fair_alone
+        # once this machine's steps show a draft row costs 2.5 % of a step, the slot drafts longer
+        for i in range(40):
+            sp.costs.add(1, i % 5, 0.020 + 0.0005 * (i % 5))
+        assert sp.choose_lengths(p, e.slots[2:3], {2: d}).get(2, 0) > fair_alone
     assert SlotSpec(hits=0, misses=0).acceptance == pytest.approx(0.75)
+
+
+def test_step_costs_fit():
+    c = StepCosts(8)
+    assert c.ratio(1) is None
+    for i in range(60):  # 20 ms a step, 2 ms a draft row, a little noise
+        c.add(1, i % 5, 0.020 + 0.002 * (i % 5) + 0.0002 * (i % 3))
+        c.add(2, 0, 0.030)  # no spread in draft rows: no slope
+    assert c.ratio(1) == pytest.approx(0.1, rel=0.1)
+    assert c.ratio(2) is None and c.ratio(8) is None
 
 
 def test_greedy_same_with_each_spec_type(reference, spec_engine):
