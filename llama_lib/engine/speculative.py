@@ -49,6 +49,7 @@ PRIOR_N = 2.0
 
 FIT_DECAY = 0.98    # weight of older steps in the measured step costs (~50 steps)
 FIT_MIN_WEIGHT = 8.0
+FIT_RANGE = 4.0     # a measured row cost stays within 1/4 .. 4x of the model's
 
 
 class StepCosts:
@@ -212,8 +213,9 @@ class Speculator:
         n_gen = len(gen)
         base = step_cost(p, [1] * n_gen, [s.seq_id for s in gen])
         # a draft row's cost: measured on this machine once the steps allow it, else the model's
+        # (within a factor FIT_RANGE of the model's either way: a noisy fit must not run away)
         q = self.costs.ratio(n_gen)
-        row_cost = q * base if q is not None else ROW_COST
+        row_cost = min(max(q * base, ROW_COST / FIT_RANGE), ROW_COST * FIT_RANGE) if q is not None else ROW_COST
         tokens, cost = float(n_gen), base
         items = []  # (chance the row's token is kept, slot id)
         for sid, d in drafts.items():
