@@ -48,8 +48,8 @@ PRIOR_N = 2.0
 
 
 FIT_DECAY = 0.98    # weight of older steps in the measured step costs (~50 steps)
-FIT_MIN_WEIGHT = 8.0
-FIT_RANGE = 4.0     # a measured row cost stays within 1/4 .. 4x of the model's
+FIT_MIN_WEIGHT = 16.0
+FIT_RANGE = 3.0     # a measured row cost stays within 1/3 .. 3x of the model's
 
 
 class StepCosts:
@@ -72,7 +72,7 @@ class StepCosts:
             return None
         mx, my = sx / w, sy / w
         var = sxx / w - mx * mx
-        if var < 0.25:  # too little spread in draft rows for a slope
+        if var < 1.0:  # too little spread in draft rows for a slope
             return None
         slope = (sxy / w - mx * my) / var
         base = my - slope * mx
@@ -232,7 +232,7 @@ class Speculator:
             tokens += v
             cost += row_cost
             k[sid] = k.get(sid, 0) + 1
-        if k and q is None and not p.cache.kv_unified:
+        if k and not p.cache.kv_unified:
             # a KV stream per slot: uneven rows split the decode into more passes (seq_order.py);
             # keep the drafts only if the exact layout still pays
             counts = [1 + k.get(s.id, 0) for s in gen]
