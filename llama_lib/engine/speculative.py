@@ -197,7 +197,9 @@ class Speculator:
         lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
         if self.params.adaptive:
             pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
-            lim = {sid: pre.get(sid, 0) for sid in lim}
+            # a slot that drafts at all drafts at least its n_min (shorter would not be verified)
+            lim = {sid: max(pre[sid], min(n, self.n_min(p.slots[sid]))) if pre.get(sid) else 0
+                   for sid, n in lim.items()}
         ask = [(s, hist, lim[s.id]) for s, hist, _ in left if lim[s.id] >= max(1, self.n_min(s))]
         got = self.drafter.draft_many(ask, self.p_min) if ask else {}
         return {sid: d for sid, d in got.items() if len(d) >= max(1, self.n_min(p.slots[sid]))}
@@ -268,7 +270,10 @@ class Speculator:
         batch.clear()
         for s in gen:
             d = drafts.get(s.id)
-            n = min(k.get(s.id, 0), max(0, budget))
+            n = k.get(s.id, 0)
+            if 0 < n and d is not None:
+                n = max(n, min(len(d), self.n_min(s)))  # never shorter than the request's n_min
+            n = min(n, max(0, budget))
             budget -= n
             d = d[:n] if d is not None and n > 0 else None
             pos0 = s.n_past - 1
