@@ -270,7 +270,7 @@ def test_host_list(capsys):
     (["--lora", "a.gguf"], "--lora: LoRA adapters are not supported by this server"),
     (["--mmproj", "p.gguf"], "--mmproj: multimodal projectors are not supported by this server"),
     (["-td", "2"], "-td: separate draft threads are not supported by this server"),
-    (["--spec-type", "ngram-map-k4v"], "speculative type 'ngram-map-k4v' is not supported"),
+    (["--spec-type", "ngram-cache"], "speculative type 'ngram-cache' is not supported"),
     (["--slot-save-path", "/proc/no/such/dir"], "--slot-save-path /proc/no/such/dir: No such file or directory"),
     (["--tools", "all"], "--tools: built-in agent tools are not supported by this server"),
     (["--hf-repo", "ggml-org/x"], "--hf-repo: downloading models is not supported by this server"),

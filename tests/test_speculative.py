@@ -7,22 +7,26 @@ cache, the draft length that adapts.
 sequence (the draft's verification) a little differently from a decode of one row, so where
 the two best tokens of the run without drafts are within TIE logprob of each other the runs
 may part there. Everywhere else they must agree token for token.
+
+Kept fast (CI): one engine per configuration for the whole module (module fixtures), the
+references taken once, short generations, short n-gram drafts (a verified row costs a logits
+row over the 262k vocabulary), and the random draft is tests/tiny_model.py's model.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, ROOT
+from conftest import N_THREADS
 from llama_lib import Engine, EngineConfig, FinishReason, RequestParams, SamplingParams
-from llama_lib.engine.ngram_draft import NgramMod, ngram_map_k, ngram_simple
+from llama_lib.engine.ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from llama_lib.engine.spec_params import RequestSpec, SpecParams
-from llama_lib.engine.speculative import SlotSpec
+from llama_lib.engine.speculative import SlotSpec, StepCosts
+from tiny_model import tiny_model
 
 TIE = 0.05  # logprob gap under which the two best tokens count as a tie
+N = 32      # greedy tokens per reference answer
 
 CODE = """def parse_config(path):
     with open(path) as f:
@@ -40,46 +44,72 @@ COPY = f"Here is a function:\n\n{CODE}\nThe same function, copied exactly:\n\n"
 CHAT = "User:\nWhat is the capital of France? Tell me about it.\nAssistant:\n"
 LIST = "Repeat after me ten times: one two three four five. one two three four five. one two"
 PROMPTS = [COPY, CHAT, LIST]
-SPEC = {t: SpecParams(types=(t,), ngram_size_n=3, ngram_k_size_n=3, mod_n_match=3, mod_n_min=1)
-        for t in ("ngram-simple", "ngram-map-k", "ngram-mod")}
+GRAMMAR = 'root ::= ("ab" | "cd" | " ")+'
+GRAMMAR_PROMPT = "ab cd ab cd ab cd ab cd ab cd ab cd ab cd"
+# n-gram drafts of at most 8 tokens: long enough to show the gain, short enough to be cheap
+SPEC = {t: SpecParams(types=(t,), ngram_size_n=3, ngram_size_m=8, ngram_k_size_n=3, ngram_k_size_m=8,
+                      ngram_k4v_size_n=3, ngram_k4v_size_m=8, mod_n_match=3, mod_n_min=1, mod_n_max=8)
+        for t in ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")}
+KVU = {"ngram-simple": False, "ngram-map-k": True, "ngram-map-k4v": True, "ngram-mod": False}  # both KV layouts
 
 
-def engine(model, n_parallel=2, spec=None, **kw) -> Engine:
+def engine(model, n_parallel=3, spec=None, **kw) -> Engine:
     return Engine(model, EngineConfig(n_parallel=n_parallel, n_ctx=2048, n_threads=N_THREADS,
                                       n_threads_batch=N_THREADS, speculative=spec, **kw))
 
 
-def greedy(n: int, **kw) -> RequestParams:
+def greedy(n: int = N, **kw) -> RequestParams:
+    kw.setdefault("cache_prompt", False)  # every run decodes its prompt as a fresh engine would
     return RequestParams(n_predict=n, sampling=SamplingParams(temperature=0), **kw)
 
 
+def grammar_params(n: int = 20) -> RequestParams:
+    return RequestParams(n_predict=n, cache_prompt=False, sampling=SamplingParams(temperature=0, grammar=GRAMMAR))
+
+
 def run_all(e: Engine, prompts, params) -> list:
-    hs = [e.submit(p, params()) for p in prompts]
+    hs = [e.submit(p, params() if callable(params) else params) for p in prompts]
     e.run_until_idle()
     return hs
 
 
 def assert_same(ref, got) -> None:
-    """got's tokens are ref's, or part from them only where ref's best two were a tie."""
+    """got's tokens are the first of ref's (all of them when got is as long), or part from them
+    only where ref's best two were a tie."""
     a, b = ref.tokens, got.tokens
+    assert len(b) <= len(a)
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             top = ref.probs[i].top
             gap = top[0][1] - top[1][1]
             assert gap < TIE, f"token {i}: {y} instead of {x} (gap {gap:.3f}, not a tie)"
             return
-    assert len(a) == len(b) and ref.finish_reason == got.finish_reason
+    assert len(a) == len(b) and ref.finish_reason == got.finish_reason or len(b) < len(a)
 
 
 @pytest.fixture(scope="module")
 def reference(model):
-    """Greedy outputs without speculation, with the top two logprobs of every token."""
-    out = {}
-    for n_par in (1, 3):
-        with engine(model, n_parallel=n_par) as e:
-            out[n_par] = run_all(e, PROMPTS[:n_par] if n_par == 3 else [COPY],
-                                 lambda: greedy(32, n_probs=2))
-    return out
+    """Greedy outputs without speculation, with the top two logprobs of every token: COPY
+    alone, the three prompts at once, and the grammar request."""
+    with engine(model) as e:
+        [one] = run_all(e, [COPY], lambda: greedy(n_probs=2))
+        three = run_all(e, PROMPTS, lambda: greedy(n_probs=2))
+        [gram] = run_all(e, [GRAMMAR_PROMPT], grammar_params)
+    return {"one": one, "three": three, "grammar": gram}
+
+
+@pytest.fixture(scope="module", params=sorted(SPEC))
+def spec_engine(model, request):
+    """An engine of three slots per n-gram type, shared by the tests of that type."""
+    kind = request.param
+    with engine(model, spec=SPEC[kind], kv_unified=KVU[kind]) as e:
+        yield kind, e
+
+
+@pytest.fixture(scope="module")
+def simple_engine(model):
+    with engine(model, spec=SPEC["ngram-simple"]) as e:
+        yield e
 
 
 def test_ngram_drafters():
@@ -90,6 +120,13 @@ def test_ngram_drafters():
     h2 = np.array([1, 2, 7, 1, 2, 7, 1, 2, 8, 1, 2], np.int32)
     assert ngram_map_k(h2, 2, 2).tolist() == [7, 1]            # 7 followed "1 2" twice, 8 once
     assert ngram_simple(h2, 2, 2).tolist() == [8, 1]
+    # k4v: whole 2-grams after "1 2": "7 1" twice, "8 1" once (twice the others: a draft);
+    # "7 1" once and "8 1" once: no draft
+    assert ngram_map_k4v(h2, 2, 2).tolist() == [7, 1]
+    assert ngram_map_k4v(np.array([1, 2, 7, 1, 2, 8, 1, 2], np.int32), 2, 2).tolist() == []
+    h3 = np.array([1, 2, 7, 1, 1, 2, 7, 1, 1, 2, 8, 3, 1, 2, 7, 1, 1, 2], np.int32)
+    assert ngram_map_k4v(h3, 2, 2).tolist() == [7, 1]          # three times against once
+    assert ngram_map_k4v(h3, 2, 2, min_hits=5).tolist() == []  # the key seen four times
     mod = NgramMod(2, 1, 8)
     mod.add(np.array([4, 5, 6, 7, 4, 5], np.int32), 0)
     assert mod.draft(np.array([0, 4, 5], np.int32), 3).tolist() == [6, 7, 4]
@@ -109,161 +146,121 @@ def test_adaptive_length_follows_acceptance(model):
         fair_alone = sp.choose_lengths(p, e.slots[2:3], {2: d}).get(2, 0)
         fair_busy = sp.choose_lengths(p, e.slots, {2: d}).get(2, 0)
         assert fair_alone >= 2 and fair_busy < fair_alone
+        # once this machine's steps show a draft row costs 2.5 % of a step, the slot drafts longer
+        for i in range(40):
+            sp.costs.add(1, i % 5, 0.020 + 0.0005 * (i % 5))
+        assert sp.choose_lengths(p, e.slots[2:3], {2: d}).get(2, 0) > fair_alone
     assert SlotSpec(hits=0, misses=0).acceptance == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("kind", sorted(SPEC))
-def test_greedy_same_with_each_spec_type(model, reference, kind):
-    with engine(model, n_parallel=1, spec=SPEC[kind]) as e:
-        [h] = run_all(e, [COPY], lambda: greedy(32))
-        assert_same(reference[1][0], h)
-        assert h.timings.draft_n > 0 and h.timings.draft_n_accepted > 0
-        assert e.stats.n_draft_accepted == h.timings.draft_n_accepted
-        assert e.stats.n_steps < 26, "32 tokens of copied code take far fewer steps"
-        # the rejected draft cells left the KV: the sequence ends before the last token
-        assert e.memory.seq_pos_max(1) == len(h.prompt_tokens) + len(h.tokens) - 2
+def test_step_costs_fit():
+    c = StepCosts(8)
+    assert c.ratio(1) is None
+    for i in range(60):  # 20 ms a step, 2 ms a draft row, a little noise
+        c.add(1, i % 5, 0.020 + 0.002 * (i % 5) + 0.0002 * (i % 3))
+        c.add(2, 0, 0.030)  # no spread in draft rows: no slope
+    assert c.ratio(1) == pytest.approx(0.1, rel=0.1)
+    assert c.ratio(2) is None and c.ratio(8) is None
 
 
-@pytest.mark.parametrize("kvu", [False, True])
-def test_three_slots_at_once(model, reference, kvu):
-    with engine(model, n_parallel=3, spec=SPEC["ngram-simple"], kv_unified=kvu) as e:
-        hs = run_all(e, PROMPTS, lambda: greedy(32))
-        for ref, h in zip(reference[3], hs):
-            assert_same(ref, h)
-        assert e.stats.n_drafts > 0
+def test_greedy_same_with_each_spec_type(reference, spec_engine):
+    """Each n-gram type: COPY alone (drafts kept, far fewer steps, the rejected cells gone
+    from the KV), then the three prompts at once, as without drafts."""
+    kind, e = spec_engine
+    steps, acc = e.stats.n_steps, e.stats.n_draft_accepted
+    [h] = run_all(e, [COPY], greedy)
+    assert_same(reference["one"], h)
+    assert len(h.tokens) == N
+    assert h.timings.draft_n > 0 and h.timings.draft_n_accepted > 0
+    assert e.stats.n_draft_accepted - acc == h.timings.draft_n_accepted
+    assert e.stats.n_steps - steps < 26, "32 tokens of copied code take far fewer steps"
+    # the rejected draft cells left the KV: the sequence ends before the last token
+    seq = e.slots[h.slot_id].seq_id
+    assert e.memory.seq_pos_max(seq) == len(h.prompt_tokens) + len(h.tokens) - 2
+    drafts = e.stats.n_drafts
+    hs = run_all(e, PROMPTS, greedy)
+    for ref, got in zip(reference["three"], hs):
+        assert_same(ref, got)
+    assert e.stats.n_drafts > drafts
 
 
-def test_stop_string_and_n_predict_on_accepted_tokens(model):
-    """A stop string inside a long accepted draft ends the text there; n_predict is exact."""
-    stop = "line.strip()"
-    with engine(model, n_parallel=1) as e:
-        [ref] = run_all(e, [COPY], lambda: greedy(80, stop=[stop]))
-        [ref_n] = run_all(e, [COPY], lambda: greedy(23))
-    with engine(model, n_parallel=1, spec=SPEC["ngram-simple"]) as e:
-        [h] = run_all(e, [COPY], lambda: greedy(80, stop=[stop]))
-        [hn] = run_all(e, [COPY], lambda: greedy(23))
-    assert ref.finish_reason == h.finish_reason == FinishReason.STOP
-    assert h.text == ref.text and stop not in h.text
-    assert hn.n_generated == 23 == ref_n.n_generated and hn.text == ref_n.text
+def test_stop_string_and_n_predict_on_accepted_tokens(reference, simple_engine):
+    """A stop string inside an accepted draft ends the text there; n_predict is exact (the
+    expected texts: the reference answer cut at the stop string, its first 13 tokens)."""
+    ref = reference["one"]
+    stop = "result = {}"
+    assert stop in ref.text
+    [h] = run_all(simple_engine, [COPY], greedy(stop=[stop]))
+    assert h.finish_reason == FinishReason.STOP and h.text == ref.text[:ref.text.index(stop)]
+    assert h.timings.draft_n_accepted > 0
+    [hn] = run_all(simple_engine, [COPY], greedy(13))
+    assert hn.n_generated == 13 and hn.tokens == ref.tokens[:13]
 
 
-def test_stream_has_a_chunk_per_accepted_token(model):
-    with engine(model, n_parallel=1, spec=SPEC["ngram-simple"]) as e:
-        h = e.submit(COPY, greedy(40, n_probs=1))
-        e.run_until_idle()
-        chunks = [c for c in h if hasattr(c, "tokens")]
-        assert h.timings.draft_n_accepted > 5
-        assert all(len(c.tokens) == 1 for c in chunks) and len(chunks) == 40
-        assert all(c.probs and len(c.probs) == 1 for c in chunks)
+def test_stream_has_a_chunk_per_accepted_token(simple_engine):
+    h = simple_engine.submit(COPY, greedy(24, n_probs=1))
+    simple_engine.run_until_idle()
+    chunks = [c for c in h if hasattr(c, "tokens")]
+    assert h.timings.draft_n_accepted > 5
+    assert all(len(c.tokens) == 1 for c in chunks) and len(chunks) == 24
+    assert all(c.probs and len(c.probs) == 1 for c in chunks)
 
 
-def test_grammar_constrained_output_is_exact(model):
-    grammar = 'root ::= ("ab" | "cd" | " ")+'
-    prompt = "ab cd ab cd ab cd ab cd ab cd ab cd ab cd"
-    outs = []
-    for spec in (None, SPEC["ngram-simple"]):
-        with engine(model, n_parallel=1, spec=spec) as e:
-            [h] = run_all(e, [prompt], lambda: RequestParams(
-                n_predict=30, sampling=SamplingParams(temperature=0, grammar=grammar)))
-            outs.append(h)
-    assert set(outs[1].text) <= set("abcd ")
-    assert outs[1].text == outs[0].text
-    assert outs[1].timings.draft_n_accepted > 0
+def test_grammar_constrained_output_is_exact(reference, simple_engine):
+    [h] = run_all(simple_engine, [GRAMMAR_PROMPT], grammar_params)
+    assert set(h.text) <= set("abcd ")
+    assert h.text == reference["grammar"].text
+    assert h.timings.draft_n_accepted > 0
 
 
-def test_request_limits_and_sampling(model):
+def test_request_limits_and_sampling(simple_engine):
     """speculative.n_max = 0 in a request turns its drafts off; sampled output keeps going
     with drafts (a sampler at every verified row)."""
-    with engine(model, n_parallel=2, spec=SPEC["ngram-simple"]) as e:
-        off = e.submit(COPY, greedy(30, speculative=RequestSpec(n_max=0)))
-        hot = e.submit(COPY, RequestParams(n_predict=30, sampling=SamplingParams(temperature=0.3, seed=7)))
-        e.run_until_idle()
-        assert off.timings.draft_n == 0 and off.n_generated == 30
-        assert hot.n_generated == 30 and hot.timings.draft_n > 0
+    e = simple_engine
+    off = e.submit(COPY, greedy(20, speculative=RequestSpec(n_max=0)))
+    hot = e.submit(COPY, RequestParams(n_predict=20, sampling=SamplingParams(temperature=0.3, seed=7)))
+    e.run_until_idle()
+    assert off.timings.draft_n == 0 and off.n_generated == 20
+    assert hot.n_generated == 20 and hot.timings.draft_n > 0
 
 
-def test_cancel_while_drafting(model, reference):
-    """A request cancelled mid-way frees its slot; the others' outputs are unchanged."""
-    with engine(model, n_parallel=3, spec=SPEC["ngram-simple"]) as e:
-        hs = [e.submit(p, greedy(32)) for p in PROMPTS]
-        victim = e.submit(COPY, greedy(60))
-        for _ in range(6):
-            e.step()
-        hs[1].cancel()
-        e.run_until_idle()
-        assert hs[1].finish_reason == FinishReason.CANCELLED
-        assert victim.n_generated == 60
-        assert_same(reference[3][0], hs[0])
-        assert_same(reference[3][2], hs[2])
+def test_cancel_while_drafting(reference, simple_engine):
+    """A request cancelled mid-way frees its slot for a waiting one; the others' outputs are
+    unchanged."""
+    e = simple_engine
+    hs = [e.submit(p, greedy()) for p in PROMPTS]
+    victim = e.submit(COPY, greedy(24))
+    for _ in range(6):
+        e.step()
+    hs[1].cancel()
+    e.run_until_idle()
+    assert hs[1].finish_reason == FinishReason.CANCELLED
+    assert victim.n_generated == 24
+    assert_same(reference["three"][0], hs[0])
+    assert_same(reference["three"][2], hs[2])
 
 
 # -- draft-simple ---------------------------------------------------------------------------------
-
-RANDOM_DRAFT = ROOT / ".llama" / "models" / "test-random-draft-gemma3.gguf"
-
-
-def build_random_draft(src, dst, seed=0):
-    """A one-layer gemma3 GGUF with random weights and the default model's tokenizer: a draft
-    whose guesses are nearly always wrong (the reject path)."""
-    gguf = pytest.importorskip("gguf")
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "gemma3")
-    f = r.fields
-    get = lambda k: f[k].contents()
-    w.add_context_length(32768); w.add_embedding_length(64); w.add_block_count(1)
-    w.add_feed_forward_length(128); w.add_head_count(2); w.add_head_count_kv(1)
-    w.add_key_length(32); w.add_value_length(32); w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0); w.add_sliding_window(512)
-    w.add_tokenizer_model(get("tokenizer.ggml.model")); w.add_tokenizer_pre(get("tokenizer.ggml.pre"))
-    w.add_token_list(get("tokenizer.ggml.tokens")); w.add_token_scores(get("tokenizer.ggml.scores"))
-    w.add_token_types(get("tokenizer.ggml.token_type"))
-    for k, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                  ("unknown_token_id", w.add_unk_token_id), ("padding_token_id", w.add_pad_token_id)):
-        fn(get("tokenizer.ggml." + k))
-    w.add_add_bos_token(get("tokenizer.ggml.add_bos_token")); w.add_add_space_prefix(get("tokenizer.ggml.add_space_prefix")); w.add_add_sep_token(get("tokenizer.ggml.add_sep_token")); w.add_add_eos_token(get("tokenizer.ggml.add_eos_token"))
-    rng = np.random.default_rng(seed)
-    n_vocab = len(f["tokenizer.ggml.tokens"].data)
-    def t(name, *shape, ones=False):
-        a = np.ones(shape, np.float32) if ones else (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        w.add_tensor(name, a.astype(np.float16) if len(shape) > 1 else a)
-    t("token_embd.weight", n_vocab, 64); t("output_norm.weight", 64, ones=True)
-    p = "blk.0."
-    t(p + "attn_norm.weight", 64, ones=True); t(p + "attn_q.weight", 64, 64); t(p + "attn_k.weight", 32, 64)
-    t(p + "attn_v.weight", 32, 64); t(p + "attn_output.weight", 64, 64)
-    t(p + "attn_q_norm.weight", 32, ones=True); t(p + "attn_k_norm.weight", 32, ones=True)
-    t(p + "post_attention_norm.weight", 64, ones=True); t(p + "ffn_norm.weight", 64, ones=True)
-    t(p + "ffn_gate.weight", 128, 64); t(p + "ffn_up.weight", 128, 64); t(p + "ffn_down.weight", 64, 128)
-    t(p + "post_ffw_norm.weight", 64, ones=True)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-
-
-@pytest.fixture(scope="module")
-def random_draft(model):
-    if not RANDOM_DRAFT.is_file():
-        tmp = RANDOM_DRAFT.with_suffix(f".{os.getpid()}.tmp")
-        build_random_draft(str(model.path), str(tmp))
-        os.replace(tmp, RANDOM_DRAFT)
-    return str(RANDOM_DRAFT)
-
 
 def test_draft_model_is_its_own_draft(model, reference):
     """The default model drafting for itself: nearly every draft token is kept."""
     spec = SpecParams(types=("draft-simple",), draft_model=str(model.path), n_max=4)
     with engine(model, n_parallel=1, spec=spec) as e:
-        [h] = run_all(e, [COPY], lambda: greedy(32))
-        assert_same(reference[1][0], h)
+        [h] = run_all(e, [COPY], greedy(20))
+        assert_same(reference["one"], h)
         t = h.timings
         assert t.draft_n > 8 and t.draft_n_accepted >= 0.8 * t.draft_n
-        assert e.stats.n_steps < 20
+        assert e.stats.n_steps < 12
 
 
-def test_random_draft_never_changes_output(model, reference, random_draft):
-    """A random draft model is nearly always wrong: the output stays the target's, and the
-    adaptive length soon stops asking it."""
-    spec = SpecParams(types=("draft-simple",), draft_model=random_draft, n_max=4)
-    with engine(model, n_parallel=1, spec=spec) as e:
-        [h] = run_all(e, [COPY], lambda: greedy(32))
-        assert_same(reference[1][0], h)
-        t = h.timings
-        assert 0 < t.draft_n and t.draft_n_accepted <= t.draft_n // 4
-        assert t.draft_n < 32, "drafts that keep failing are turned down"
+def test_random_draft_never_changes_output(model, reference):
+    """A random draft model (three slots drafting in one batch) is nearly always wrong: the
+    outputs stay the target's, and the adaptive length soon stops asking it."""
+    spec = SpecParams(types=("draft-simple",), draft_model=str(tiny_model()), n_max=4)
+    with engine(model, spec=spec) as e:
+        hs = run_all(e, PROMPTS, greedy)
+        for ref, got in zip(reference["three"], hs):
+            assert_same(ref, got)
+        t = [h.timings for h in hs]
+        assert 0 < sum(x.draft_n for x in t) and sum(x.draft_n_accepted for x in t) <= sum(x.draft_n for x in t) // 4
+        assert all(x.draft_n < N for x in t), "drafts that keep failing are turned down"

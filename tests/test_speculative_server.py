@@ -31,9 +31,12 @@ def test_flags_parse_and_refuse(capsys):
     s = a.speculative
     assert s.types == ("ngram-simple", "ngram-mod") and s.n_max == 8 and s.ngram_size_n == 4
     assert s.mod_n_match == 16 and s.adaptive
+    k4v = parse_args(["--spec-type", "ngram-map-k4v", "--spec-ngram-map-k4v-size-n", "6"]).speculative
+    assert k4v.types == ("ngram-map-k4v",) and k4v.ngram_k4v_size_n == 6 and k4v.ngram_k4v_size_m == 48
     assert parse_args(["-md", "d.gguf"]).speculative.types == ("draft-simple",)
     assert parse_args([]).speculative is None
     for argv, msg in ((["--spec-type", "draft-eagle3"], "not supported by this server"),
+                      (["--spec-type", "ngram-cache"], "not supported by this server"),
                       (["--spec-type", "draft-simple"], "draft-simple needs a draft model"),
                       (["--spec-synth-len", "2"], "--spec-synth-len: synthetic acceptance"),
                       (["--spec-default"], "--spec-default"),

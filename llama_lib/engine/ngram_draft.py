@@ -5,6 +5,9 @@ model, only the tokens a slot has seen. Plain numpy and dicts, no C call.
   history; the tokens that followed their most recent earlier occurrence are the draft.
 - `ngram_map_k`: the same lookup, but the continuation is the one that followed the key most
   often (at least `min_hits` times), so a key seen in several places drafts its usual sequel.
+- `ngram_map_k4v`: the whole continuations (m-grams) that followed the key are counted, the
+  first four different ones; the most frequent is the draft when it is clearly the usual one
+  (at least twice as frequent as the others together).
 - `NgramMod`: llama.cpp's ngram-mod, a hash of every n-gram seen (all slots, all requests) to
   the token that followed it, drafting one token at a time from it.
 """
@@ -60,6 +63,37 @@ def ngram_map_k(hist: np.ndarray, n: int, m: int, min_hits: int = 1) -> np.ndarr
             start = int(j) + n
             return hist[start:start + m]
     return hist[:0]
+
+
+K4V_VALUES = 4  # llama.cpp's ngram-map-k4v keeps four m-grams per key
+
+
+def ngram_map_k4v(hist: np.ndarray, n: int, m: int, min_hits: int = 1) -> np.ndarray:
+    """llama.cpp's ngram-map-k4v: the m-grams that followed hist's last n tokens (the first
+    K4V_VALUES different ones, a shorter one at the end of the history counting as the m-gram
+    it begins) are counted; the key must have been seen min_hits times, and the most frequent
+    m-gram is the draft only if it was seen at least twice as often as the others together."""
+    found = _matches(hist, n)
+    if len(found) < max(1, min_hits):
+        return hist[:0]
+    starts: list[int] = []  # each value's first (longest) occurrence
+    counts: list[int] = []
+    for j in found:
+        seg = hist[j + n:j + n + m]
+        for v, s0 in enumerate(starts):
+            ref = hist[s0:s0 + len(seg)]
+            if np.array_equal(ref, seg):
+                counts[v] += 1
+                break
+        else:
+            if len(starts) < K4V_VALUES:
+                starts.append(int(j) + n)
+                counts.append(1)
+    best = int(np.argmax(counts))
+    others = sum(counts) - counts[best]
+    if others and counts[best] < 2 * others:
+        return hist[:0]
+    return hist[starts[best]:starts[best] + m]
 
 
 class NgramMod:

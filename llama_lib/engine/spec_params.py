@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # --spec-type names this engine implements, in llama.cpp's spelling
-SPEC_TYPES = ("none", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-mod")
+SPEC_TYPES = ("none", "draft-simple", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
 # llama.cpp's names that exist but are not implemented here (refused by name)
-SPEC_TYPES_REFUSED = ("ngram-map-k4v", "ngram-cache", "draft-eagle3", "draft-mtp", "draft-dflash",
+# (ngram-cache: llama.cpp's lookup decoding, docs/speculative.md says why it is left out)
+SPEC_TYPES_REFUSED = ("ngram-cache", "draft-eagle3", "draft-mtp", "draft-dflash",
                       "draft-dspark")
 
 
@@ -31,6 +32,9 @@ class SpecParams:
     ngram_k_size_n: int = 12
     ngram_k_size_m: int = 48
     ngram_k_min_hits: int = 1
+    ngram_k4v_size_n: int = 12     # ngram-map-k4v (the same meaning; llama.cpp: 12 and 48)
+    ngram_k4v_size_m: int = 48
+    ngram_k4v_min_hits: int = 1
     # ngram-mod: lookup length n_match, drafts between n_min and n_max tokens (llama.cpp's)
     mod_n_match: int = 24
     mod_n_min: int = 48

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .draft_model import DraftModel
-from .ngram_draft import NgramMod, ngram_map_k, ngram_simple
+from .ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from .parts import StepParts
 from .seq_order import PASS_COST, SEQUENCE_COST, decode_cost, ubatch_shapes
 from .slot import GENERATE, Slot
@@ -45,6 +45,40 @@ IDLE_DECAY = 0.97               # a step without a draft forgets a little (so a 
 # must verify a little to learn its own figure.
 PRIOR = 0.75
 PRIOR_N = 2.0
+
+
+FIT_DECAY = 0.98    # weight of older steps in the measured step costs (~50 steps)
+FIT_MIN_WEIGHT = 16.0
+FIT_RANGE = 3.0     # a measured row cost stays within 1/3 .. 3x of the model's
+
+
+class StepCosts:
+    """What a draft row costs, measured: for each number of generating slots, a decayed
+    least-squares line through the steps' decode times against their draft rows (pure
+    generation steps: one decode, no prompt rows). `ratio(n)` is a draft row's time over the
+    time of the step without drafts; None until the steps seen differ enough in draft rows."""
+
+    def __init__(self, n_slots: int):
+        self.sums = np.zeros((n_slots + 1, 5))  # weight, sum x, sum y, sum xx, sum xy
+
+    def add(self, n_gen: int, rows: int, seconds: float) -> None:
+        s = self.sums[n_gen]
+        s *= FIT_DECAY
+        s += (1.0, rows, seconds, rows * rows, rows * seconds)
+
+    def ratio(self, n_gen: int) -> float | None:
+        w, sx, sy, sxx, sxy = self.sums[n_gen]
+        if w < FIT_MIN_WEIGHT:
+            return None
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        if var < 1.0:  # too little spread in draft rows for a slope
+            return None
+        slope = (sxy / w - mx * my) / var
+        base = my - slope * mx
+        if slope <= 0.0 or base <= 0.0:
+            return None
+        return min(1.0, slope / base)
 
 
 @dataclass
@@ -78,6 +112,8 @@ class Speculator:
         p = params
         self.mod = NgramMod(p.mod_n_match, p.mod_n_min, p.mod_n_max) if "ngram-mod" in p.types else None
         self._pending: list[tuple[int, int]] = []  # (sequence, first stale position) after the decode
+        self.costs = StepCosts(n_slots)
+        self._probe: tuple | None = None  # (slots, draft rows, decode time, decode calls, prompt tokens)
 
     # -- the history of a slot ------------------------------------------------------------
 
@@ -146,6 +182,9 @@ class Speculator:
                     d = ngram_simple(hist, prm.ngram_size_n, min(limit, prm.ngram_size_m), prm.ngram_min_hits)
                 elif t == "ngram-map-k":
                     d = ngram_map_k(hist, prm.ngram_k_size_n, min(limit, prm.ngram_k_size_m), prm.ngram_k_min_hits)
+                elif t == "ngram-map-k4v":
+                    d = ngram_map_k4v(hist, prm.ngram_k4v_size_n, min(limit, prm.ngram_k4v_size_m),
+                                      prm.ngram_k4v_min_hits)
                 else:  # ngram-mod
                     d = self.mod.draft(hist, limit)
                 if len(d) >= max(1, self.n_min(s)):
@@ -158,7 +197,9 @@ class Speculator:
         lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
         if self.params.adaptive:
             pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
-            lim = {sid: pre.get(sid, 0) for sid in lim}
+            # a slot that drafts at all drafts at least its n_min (shorter would not be verified)
+            lim = {sid: max(pre[sid], min(n, self.n_min(p.slots[sid]))) if pre.get(sid) else 0
+                   for sid, n in lim.items()}
         ask = [(s, hist, lim[s.id]) for s, hist, _ in left if lim[s.id] >= max(1, self.n_min(s))]
         got = self.drafter.draft_many(ask, self.p_min) if ask else {}
         return {sid: d for sid, d in got.items() if len(d) >= max(1, self.n_min(p.slots[sid]))}
@@ -173,6 +214,10 @@ class Speculator:
             return {sid: len(d) for sid, d in drafts.items()}
         n_gen = len(gen)
         base = step_cost(p, [1] * n_gen, [s.seq_id for s in gen])
+        # a draft row's cost: measured on this machine once the steps allow it, else the model's
+        # (within a factor FIT_RANGE of the model's either way: a noisy fit must not run away)
+        q = self.costs.ratio(n_gen)
+        row_cost = min(max(q * base, ROW_COST / FIT_RANGE), ROW_COST * FIT_RANGE) if q is not None else ROW_COST
         tokens, cost = float(n_gen), base
         items = []  # (chance the row's token is kept, slot id)
         for sid, d in drafts.items():
@@ -184,10 +229,10 @@ class Speculator:
         items.sort(reverse=True)
         k: dict[int, int] = {}
         for v, sid in items:
-            if v * cost <= ROW_COST * tokens:  # one more row would lower tokens per cost
+            if v * cost <= row_cost * tokens:  # one more row would lower tokens per cost
                 break
             tokens += v
-            cost += ROW_COST
+            cost += row_cost
             k[sid] = k.get(sid, 0) + 1
         if k and not p.cache.kv_unified:
             # a KV stream per slot: uneven rows split the decode into more passes (seq_order.py);
@@ -205,8 +250,10 @@ class Speculator:
             st.draft = None
         gen = [s for s in p.slots if s.phase is GENERATE]
         batch = p.batch
+        self._probe = None
         if not gen or batch.n_tokens != len(gen):
             return
+        self._probe = (len(gen), 0, p.ctx.t_decode, p.ctx.n_decode_calls, p.stats.n_prompt_tokens)
         drafts = self.propose(p, gen)
         for s in gen:
             if s.id not in drafts:
@@ -223,7 +270,10 @@ class Speculator:
         batch.clear()
         for s in gen:
             d = drafts.get(s.id)
-            n = min(k.get(s.id, 0), max(0, budget))
+            n = k.get(s.id, 0)
+            if 0 < n and d is not None:
+                n = max(n, min(len(d), self.n_min(s)))  # never shorter than the request's n_min
+            n = min(n, max(0, budget))
             budget -= n
             d = d[:n] if d is not None and n > 0 else None
             pos0 = s.n_past - 1
@@ -235,6 +285,7 @@ class Speculator:
             s.i_batch = last - n
             s.n_past = pos0 + 1 + n
             self.slots[s.id].draft = d
+        self._probe = (len(gen), batch.n_tokens - len(gen), *self._probe[2:])
 
     # -- after the decode -------------------------------------------------------------------
 
@@ -244,6 +295,11 @@ class Speculator:
         self._pending.append((seq_id, pos))
 
     def after_decode(self, p: StepParts) -> None:
+        if self._probe is not None:
+            n_gen, rows, t0, calls, prompt = self._probe
+            self._probe = None
+            if p.ctx.n_decode_calls == calls + 1 and p.stats.n_prompt_tokens == prompt:
+                self.costs.add(n_gen, rows, p.ctx.t_decode - t0)
         for seq, pos in self._pending:
             p.memory.seq_rm(seq, pos, -1)
         self._pending.clear()

@@ -39,9 +39,6 @@ _REFUSED = (
     (("--no-spec-draft-backend-sampling",), 0, "backend draft sampling is"),
     (("--spec-draft-device", "-devd", "--device-draft"), 1, "draft devices are"),
     (("--spec-draft-ngl", "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft"), 1, "GPU offload is"),
-    (("--spec-ngram-map-k4v-size-n",), 1, "ngram-map-k4v is"),
-    (("--spec-ngram-map-k4v-size-m",), 1, "ngram-map-k4v is"),
-    (("--spec-ngram-map-k4v-min-hits",), 1, "ngram-map-k4v is"),
     (("--spec-default",), 0, "--spec-default (ngram-mod, 24/48/64) is"),
 )
 # removed from llama.cpp already; it says what replaced them
@@ -98,7 +95,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
       metavar="P", help=f"draft-simple stops below this probability (default: {_D.p_min:.2f})")
     g("--spec-draft-ctx-size", "-cd", "--ctx-size-draft", dest="spec_draft_ctx", type=int, default=0,
       metavar="N", help="draft model's context size (default: 0 = the target's)")
-    for kind, attr in (("simple", "ngram"), ("map-k", "ngram_k")):
+    for kind, attr in (("simple", "ngram"), ("map-k", "ngram_k"), ("map-k4v", "ngram_k4v")):
         for what, lo, hi, name in (("size-n", 1, 1024, "size_n"), ("size-m", 1, 1024, "size_m"),
                                    ("min-hits", 1, 1 << 30, "min_hits")):
             dflt = getattr(_D, f"{attr}_{name}")
@@ -134,6 +131,8 @@ def spec_params(p: argparse.ArgumentParser, args: argparse.Namespace) -> SpecPar
             ngram_size_n=args.spec_ngram_size_n, ngram_size_m=args.spec_ngram_size_m,
             ngram_min_hits=args.spec_ngram_min_hits, ngram_k_size_n=args.spec_ngram_k_size_n,
             ngram_k_size_m=args.spec_ngram_k_size_m, ngram_k_min_hits=args.spec_ngram_k_min_hits,
+            ngram_k4v_size_n=args.spec_ngram_k4v_size_n, ngram_k4v_size_m=args.spec_ngram_k4v_size_m,
+            ngram_k4v_min_hits=args.spec_ngram_k4v_min_hits,
             mod_n_match=args.spec_mod_n_match, mod_n_min=args.spec_mod_n_min,
             mod_n_max=args.spec_mod_n_max, adaptive=args.spec_adaptive)
     except ValueError as e:
