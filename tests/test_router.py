@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from server_util import ROOT, ServerProcess
-from tiny_model import linked_default, tiny_model
+from tiny_model import linked_default, models_folder, tiny_model
 
 PRESET = """\
 ; every model
@@ -38,10 +38,7 @@ load-on-startup = true
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
     d = tmp_path_factory.mktemp("router")
-    models = d / "models"
-    models.mkdir()
-    (models / "tiny.gguf").symlink_to(tiny_model())
-    linked_default(models, "gemma")
+    models = models_folder(d)
     linked_default(models, "gemma-b")
     (models / "broken.gguf").write_bytes(b"GGUF but not really")
     (d / "models.ini").write_text(PRESET)

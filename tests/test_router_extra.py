@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from server_util import ServerProcess
-from tiny_model import linked_default, tiny_model
+from tiny_model import models_folder, tiny_model
 
 N_CPUS = len(os.sched_getaffinity(0))
 
@@ -20,10 +20,7 @@ N_CPUS = len(os.sched_getaffinity(0))
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
     d = tmp_path_factory.mktemp("router-cores")
-    models = d / "models"
-    models.mkdir()
-    (models / "tiny.gguf").symlink_to(tiny_model())
-    linked_default(models, "gemma")
+    models = models_folder(d)
     s = ServerProcess(["--models-dir", str(models), "-c", "1024", "-np", "2", "-t", str(N_CPUS),
                        "--models-max", "2"], d / "router.log")
     s.wait_ready()

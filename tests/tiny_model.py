@@ -85,3 +85,12 @@ def linked_default(folder: Path, name: str) -> Path:
     if not dest.exists():
         dest.symlink_to(DEFAULT_MODEL)
     return dest
+
+
+def models_folder(d: Path) -> Path:
+    """A router's models folder under `d`: the tiny model and the default model linked as "gemma"."""
+    models = d / "models"
+    models.mkdir()
+    (models / "tiny.gguf").symlink_to(tiny_model())
+    linked_default(models, "gemma")
+    return models
