@@ -1,9 +1,6 @@
 """The server's state between HTTP and the engine: settings, the loaded model, running jobs.
-
-HTTP handler threads call `Service` methods; every method that needs the model either reads
-the tokenizer (thread-safe, read-only) or hands a request to the engine thread with
-`Engine.submit()` and then blocks on the returned handle's queue. Nothing here decodes.
-"""
+HTTP threads call `Service`: it reads the tokenizer (thread-safe, read-only) or hands a request
+to the engine thread (`Engine.submit()`) and blocks on its handle's queue. Nothing here decodes."""
 
 from __future__ import annotations
 
@@ -223,8 +220,7 @@ class Service:
     # -- generation -------------------------------------------------------------------------
 
     def adds_bos(self, first: bool = True) -> bool:
-        """BOS only on a prompt's first part, and there as the engine's one rule says (where it
-        starts the sequence: the model wants BOS and no shared system prompt comes before)."""
+        """BOS only on a prompt's first part, where the engine's rule says (engine.adds_bos)."""
         return bool(first and (self.engine.adds_bos() if self.engine else self.model.vocab.add_bos))
 
     def _chat_tokens(self, prompt: str) -> list[int]:
