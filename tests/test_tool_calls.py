@@ -73,7 +73,7 @@ def test_parsers_on_fixed_outputs_and_every_prefix(fmt, text, content, calls):
         assert content.startswith(p.content), (k, p)
         assert len(p.calls) <= len(calls)
         for a, (name, args) in zip(p.calls, calls):
-            assert a.name == name and args.startswith(a.arguments)
+            assert (a.name == name if a.whole_name else name.startswith(a.name)) and args.startswith(a.arguments)
 
 
 @pytest.mark.parametrize("fmt,text", [
@@ -104,6 +104,23 @@ def test_streamed_deltas_add_up_to_the_message():
     assert content == msg["content"] == "Let me look."
     assert [(c["id"], c["name"], c["arguments"]) for c in calls.values()] == [
         (m["id"], m["function"]["name"], m["function"]["arguments"]) for m in msg["tool_calls"]]
+
+
+def test_a_call_starts_once_its_name_is_unambiguous():
+    """Under the calls grammar the tool_use block starts as soon as one offered name fits what
+    was written; without a grammar (or while two names fit) it waits for the whole name."""
+    names = ("read_file", "run_command", "write_file")
+    head = '<tool_call>\n{"name": "'
+    fits = ChatOutput(ChatPlan(fmt=FORMATS["hermes"], tool_names=names, grammar="root ::= x"))
+    assert fits.deltas(head + "r") == []  # read_file or run_command
+    got = fits.deltas(head + "rea")
+    assert [tc["function"]["name"] for d in got for tc in d["tool_calls"]] == ["read_file"]
+    rest = fits.deltas(head + 'read_file", "arguments": {"path": "a"}}</tool_call>', final=True)
+    assert all("name" not in tc["function"] for d in rest for tc in d["tool_calls"])
+    assert "".join(tc["function"].get("arguments", "") for d in got + rest for tc in d["tool_calls"]) == '{"path": "a"}'
+    free = ChatOutput(ChatPlan(fmt=FORMATS["hermes"], tool_names=names))
+    assert free.deltas(head + "rea") == []
+    assert free.deltas(head + 'read_file", ')[0]["tool_calls"][0]["function"]["name"] == "read_file"
 
 
 @pytest.mark.parametrize("name,fmt", [

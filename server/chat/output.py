@@ -15,7 +15,7 @@ import string
 
 from .plan import ChatPlan
 from .reasoning import split_reasoning
-from .tool_formats import Parsed
+from .tool_formats import Parsed, ParsedCall
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -45,11 +45,22 @@ class ChatOutput:
         if p.fmt is None:
             return reasoning, Parsed(rest)
         parsed = p.fmt.parse(rest, final)
-        if p.tool_names:  # a call of a tool that was not offered is not a call
-            kept = [c for c in parsed.calls if c.name in p.tool_names]
-            if len(kept) != len(parsed.calls):
-                parsed = Parsed(parsed.content, kept)
+        kept = [c for c in map(self._named, parsed.calls) if c is not None]
+        if len(kept) != len(parsed.calls) or any(a is not b for a, b in zip(kept, parsed.calls)):
+            parsed = Parsed(parsed.content, kept)
         return reasoning, parsed
+
+    def _named(self, call: ParsedCall) -> ParsedCall | None:
+        """The call as the client may see it: a tool that was not offered is not a call, and a
+        name still being written is known as soon as the grammar leaves one offered name it
+        can become (the stream's tool_use block starts steps before the name's last token)."""
+        names = self.plan.tool_names
+        if call.whole_name:
+            return call if not names or call.name in names else None
+        if not self.plan.grammar:
+            return None
+        fits = [n for n in names if n.startswith(call.name)]
+        return ParsedCall(fits[0], call.arguments) if len(fits) == 1 else None
 
     def _id(self, i: int) -> str:
         while len(self._ids) <= i:

@@ -38,6 +38,7 @@ class ParsedCall:
     name: str
     arguments: str  # the JSON text of the arguments as far as it is written
     complete: bool = False
+    whole_name: bool = True  # False: `name` is the start of a name still being written
 
 
 @dataclass
@@ -189,6 +190,9 @@ class ToolFormat:
                 raise NotACall
             if scan.members and scan.members[0].key not in ("name", "type", "function", "arguments", "parameters"):
                 raise NotACall
+            if name_m is not None and text.startswith('"', name_m.start):
+                # the name is being written: its start, for a reader that knows the offered names
+                return ParsedCall(partial_string(text[name_m.start + 1:]), "", whole_name=False), None
             # still open: being written, or (final) cut before its name was whole (max_tokens):
             # markup of a call that never was, shown neither as a call nor as text
             return None, None
