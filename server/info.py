@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from llama_lib import Model
+from llama_lib import Model, llama_build_info
 from llama_lib.engine.embedding import POOLING_NAMES
 
-from . import __version__
 from .api.requests import base_params
 from .api.shapes.common import generation_settings
+from .metrics import Metrics
 from .service import Service
 
 
@@ -44,7 +44,7 @@ def props(svc: Service) -> dict:
         "cors_proxy_enabled": False,
         "bos_token": v.token_text(v.bos) if v else "",
         "eos_token": v.token_text(v.eos) if v else "",
-        "build_info": f"pyllama-server {__version__}",
+        "build_info": llama_build_info(),  # llama-server's "b<build number>-<commit>" of libllama
         "is_sleeping": False,
         "embedding": embedder is not None,   # --embedding: /v1/embeddings answers
         "pooling": POOLING_NAMES[embedder.pooling] if embedder is not None else None,
@@ -59,8 +59,24 @@ def props(svc: Service) -> dict:
 def asleep_view(svc: Service) -> dict:
     """What /props, /models and /metrics show while the model sleeps (--sleep-idle-seconds):
     taken just before it is freed, /props then saying is_sleeping."""
+    m = svc.metrics_snapshot()
+    empty = m.copy()
+    empty.reset_window()
     return {"props": {**props(svc), "is_sleeping": True}, "models": models(svc),
-            "metrics": metrics_text(svc)}
+            "metrics": metrics_text(svc, m), "metrics_empty": metrics_text(svc, empty)}
+
+
+def scrape_metrics(svc: Service) -> str:
+    """GET /metrics: the text, and a new throughput window (server.metrics). Asleep: the text
+    taken before sleeping, its window reported by the first scrape only (later ones show an
+    empty window, as does the first after waking: nothing ran meanwhile), as llama-server."""
+    if not svc.sleeping:
+        return metrics_text(svc, svc.metrics_snapshot(scrape=True))
+    view = svc.asleep_view
+    text = view["metrics"]
+    view["metrics"] = view["metrics_empty"]
+    svc.metrics_snapshot(scrape=True)  # the live window is the one just reported
+    return text
 
 
 def slots(svc: Service) -> list[dict]:
@@ -139,10 +155,9 @@ def models(svc: Service) -> dict:
                                 "quantization_level": ""}}],
     }
 
-def metrics_text(svc: Service) -> str:
-    """GET /metrics: Prometheus text with llama-server's names."""
+def metrics_text(svc: Service, m: Metrics) -> str:
+    """/metrics' Prometheus text with llama-server's names, of the totals `m`."""
     e, st = svc.engine, svc.engine.stats
-    m = svc.metrics_snapshot()
     rows = [
         ("prompt_tokens_total", "counter", "Number of prompt tokens processed, excluding cached tokens", m.n_prompt_tokens),
         ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache", m.n_prompt_tokens_cached),
@@ -157,10 +172,10 @@ def metrics_text(svc: Service) -> str:
          "Speculative: Total draft tokens accepted by the target model", st.n_draft_accepted),
         ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps",
          st.n_drafts),
-        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s",
-         m.n_prompt_tokens / m.t_prompt_s if m.t_prompt_s else 0.0),
+        # llama-server's windowed gauges: over the requests since the last scrape (server.metrics)
+        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s", m.prompt_window.rate()),
         ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
-         m.n_predicted_tokens / m.t_predicted_s if m.t_predicted_s else 0.0),
+         m.predict_window.rate()),
         ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
         ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
         ("embedding_inputs_total", "counter", "Number of inputs embedded (pyllama)", st.n_embd_inputs),

@@ -16,7 +16,8 @@ import socket
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from .. import __version__
+from llama_lib import llama_build_info
+
 from ..api.stream import PING
 from ..errors import ApiError, bad_request
 from ..http.routes import PUBLIC_PATHS, Handler
@@ -105,7 +106,7 @@ class RouterHandler(Handler):
         return {"role": "router", "max_instances": svc.table.models_max,
                 "models_autoload": svc.table.autoload, "model_alias": "llama-server",
                 "model_path": "none", "default_generation_settings": {"params": {}, "n_ctx": 0},
-                "ui_settings": {}, "build_info": f"pyllama-server {__version__}",
+                "ui_settings": {}, "build_info": llama_build_info(),
                 "cors_proxy_enabled": False, "is_sleeping": False}
 
     def r_models(self, svc: RouterService, q) -> None:
