@@ -59,24 +59,17 @@ def props(svc: Service) -> dict:
 def asleep_view(svc: Service) -> dict:
     """What /props, /models and /metrics show while the model sleeps (--sleep-idle-seconds):
     taken just before it is freed, /props then saying is_sleeping."""
-    m = svc.metrics_snapshot()
-    empty = m.copy()
-    empty.reset_window()
     return {"props": {**props(svc), "is_sleeping": True}, "models": models(svc),
-            "metrics": metrics_text(svc, m), "metrics_empty": metrics_text(svc, empty)}
+            "metrics": metrics_parts(svc, svc.metrics_snapshot())}
 
 
 def scrape_metrics(svc: Service) -> str:
-    """GET /metrics: the text, and a new throughput window (server.metrics). Asleep: the text
-    taken before sleeping, its window reported by the first scrape only (later ones show an
-    empty window, as does the first after waking: nothing ran meanwhile), as llama-server."""
-    if not svc.sleeping:
-        return metrics_text(svc, svc.metrics_snapshot(scrape=True))
-    view = svc.asleep_view
-    text = view["metrics"]
-    view["metrics"] = view["metrics_empty"]
-    svc.metrics_snapshot(scrape=True)  # the live window is the one just reported
-    return text
+    """GET /metrics: the text, with the throughput window since the last scrape (a new one
+    starts: server.metrics). Asleep, the rest is what was kept on falling asleep; the window is
+    the live one (nothing runs meanwhile): the last work's for the first scrape, then empty,
+    as after waking, as llama-server."""
+    m = svc.metrics_snapshot(scrape=True)
+    return metrics_text(svc, m, svc.asleep_view["metrics"] if svc.sleeping else None)
 
 
 def slots(svc: Service) -> list[dict]:
@@ -155,10 +148,20 @@ def models(svc: Service) -> dict:
                                 "quantization_level": ""}}],
     }
 
-def metrics_text(svc: Service, m: Metrics) -> str:
-    """/metrics' Prometheus text with llama-server's names, of the totals `m`."""
+def metrics_text(svc: Service, m: Metrics, kept: tuple[list[str], list[str]] | None = None) -> str:
+    """/metrics' Prometheus text with llama-server's names: `kept` (or what the engine says now)
+    around llama-server's two windowed gauges, the rates over the window of `m`."""
+    before, after = kept or metrics_parts(svc, m)
+    window = [("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s", m.prompt_window.rate()),
+              ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
+               m.predict_window.rate())]
+    return "\n".join(before + metric_lines(window) + after) + "\n"
+
+
+def metrics_parts(svc: Service, m: Metrics) -> tuple[list[str], list[str]]:
+    """/metrics' lines before and after the windowed gauges: the totals `m` and the engine's."""
     e, st = svc.engine, svc.engine.stats
-    rows = [
+    before = [
         ("prompt_tokens_total", "counter", "Number of prompt tokens processed, excluding cached tokens", m.n_prompt_tokens),
         ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache", m.n_prompt_tokens_cached),
         ("prompt_seconds_total", "counter", "Total time spent processing prompts", m.t_prompt_s),
@@ -172,10 +175,8 @@ def metrics_text(svc: Service, m: Metrics) -> str:
          "Speculative: Total draft tokens accepted by the target model", st.n_draft_accepted),
         ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps",
          st.n_drafts),
-        # llama-server's windowed gauges: over the requests since the last scrape (server.metrics)
-        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s", m.prompt_window.rate()),
-        ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
-         m.predict_window.rate()),
+    ]
+    after = [
         ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
         ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
         ("embedding_inputs_total", "counter", "Number of inputs embedded (pyllama)", st.n_embd_inputs),
@@ -185,8 +186,7 @@ def metrics_text(svc: Service, m: Metrics) -> str:
         *ram_cache_rows(e.ram_cache_stats()),
         *prefix_share_rows(e.share_stats()),
     ]
-    lines = metric_lines(rows) + user_metric_lines(e.users_info())
-    return "\n".join(lines) + "\n"
+    return metric_lines(before), metric_lines(after) + user_metric_lines(e.users_info())
 
 
 def metric_lines(rows: list[tuple]) -> list[str]:
