@@ -5,8 +5,13 @@ are not removable, `POST /models` (a download) is refused; and the router's buil
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+import time
 from pathlib import Path
+
+import requests
 
 from server.router import hf_cache
 from server_util import ServerProcess
@@ -25,6 +30,15 @@ def cache_entry(cache: Path, repo: str, fname: str, target: Path, oid: str = OID
         (folder / "blobs" / oid).symlink_to(target)
     (folder / "snapshots" / COMMIT / fname).symlink_to(Path("..") / ".." / "blobs" / oid)
     return folder
+
+
+def wait_for(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_cache_listing_and_removal(tmp_path, monkeypatch):
@@ -79,8 +93,21 @@ def test_router_serves_and_deletes_a_cached_model(tmp_path, monkeypatch):
         assert r.session.delete(r.url + "/models?model=nope").status_code == 404
         assert r.post("/models", {"model": "org/other:Q4_0"}).status_code == 501  # no downloads
         assert r.post("/models", {"model": name}).status_code == 400  # already there
+        events, subscribed = [], threading.Event()
+
+        def listen():
+            with requests.get(r.url + "/models/sse", stream=True, timeout=60) as sse:
+                subscribed.set()
+                for line in sse.iter_lines():
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+                        if events[-1].get("event") == "model_remove":
+                            return
+        threading.Thread(target=listen, daemon=True).start()
+        assert subscribed.wait(10)  # the model's stop takes longer than the subscription
         d = r.session.delete(r.url + f"/models?model={name}")
         assert d.status_code == 200 and d.json() == {"success": True}
+        assert wait_for(lambda: {"model": name, "event": "model_remove"} in events)
         assert name not in {m["id"] for m in r.get("/models").json()["data"]}
         assert not list((folder / "snapshots" / COMMIT).iterdir()) and not list((folder / "blobs").iterdir())
         assert tiny.exists()
