@@ -6,6 +6,7 @@ from .loader import (
     LlamaLibraryError,
     build_info,
     default_model_path,
+    llama_build_info,
     load_library,
     system_info,
 )
@@ -18,7 +19,7 @@ __all__ = [
     "Batch", "BuildInfo", "Context", "ContextError", "ContextParams", "DEFAULT_MODEL", "DecodeError",
     "LlamaLibraryError", "Memory", "Model", "ModelLoadError", "Sampler", "SamplingParams",
     "Vocab", "apply_chat_template", "build_info", "builtin_chat_templates", "default_model_path",
-    "load_library", "system_info",
+    "llama_build_info", "load_library", "system_info",
 ]
 
 from .engine import (  # noqa: E402

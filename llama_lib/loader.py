@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -240,3 +241,27 @@ def system_info() -> str:
 def build_info() -> BuildInfo:
     """How the loaded libllama was built (OpenMP or not, which CPU backend), loading it first."""
     return library().build_info
+
+
+COMMON_LIB = "libllama-common.so"  # llama.cpp's common library: both layouts ship it beside libllama
+
+
+def llama_build_info(lib_dir: str | os.PathLike | None = None) -> str:
+    """llama.cpp's build tag, "b<LLAMA_BUILD_NUMBER>-<LLAMA_COMMIT>" (what its llama_build_info()
+    gives and llama-server reports as build_info and system_fingerprint), read from the
+    libllama-common.so beside the libllama in use (the loaded one, else where load_library would
+    look). Does not load the model backends; "b0-unknown" (cmake's defaults) without that file."""
+    folder = _loaded.lib_dir if _loaded is not None else _resolve_dir(lib_dir).resolve()
+    return _read_build_tag(folder)
+
+
+@functools.cache
+def _read_build_tag(folder: Path) -> str:
+    try:
+        common = ctypes.CDLL(str(folder / COMMON_LIB))
+        number = ctypes.c_int.in_dll(common, "LLAMA_BUILD_NUMBER").value
+        commit = (ctypes.c_char_p.in_dll(common, "LLAMA_COMMIT").value or b"unknown").decode()
+    except (OSError, ValueError) as e:
+        log.debug("no build number and commit from %s: %s", folder / COMMON_LIB, e)
+        return "b0-unknown"
+    return f"b{number}-{commit}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from llama_lib import Model
+from llama_lib import Model, llama_build_info
 from llama_lib.engine.embedding import POOLING_NAMES
 
-from . import __version__
 from .api.requests import base_params
 from .api.shapes.common import generation_settings
+from .metrics import Metrics
 from .service import Service
 
 
@@ -44,7 +44,7 @@ def props(svc: Service) -> dict:
         "cors_proxy_enabled": False,
         "bos_token": v.token_text(v.bos) if v else "",
         "eos_token": v.token_text(v.eos) if v else "",
-        "build_info": f"pyllama-server {__version__}",
+        "build_info": llama_build_info(),  # llama-server's "b<build number>-<commit>" of libllama
         "is_sleeping": False,
         "embedding": embedder is not None,   # --embedding: /v1/embeddings answers
         "pooling": POOLING_NAMES[embedder.pooling] if embedder is not None else None,
@@ -60,7 +60,16 @@ def asleep_view(svc: Service) -> dict:
     """What /props, /models and /metrics show while the model sleeps (--sleep-idle-seconds):
     taken just before it is freed, /props then saying is_sleeping."""
     return {"props": {**props(svc), "is_sleeping": True}, "models": models(svc),
-            "metrics": metrics_text(svc)}
+            "metrics": metrics_parts(svc, svc.metrics_snapshot())}
+
+
+def scrape_metrics(svc: Service) -> str:
+    """GET /metrics: the text, with the throughput window since the last scrape (a new one
+    starts: server.metrics). Asleep, the rest is what was kept on falling asleep; the window is
+    the live one (nothing runs meanwhile): the last work's for the first scrape, then empty,
+    as after waking, as llama-server."""
+    m = svc.metrics_snapshot(scrape=True)
+    return metrics_text(svc, m, svc.asleep_view["metrics"] if svc.sleeping else None)
 
 
 def slots(svc: Service) -> list[dict]:
@@ -139,11 +148,20 @@ def models(svc: Service) -> dict:
                                 "quantization_level": ""}}],
     }
 
-def metrics_text(svc: Service) -> str:
-    """GET /metrics: Prometheus text with llama-server's names."""
+def metrics_text(svc: Service, m: Metrics, kept: tuple[list[str], list[str]] | None = None) -> str:
+    """/metrics' Prometheus text with llama-server's names: `kept` (or what the engine says now)
+    around llama-server's two windowed gauges, the rates over the window of `m`."""
+    before, after = kept or metrics_parts(svc, m)
+    window = [("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s", m.prompt_window.rate()),
+              ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
+               m.predict_window.rate())]
+    return "\n".join(before + metric_lines(window) + after) + "\n"
+
+
+def metrics_parts(svc: Service, m: Metrics) -> tuple[list[str], list[str]]:
+    """/metrics' lines before and after the windowed gauges: the totals `m` and the engine's."""
     e, st = svc.engine, svc.engine.stats
-    m = svc.metrics_snapshot()
-    rows = [
+    before = [
         ("prompt_tokens_total", "counter", "Number of prompt tokens processed, excluding cached tokens", m.n_prompt_tokens),
         ("prompt_tokens_cached_total", "counter", "Number of prompt tokens reused from the cache", m.n_prompt_tokens_cached),
         ("prompt_seconds_total", "counter", "Total time spent processing prompts", m.t_prompt_s),
@@ -157,10 +175,8 @@ def metrics_text(svc: Service) -> str:
          "Speculative: Total draft tokens accepted by the target model", st.n_draft_accepted),
         ("spec_decode_num_drafts_total", "counter", "Speculative: Total speculative decoding verification steps",
          st.n_drafts),
-        ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s",
-         m.n_prompt_tokens / m.t_prompt_s if m.t_prompt_s else 0.0),
-        ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s",
-         m.n_predicted_tokens / m.t_predicted_s if m.t_predicted_s else 0.0),
+    ]
+    after = [
         ("requests_processing", "gauge", "Number of requests processing", e.n_busy),
         ("requests_deferred", "gauge", "Number of requests deferred", e.n_waiting),
         ("embedding_inputs_total", "counter", "Number of inputs embedded (pyllama)", st.n_embd_inputs),
@@ -170,8 +186,7 @@ def metrics_text(svc: Service) -> str:
         *ram_cache_rows(e.ram_cache_stats()),
         *prefix_share_rows(e.share_stats()),
     ]
-    lines = metric_lines(rows) + user_metric_lines(e.users_info())
-    return "\n".join(lines) + "\n"
+    return metric_lines(before), metric_lines(after) + user_metric_lines(e.users_info())
 
 
 def metric_lines(rows: list[tuple]) -> list[str]:

@@ -11,7 +11,6 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from llama_lib import (
@@ -36,23 +35,11 @@ from .chat.templates import pick_template
 from .config.settings import Settings
 from .cpu_share import CpuShare
 from .errors import RETRY_AFTER, ApiError, ClientGone, bad_request
+from .metrics import Metrics
 from . import saved_cache
 from .sleep import IdleSleep, release_freed_memory
 
 log = logging.getLogger("server")
-
-
-@dataclass
-class Metrics:
-    """Totals over finished requests, as llama-server keeps them for /metrics."""
-
-    n_prompt_tokens: int = 0
-    n_prompt_tokens_cached: int = 0
-    t_prompt_s: float = 0.0
-    n_predicted_tokens: int = 0
-    t_predicted_s: float = 0.0
-    n_tokens_max: int = 0
-    n_requests: int = 0
 
 
 @contextlib.contextmanager
@@ -199,9 +186,13 @@ class Service:
         with self._lock:
             return self.user_name, self.assistant_name, list(self.reverse_prompts)
 
-    def metrics_snapshot(self) -> Metrics:
+    def metrics_snapshot(self, scrape: bool = False) -> Metrics:
+        """A copy of the totals; `scrape` (a /metrics request) also starts a new window."""
         with self._lock:
-            return dataclasses.replace(self.metrics)
+            m = self.metrics.copy()
+            if scrape:
+                self.metrics.reset_window()
+            return m
 
     # -- tokenizer endpoints ----------------------------------------------------------------
 
@@ -346,11 +337,9 @@ class Service:
         with self._lock:
             m = self.metrics
             m.n_requests += 1
-            m.n_prompt_tokens += h.n_prompt_tokens
+            m.add_prompt(h.n_prompt_tokens, t.prompt_s)
             m.n_prompt_tokens_cached += h.n_cached_tokens
-            m.t_prompt_s += t.prompt_s
-            m.n_predicted_tokens += h.n_generated
-            m.t_predicted_s += max(0.0, t.done - t.prompt_done)
+            m.add_generation(h.n_generated, max(0.0, t.done - t.prompt_done))
             m.n_tokens_max = max(m.n_tokens_max, h.n_cached_tokens + h.n_prompt_tokens + h.n_generated)
 
     def answer_context(self) -> AnswerContext:
@@ -409,8 +398,7 @@ class Service:
             raise ApiError(503 if self.closing else 500, "unavailable_error" if self.closing else "server_error",
                            "the server is shutting down" if self.closing else h.error or "cancelled")
         with self._lock:
-            self.metrics.n_prompt_tokens += h.n_prompt_tokens
-            self.metrics.t_prompt_s += h.done_at - h.submitted
+            self.metrics.add_prompt(h.n_prompt_tokens, h.done_at - h.submitted)
             self.metrics.n_requests += 1
         return embedding_answer(job, h.vectors, [len(t) for t in h.inputs], self.model_name)
 

@@ -42,10 +42,21 @@ def completion(srv) -> dict:
     return r.json()
 
 
+def metric(text: str, name: str) -> float:
+    rows = [ln.split()[1] for ln in text.splitlines() if ln.startswith(f"llamacpp:{name} ")]
+    assert len(rows) == 1, name
+    return float(rows[0])
+
+
 def test_sleep_frees_memory_and_wakes(srv):
     awake = completion(srv)
     rss_awake = proc_rss_kb(srv.proc.pid)
+    # the first scrape reports the completion's throughput and starts a new window, empty in
+    # the second one; the copy kept on falling asleep has that empty window too
+    assert metric(srv.get("/metrics").text, "predicted_tokens_seconds") > 0
     metrics_awake = srv.get("/metrics").text
+    assert metric(metrics_awake, "predicted_tokens_seconds") == 0
+    assert metric(metrics_awake, "tokens_predicted_total") >= 4
     wait_asleep(srv)
     rss_asleep = proc_rss_kb(srv.proc.pid)
     # the model (~250 MB mapped, partly touched) and the KV buffers are gone
@@ -78,6 +89,22 @@ def test_model_endpoints_wake_it(srv, method, path, body):
     r = srv.post(path, body)
     assert r.status_code == 200, r.text
     assert not sleeping(srv)
+
+
+def test_metrics_window_across_sleep(srv):
+    """llama-server's windowed throughput gauges: the window of the last work before sleeping is
+    reported by the first scrape while asleep, then empty, and still empty after waking."""
+    completion(srv)
+    wait_asleep(srv)
+    first = srv.get("/metrics").text
+    assert metric(first, "predicted_tokens_seconds") > 0 and metric(first, "prompt_tokens_seconds") > 0
+    second = srv.get("/metrics").text
+    assert metric(second, "predicted_tokens_seconds") == 0 and metric(second, "prompt_tokens_seconds") == 0
+    assert metric(second, "tokens_predicted_total") == metric(first, "tokens_predicted_total")
+    assert sleeping(srv)
+    assert srv.post("/tokenize", {"content": "Hello"}).status_code == 200  # wakes it
+    assert not sleeping(srv)
+    assert metric(srv.get("/metrics").text, "predicted_tokens_seconds") == 0
 
 
 def test_streams_wake_it_and_keep_it_awake(srv):

@@ -92,9 +92,11 @@ class _Version(argparse.Action):
         try:
             import llama_lib
             llama_version = llama_lib.load_library().version
+            number, _, commit = llama_lib.llama_build_info()[1:].partition("-")
         except Exception:  # no library: still say what we are
-            llama_version = "unknown"
-        sys.stderr.write(f"version: {llama_version} (pyllama-server {__version__})\n"
+            llama_version, number, commit = "unknown", "0", "unknown"
+        # llama-server's "version: <build number> (<commit>)", then what runs it
+        sys.stderr.write(f"version: {number} ({commit}) (libllama {llama_version}, pyllama-server {__version__})\n"
                          f"built with Python {platform.python_version()} for "
                          f"{platform.machine()}-{platform.system().lower()}\n")
         parser.exit(0)

@@ -302,7 +302,7 @@ class Handler(Connection):
         if not svc.settings.metrics_endpoint:
             raise ApiError(501, "not_supported_error",
                            "This server does not support metrics endpoint. Start it with `--metrics`")
-        text = svc.asleep_view["metrics"] if svc.sleeping else info.metrics_text(svc)
+        text = info.scrape_metrics(svc)
         self.send_bytes(200, text.encode(), "text/plain; version=0.0.4",
                         {"Process-Start-Time-Unix": str(PROCESS_START)})
 

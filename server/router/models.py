@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import ApiError, ClientGone
+from . import hf_cache
 from .child import Child, cache_file, cache_folder
 from .cores import CoreArbiter
 from .presets import ModelSpec
@@ -183,7 +184,8 @@ class ModelTable:
         inst.last_used = time.monotonic()
         if not inst.spec.path:  # a preset's hf-repo: nothing is downloaded here
             inst.status, inst.failed = UNLOADED, True
-            inst.error = (f"hf-repo = {inst.spec.hf_repo}: downloading models is not supported "
+            inst.error = (f"hf-repo = {inst.spec.hf_repo}: not in the Hugging Face cache "
+                          f"({hf_cache.cache_dir()}) and downloading models is not supported "
                           f"by this server; give the section 'model = PATH'")
             self._emit(inst)
             return
@@ -258,6 +260,23 @@ class ModelTable:
             self.models = {**table, **kept}
             self._cond.notify_all()
         self._emit_raw({"model": "*", "event": "models_reload", "data": {}})
+
+    def remove(self, inst: Instance, timeout: float = 60.0) -> None:
+        """DELETE /models: a model of the Hugging Face cache is stopped (waited for), its files
+        are deleted from the cache and it leaves the list (an SSE `model_remove` follows)."""
+        name = inst.spec.name
+        with self._cond:
+            self._stop(inst)
+            deadline = time.monotonic() + timeout
+            while inst.running and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            if inst.running:
+                raise ApiError(503, "unavailable_error", f"model '{name}' did not stop; retry later")
+            if not hf_cache.remove(name):
+                log.warning("model %s: no files in the Hugging Face cache to remove", name)
+            self.models = {n: i for n, i in self.models.items() if i is not inst}  # swapped whole
+            self._cond.notify_all()
+        self._emit_raw({"model": name, "event": "model_remove"})
 
     def unload(self, inst: Instance) -> None:
         with self._cond:

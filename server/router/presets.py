@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from . import hf_cache
+
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds an unloaded child has after SIGINT before SIGKILL (llama-server's)
 # the router's own flags: not handed down to the children
 ROUTER_ONLY = {"models_dir", "models_preset", "models_max", "models_autoload", "host", "port",
@@ -23,7 +25,8 @@ ROUTER_ONLY = {"models_dir", "models_preset", "models_max", "models_autoload", "
                "cors_methods", "cors_headers",
                "cors_credentials", "max_connections_per_ip", "timeout_head", "threads_http"}
 # Hugging Face keys of llama-server's presets: read (a section with hf-repo and no model file is
-# listed, and its load fails: nothing is downloaded here), never passed to a child
+# listed, loads from the local cache if it is there, else fails: nothing is downloaded here),
+# never passed to a child
 HF_KEYS = {"hf-repo", "hf", "hfr", "hf-file", "hff", "spec-draft-hf", "hfd", "hfrd", "hf-repo-draft",
            "dedup-cache-models"}
 PRESET_ONLY = {"model", "m", "load-on-startup", "stop-timeout", "alias", "a", "version"}
@@ -43,9 +46,9 @@ class ModelSpec:
     args: list[str] = field(default_factory=list)  # the child's flags (no -m, --host, --port)
     load_on_startup: bool = False
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
-    source: str = "models_dir"  # or "preset"
+    source: str = "models_dir"  # or "preset", "cache" (the Hugging Face cache: server.router.hf_cache)
     memory_mib: float = 0.0     # what it will take loaded (server.router.memory), 0: unknown
-    hf_repo: str = ""           # `hf-repo = ...` without a model file: listed, not loadable here
+    hf_repo: str = ""           # `hf-repo = ...` without a model file: loaded from the cache, if there
 
 
 def scan_models_dir(folder: str) -> dict[str, str]:
@@ -167,19 +170,25 @@ def _apply(spec: ModelSpec, parser, layer: dict[str, tuple[str, int]], preset: s
 def load_specs(parser: argparse.ArgumentParser, models_dir: str | None, preset: str | None,
                router_argv: list[str]) -> dict[str, ModelSpec]:
     """Every model the router serves, by name, with its child's flags: [*], then the model's
-    section, then the router's command line (the last one given wins)."""
+    section, then the router's command line (the last one given wins). The models of the
+    Hugging Face cache come first; a models folder's of the same name replace them."""
     found = scan_models_dir(models_dir) if models_dir else {}
     ini = read_ini(preset) if preset else {}
     base = os.path.dirname(os.path.abspath(preset)) if preset else ""
     star = ini.pop("*", {})
     star_flags = {k: v for k, v in star.items() if k not in ("model", "m", "alias", "a")}
-    specs = {name: ModelSpec(name, path) for name, path in found.items()}
+    specs = {name: ModelSpec(name, path, source="cache") for name, path in hf_cache.cached_models().items()}
+    specs.update({name: ModelSpec(name, path) for name, path in found.items()})
     for name in ini:
-        specs.setdefault(name, ModelSpec(name, "", source="preset"))
+        spec = specs.setdefault(name, ModelSpec(name, "", source="preset"))
+        if spec.source == "cache":  # llama-server's: a section makes it the preset's (not removable)
+            spec.source = "preset"
     tail = forwarded_args(parser, router_argv)
     for name, spec in specs.items():
         _apply(spec, parser, star_flags, preset or "", base)
         _apply(spec, parser, ini.get(name, {}), preset or "", base)
+        if not spec.path and spec.hf_repo:
+            spec.path = hf_cache.resolve(spec.hf_repo)
         if not spec.path and not spec.hf_repo:
             raise PresetError(f"{preset}: [{name}]: no 'model = PATH' and no such model in --models-dir")
         spec.args += tail

@@ -16,11 +16,13 @@ import socket
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from .. import __version__
+from llama_lib import llama_build_info
+
 from ..api.stream import PING
 from ..errors import ApiError, bad_request
 from ..http.routes import PUBLIC_PATHS, Handler
 from ..http.transport import Server, Server6
+from . import hf_cache
 from .models import ModelTable
 from .presets import PresetError
 from .proxy import ChildConnections, forward
@@ -57,7 +59,8 @@ class RouterHandler(Handler):
         own = {("GET", "/health"): self.r_health, ("GET", "/v1/health"): self.r_health,
                ("GET", "/models"): self.r_models, ("GET", "/v1/models"): self.r_models,
                ("POST", "/models/load"): self.r_load, ("POST", "/models/unload"): self.r_unload,
-               ("GET", "/models/sse"): self.r_sse}
+               ("GET", "/models/sse"): self.r_sse, ("DELETE", "/models"): self.r_delete,
+               ("POST", "/models"): self.r_download}
         method = "GET" if self.command == "HEAD" else self.command
         if (method, path) in own:
             return own[(method, path)](svc, query)
@@ -105,7 +108,7 @@ class RouterHandler(Handler):
         return {"role": "router", "max_instances": svc.table.models_max,
                 "models_autoload": svc.table.autoload, "model_alias": "llama-server",
                 "model_path": "none", "default_generation_settings": {"params": {}, "n_ctx": 0},
-                "ui_settings": {}, "build_info": f"pyllama-server {__version__}",
+                "ui_settings": {}, "build_info": llama_build_info(),
                 "cors_proxy_enabled": False, "is_sleeping": False}
 
     def r_models(self, svc: RouterService, q) -> None:
@@ -118,7 +121,7 @@ class RouterHandler(Handler):
         data = [{"id": name, "aliases": list(i.spec.aliases), "tags": [], "object": "model",
                  "owned_by": "llamacpp", "created": t, "status": svc.table.status(i),
                  "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
-                 "source": i.spec.source, "can_remove": False, "path": i.spec.path,
+                 "source": i.spec.source, "can_remove": i.spec.source == "cache", "path": i.spec.path,
                  "memory_mib": round(i.spec.memory_mib)}  # ours: the estimate (--models-memory)
                 for name, i in svc.table.models.items()]
         self.send_json(200, {"data": data, "object": "list"})
@@ -143,6 +146,30 @@ class RouterHandler(Handler):
             raise bad_request("model is not running")
         svc.table.unload(inst)
         self.send_json(200, {"success": True})
+
+    def r_delete(self, svc: RouterService, q) -> None:
+        """DELETE /models?model=NAME: a model of the Hugging Face cache, its files removed."""
+        name = q.get("model", [""])[0]
+        if not name:
+            raise bad_request("model must be a non-empty string")
+        inst = svc.table.get(name, 404)
+        if inst.spec.source != "cache":
+            raise bad_request(f"model '{name}' is not removable (not from the Hugging Face cache)")
+        svc.table.remove(inst)
+        self.send_json(200, {"success": True})
+
+    def r_download(self, svc: RouterService, _q) -> None:
+        """POST /models {"model": "owner/name:TAG"}: llama-server downloads it into the cache;
+        nothing is downloaded here."""
+        body = self.read_json()
+        name = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise bad_request("model must be a non-empty string")
+        if svc.table.find(name) is not None:
+            raise bad_request(f"model '{name}' already exists")
+        raise ApiError(501, "not_supported_error",
+                       "downloading models is not supported by this server: put the GGUF in the "
+                       f"Hugging Face cache ({hf_cache.cache_dir()}) or --models-dir, then GET /models?reload=1")
 
     def r_sse(self, svc: RouterService, _q) -> None:
         def events():

@@ -20,7 +20,9 @@ What it changes, the same for every server so that a comparison is about behavio
     stories15m_moe, jina_reranker_tiny, tinygemma3) serves the local model with `--model`
     instead of a Hugging Face download; `ServerPreset.router` gets a `--models-preset` file
     whose sections name the models its tests ask for, each the local model (upstream: the
-    Hugging Face cache); `ServerPreset.load_all` is a no-op. Nothing reaches Hugging Face: a test that itself
+    Hugging Face cache); `ServerPreset.load_all` is a no-op; for test_router_delete_model the
+    local model is put in the Hugging Face cache (`tmp`, LLAMA_CACHE) under the name the test
+    would download (links only: the delete removes them, not the model). Nothing reaches Hugging Face: a test that itself
     asks for another model (`model_hf_repo`/`model_url` set when it starts a server), calls
     `utils.download_file` (LoRA adapters, draft models) or fetches from huggingface.co with
     `requests` (test images) is SKIPPED with the reason "needs a file from Hugging Face", on
@@ -46,6 +48,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -141,6 +144,40 @@ def _router():
 
 
 utils.ServerPreset.router = staticmethod(_router)
+
+# The router tests' Hugging Face cache (upstream's utils: LLAMA_CACHE=tmp), made absolute so that
+# the servers and the entry below agree whatever the user's own LLAMA_CACHE says (never touched).
+CACHE = Path(os.getcwd()) / "tmp"
+os.environ["LLAMA_CACHE"] = str(CACHE)
+# test_router_delete_model downloads a model into the cache unless /models lists it already, then
+# deletes it: the local model is put in the cache under that name first (Hugging Face's layout:
+# refs/main, snapshots/COMMIT/FILE -> ../../blobs/OID -> the model; a delete removes the two
+# links, never the model), for that test only, as the preset serves the other names.
+CACHED_FOR = {"test_router_delete_model": ("ggml-org/test-model-router-download",
+                                           "test-model-router-download-F16.gguf")}
+
+
+def _repo_folder(repo: str) -> Path:
+    return CACHE / ("models--" + repo.replace("/", "--"))
+
+
+def pytest_runtest_setup(item):
+    if item.name in CACHED_FOR:
+        repo, fname = CACHED_FOR[item.name]
+        folder, commit, oid = _repo_folder(repo), "0" * 40, "0" * 64
+        for sub in ("refs", "blobs", f"snapshots/{commit}"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(commit)
+        blob, entry = folder / "blobs" / oid, folder / "snapshots" / commit / fname
+        blob.unlink(missing_ok=True)
+        entry.unlink(missing_ok=True)
+        blob.symlink_to(Path(MODEL).resolve())
+        entry.symlink_to(Path("..") / ".." / "blobs" / oid)
+
+
+def pytest_runtest_teardown(item):
+    if item.name in CACHED_FOR:
+        shutil.rmtree(_repo_folder(CACHED_FOR[item.name][0]), ignore_errors=True)  # links only
 
 
 # draft models the tests download (unit/test_speculative.py): the local model drafts for itself

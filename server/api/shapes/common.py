@@ -11,13 +11,9 @@ from typing import Any, Callable, Sequence
 
 from llama_lib import FinishReason, Progress, RequestParams
 
-from ... import __version__
 from ...errors import ApiError
 from ..job import Job
 
-# OpenAI's `system_fingerprint`: llama-server sends its build, "b<build number>-<commit>", and
-# clients (the upstream tests, some SDK users) check that it starts with "b".
-SYSTEM_FINGERPRINT = f"b0-pyllama-{__version__}"
 
 
 def piece_json(piece: bytes) -> str | list[int]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from llama_lib import FinishReason
+from llama_lib import FinishReason, llama_build_info
 
 from ..job import Job
 from .base import DONE, Shape
-from .common import SYSTEM_FINGERPRINT, completion_result, timings, usage
+from .common import completion_result, timings, usage
 
 
 def oai_finish_reason(reason: FinishReason | None) -> str | None:
@@ -28,7 +28,8 @@ class OpenAIShape(Shape):
     def head(self, obj: str) -> dict:
         job = self.job
         return {"id": job.id, "object": obj, "created": job.created, "model": self.ctx.model_name,
-                "system_fingerprint": SYSTEM_FINGERPRINT}
+                # llama-server's: the libllama build, "b<build number>-<commit>" (clients check the "b")
+                "system_fingerprint": llama_build_info()}
 
     def ending(self, h, done: bool) -> Iterator[object]:
         if self.failed(h):
