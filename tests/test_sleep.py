@@ -10,7 +10,7 @@ import pytest
 
 from server_util import ServerProcess, proc_rss_kb
 
-IDLE_S = 1
+IDLE_S = 3  # long enough that a loaded box reads "awake" figures before it sleeps
 
 
 @pytest.fixture(scope="module")
