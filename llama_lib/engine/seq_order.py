@@ -149,19 +149,25 @@ def ubatch_shapes(ids: np.ndarray, counts: np.ndarray, n_ubatch: int) -> list[tu
     return shapes
 
 
-def padded_cost(ids: list[int], counts: list[int], pad_ok: list[bool], n_ubatch: int) -> float:
-    """decode_cost of the cheapest layout `cheapest_layout` would give a batch of generated
-    tokens (and drafts): sequences `ids` (sorted) with `counts` rows each, as they are, the
-    ones with several rows padded to the widest, or all padded (`pad_ok`: a sequence may take
-    fillers). Pure Python: the speculator prices many candidate draft lengths a step."""
+def padded_cost(ids: list[int], counts: list[int], pad_ok: list[bool], n_ubatch: int) -> tuple[float, int]:
+    """The cheapest layout `cheapest_layout` would give a batch of generated tokens and drafts:
+    sequences `ids` (sorted) with `counts` rows each, as they are, the ones with several rows
+    padded to the widest, or all padded (`pad_ok`: the sequence may take fillers). Returns its
+    decode_cost less the rows (what its passes cost) and its rows, fillers included. Pure
+    Python: the speculator prices many candidate draft lengths a step."""
     width = max(counts)
-    best = decode_cost(ubatch_shapes(ids, counts, n_ubatch))
-    seen = [counts]
-    for wide_only in (True, False) if width > 1 else ():
-        c = [width if ok and (c > 1 or not wide_only) else c for c, ok in zip(counts, pad_ok)]
-        if c not in seen:
-            seen.append(c)
-            best = min(best, decode_cost(ubatch_shapes(ids, c, n_ubatch)))
+    best = None
+    seen: list[list[int]] = []
+    for pad, wide_only in ((False, False), (True, True), (True, False)):
+        c = [width if pad and ok and (c > 1 or not wide_only) else c for c, ok in zip(counts, pad_ok)]
+        if c in seen:
+            continue
+        seen.append(c)
+        shapes = ubatch_shapes(ids, c, n_ubatch)
+        rows = sum(n * w for n, w in shapes)
+        over = decode_cost(shapes) - rows
+        if best is None or over + rows < best[0] + best[1]:
+            best = (over, rows)
     return best
 
 

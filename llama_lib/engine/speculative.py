@@ -218,10 +218,11 @@ class Speculator:
             return {sid: len(d) for sid, d in drafts.items()}
         n_gen = len(gen)
         lay = StepLayout(p, gen)
-        base = lay.cost()
+        over0, rows0 = lay.cost()
+        base = over0 + rows0
         # a draft row's cost: measured on this machine once the steps allow it, else the model's
         # (within a factor FIT_RANGE of the model's either way: a noisy fit must not run away);
-        # what the layout adds beyond the rows (passes, fillers) scales with it
+        # filler rows scale with it, the passes an uneven layout adds are the model's
         q = self.costs.ratio(n_gen)
         row_cost = min(max(q * base, ROW_COST / FIT_RANGE), ROW_COST * FIT_RANGE) if q is not None else ROW_COST
         scale = row_cost / ROW_COST
@@ -244,7 +245,8 @@ class Speculator:
                 continue  # priced once the rows of slots with the same figures are all in,
             n_priced += 1  # and after PRICE_ALL prefixes, at most every PRICE_STEP-th one
             due = i + 2 if n_priced < PRICE_ALL else int(PRICE_STEP * (i + 1))
-            r = tokens / (base + scale * (lay.cost() - base))
+            over, rows = lay.cost()
+            r = tokens / (over + rows0 + scale * (rows - rows0))
             if r > best:
                 best, n_best = r, i + 1
         k: dict[int, int] = {}
@@ -347,14 +349,15 @@ class StepLayout:
     def add(self, slot_id: int) -> None:
         self.counts[self.at[slot_id]] += 1
 
-    def cost(self) -> float:
+    def cost(self) -> tuple[float, float]:
+        """(what the passes cost, what the rows cost: tokens, fillers and logits)."""
         rows = sum(self.counts)
         logits = LOGITS_COST * rows
         if self.unified:
-            return -(-rows // self.n_ubatch) * PASS_COST + SEQUENCE_COST * len(self.counts) + rows + logits
+            return -(-rows // self.n_ubatch) * PASS_COST + SEQUENCE_COST * len(self.counts), rows + logits
         width = max(self.counts)
-        pad_ok = [e + width <= self.limit for e in self.end]
-        return padded_cost(self.ids, self.counts, pad_ok, self.n_ubatch) + logits
+        over, cells = padded_cost(self.ids, self.counts, [e + width <= self.limit for e in self.end], self.n_ubatch)
+        return over, cells + logits
 
 
 def make_speculator(model, cfg, ctx) -> Speculator | None:
