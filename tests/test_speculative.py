@@ -153,6 +153,35 @@ def test_adaptive_length_follows_acceptance(model):
     assert SlotSpec(hits=0, misses=0).acceptance == pytest.approx(0.75)
 
 
+def test_some_slots_draft_beside_others(model, reference):
+    """A stream per slot (no -kvu): a slot that drafts beside slots that do not (speculative
+    n_max = 0) makes the step uneven (an extra pass, or fillers padding the others); the drafts
+    still go in when the layout's cost allows (here: a draft row measured at 2.5 % of a step,
+    held there), and every output is the one without drafts."""
+    with engine(model, spec=SPEC["ngram-simple"]) as e:
+        sp = e.spec
+        for i in range(40):
+            sp.costs.add(3, i % 5, 0.030 + 0.00075 * (i % 5))
+        sp.costs.add = lambda *a: None  # this machine's own steps (disturbed in CI) left out
+        uneven = []
+        choose = sp.choose_lengths
+
+        def spy(p, gen, drafts):
+            k = choose(p, gen, drafts)
+            if k and len(k) < len(gen):
+                uneven.append(k)
+            return k
+
+        sp.choose_lengths = spy
+        off = greedy(speculative=RequestSpec(n_max=0))
+        hs = [e.submit(CHAT, off), e.submit(COPY, greedy()), e.submit(CHAT, off)]
+        e.run_until_idle()
+    assert_same(reference["one"], hs[1])
+    assert_same(reference["three"][1], hs[0])
+    assert_same(reference["three"][1], hs[2])
+    assert len(uneven) >= 3 and hs[1].timings.draft_n_accepted >= 10
+
+
 def test_step_costs_fit():
     c = StepCosts(8)
     assert c.ratio(1) is None

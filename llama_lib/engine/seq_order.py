@@ -49,8 +49,8 @@ def arrange(p: StepParts) -> list[tuple[int, int]]:
     if n == 0 or p.cache.kv_unified or not p.config.pack_sequences:
         return []  # (one stream: llama.cpp splits simply, in any order)
     seqs, pos = batch.seq_id[:n, 0], batch.pos[:n]
-    prompts = any(s.phase is PREFILL for s in p.slots)  # only a prompt has more than one row
-    if not prompts and already_packed(seqs):
+    prompts = any(s.phase is PREFILL for s in p.slots)  # a prompt or a draft has more than one row
+    if not prompts and already_packed(seqs) and int(seqs[-1] - seqs[0]) + 1 == n:
         return []  # the usual step: busy slots side by side, one row each
     present, rows = np.unique(seqs, return_counts=True)
     ends = {int(sid): int(pos[seqs == sid].max()) + 1 for sid in present}  # where fillers go
@@ -147,6 +147,28 @@ def ubatch_shapes(ids: np.ndarray, counts: np.ndarray, n_ubatch: int) -> list[tu
             left[k] -= width
         shapes.append((n, width))
     return shapes
+
+
+def padded_cost(ids: list[int], counts: list[int], pad_ok: list[bool], n_ubatch: int) -> tuple[float, int]:
+    """The cheapest layout `cheapest_layout` would give a batch of generated tokens and drafts:
+    sequences `ids` (sorted) with `counts` rows each, as they are, the ones with several rows
+    padded to the widest, or all padded (`pad_ok`: the sequence may take fillers). Returns its
+    decode_cost less the rows (what its passes cost) and its rows, fillers included. Pure
+    Python: the speculator prices many candidate draft lengths a step."""
+    width = max(counts)
+    best = None
+    seen: list[list[int]] = []
+    for pad, wide_only in ((False, False), (True, True), (True, False)):
+        c = [width if pad and ok and (c > 1 or not wide_only) else c for c, ok in zip(counts, pad_ok)]
+        if c in seen:
+            continue
+        seen.append(c)
+        shapes = ubatch_shapes(ids, c, n_ubatch)
+        rows = sum(n * w for n, w in shapes)
+        over = decode_cost(shapes) - rows
+        if best is None or over + rows < best[0] + best[1]:
+            best = (over, rows)
+    return best
 
 
 def decode_cost(shapes: list[tuple[int, int]]) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 from .draft_model import DraftModel
 from .ngram_draft import NgramMod, ngram_map_k, ngram_map_k4v, ngram_simple
 from .parts import StepParts
-from .seq_order import PASS_COST, SEQUENCE_COST, decode_cost, ubatch_shapes
+from .seq_order import PASS_COST, SEQUENCE_COST, padded_cost
 from .slot import GENERATE, Slot
 from .spec_params import SpecParams
 
@@ -47,6 +47,8 @@ PRIOR = 0.75
 PRIOR_N = 2.0
 
 
+PRICE_ALL = 24      # choose_lengths prices this many prefixes, then (a step's time)
+PRICE_STEP = 1.25   # only every 25 %
 FIT_DECAY = 0.98    # weight of older steps in the measured step costs (~50 steps)
 FIT_MIN_WEIGHT = 16.0
 FIT_RANGE = 3.0     # a measured row cost stays within 1/3 .. 3x of the model's
@@ -209,16 +211,22 @@ class Speculator:
         return spec.p_min if spec is not None and spec.p_min is not None else self.params.p_min
 
     def choose_lengths(self, p: StepParts, gen: list[Slot], drafts: dict[int, np.ndarray]) -> dict[int, int]:
-        """How many of its draft tokens each slot verifies this step (see the module docstring)."""
+        """How many of its draft tokens each slot verifies this step (see the module docstring):
+        the draft rows, most probable first, up to the number that gives the step the most
+        expected tokens per unit of cost, the cost being the exact layout's (`StepLayout`)."""
         if not self.params.adaptive:
             return {sid: len(d) for sid, d in drafts.items()}
         n_gen = len(gen)
-        base = step_cost(p, [1] * n_gen, [s.seq_id for s in gen])
+        lay = StepLayout(p, gen)
+        over0, rows0 = lay.cost()
+        base = over0 + rows0
         # a draft row's cost: measured on this machine once the steps allow it, else the model's
-        # (within a factor FIT_RANGE of the model's either way: a noisy fit must not run away)
+        # (within a factor FIT_RANGE of the model's either way: a noisy fit must not run away);
+        # filler rows scale with it, the passes an uneven layout adds are the model's
         q = self.costs.ratio(n_gen)
         row_cost = min(max(q * base, ROW_COST / FIT_RANGE), ROW_COST * FIT_RANGE) if q is not None else ROW_COST
-        tokens, cost = float(n_gen), base
+        scale = row_cost / ROW_COST
+        floor = scale * LOGITS_COST  # the least a row adds to any layout: its logits
         items = []  # (chance the row's token is kept, slot id)
         for sid, d in drafts.items():
             a = self.slots[sid].acceptance
@@ -227,20 +235,23 @@ class Speculator:
                 v *= a
                 items.append((v, sid))
         items.sort(reverse=True)
-        k: dict[int, int] = {}
-        for v, sid in items:
-            if v * cost <= row_cost * tokens:  # one more row would lower tokens per cost
+        tokens, best, n_best, due, n_priced = float(n_gen), n_gen / base, 0, 1, 0
+        for i, (v, sid) in enumerate(items):
+            if v <= best * floor:  # no longer prefix can do better (each row adds >= floor)
                 break
             tokens += v
-            cost += row_cost
+            lay.add(sid)
+            if i + 1 < len(items) and (items[i + 1][0] == v or i + 1 < due):
+                continue  # priced once the rows of slots with the same figures are all in,
+            n_priced += 1  # and after PRICE_ALL prefixes, at most every PRICE_STEP-th one
+            due = i + 2 if n_priced < PRICE_ALL else int(PRICE_STEP * (i + 1))
+            over, rows = lay.cost()
+            r = tokens / (over + rows0 + scale * (rows - rows0))
+            if r > best:
+                best, n_best = r, i + 1
+        k: dict[int, int] = {}
+        for _, sid in items[:n_best]:
             k[sid] = k.get(sid, 0) + 1
-        if k and not p.cache.kv_unified:
-            # a KV stream per slot: uneven rows split the decode into more passes (seq_order.py);
-            # keep the drafts only if the exact layout still pays
-            counts = [1 + k.get(s.id, 0) for s in gen]
-            exact = step_cost(p, counts, [s.seq_id for s in gen])
-            if tokens / exact <= n_gen / base:
-                return {}
         return k
 
     def add_drafts(self, p: StepParts) -> None:
@@ -319,22 +330,34 @@ class Speculator:
             self.drafter = None
 
 
-def step_cost(p: StepParts, counts: list[int], seq_ids: list[int]) -> float:
-    """decode_cost of a step whose slots (`seq_ids`) decode `counts` rows each, all with logits:
-    one stream (-kvu) splits simply; a stream per slot splits equally (seq_order.py), and a
-    wide slot's rows make passes of their own unless every slot is padded to its width."""
-    n_ubatch = p.ctx.n_ubatch
-    rows = sum(counts)
-    logits = LOGITS_COST * rows
-    if p.cache.kv_unified:
-        n_pass = -(-rows // n_ubatch)
-        return n_pass * PASS_COST + SEQUENCE_COST * len(counts) + rows + logits
-    order = np.argsort(seq_ids)
-    ids = np.asarray(seq_ids)[order]
-    c = np.asarray(counts)[order]
-    split = decode_cost(ubatch_shapes(ids, c, n_ubatch))
-    padded = decode_cost(ubatch_shapes(ids, np.full(len(c), c.max()), n_ubatch))
-    return min(split, padded) + logits
+class StepLayout:
+    """The decode_cost of a step of generated tokens with draft rows added slot by slot: one
+    stream (-kvu) splits simply; a stream per slot splits equally (seq_order.py), so uneven
+    rows make extra passes unless fillers pad the slots to the widest (as seq_order.arrange
+    does when it is cheaper and the slot's cache has room below its sliding window)."""
+
+    def __init__(self, p: StepParts, gen: list[Slot]):
+        order = sorted(gen, key=lambda s: s.seq_id)
+        self.at = {s.id: i for i, s in enumerate(order)}
+        self.ids = [s.seq_id for s in order]
+        self.end = [s.n_past - 1 for s in order]  # a filler row's position is end + width - 1 at most
+        self.counts = [1] * len(order)
+        self.unified = p.cache.kv_unified
+        self.n_ubatch = p.ctx.n_ubatch
+        self.limit = min(p.n_ctx_slot, p.cache.n_swa or p.n_ctx_slot)
+
+    def add(self, slot_id: int) -> None:
+        self.counts[self.at[slot_id]] += 1
+
+    def cost(self) -> tuple[float, float]:
+        """(what the passes cost, what the rows cost: tokens, fillers and logits)."""
+        rows = sum(self.counts)
+        logits = LOGITS_COST * rows
+        if self.unified:
+            return -(-rows // self.n_ubatch) * PASS_COST + SEQUENCE_COST * len(self.counts), rows + logits
+        width = max(self.counts)
+        over, cells = padded_cost(self.ids, self.counts, [e + width <= self.limit for e in self.end], self.n_ubatch)
+        return over, cells + logits
 
 
 def make_speculator(model, cfg, ctx) -> Speculator | None:
