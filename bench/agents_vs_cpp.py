@@ -162,7 +162,11 @@ class Responses:
 
     @staticmethod
     def is_output(ev: dict) -> bool:
-        return ev.get("type", "").endswith(".delta")
+        """A delta, or a function_call item announced with its name (model output, as the
+        name in Anthropic's tool_use content_block_start is)."""
+        kind = ev.get("type", "")
+        return kind.endswith(".delta") or (kind == "response.output_item.added"
+                                           and ev.get("item", {}).get("type") == "function_call")
 
     def absorb(self, events: list[dict], turn: int) -> None:
         done = next((ev["response"] for ev in events  # a call cut by max_output_tokens ends "incomplete"
