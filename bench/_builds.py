@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,3 +136,15 @@ def describe(info: dict) -> str:
     except ValueError:
         pass
     return f"{lib}, OpenMP {'on' if info['openmp'] else 'off'}, CPU backend {info['cpu_backend']}"
+
+
+def stop_all(procs, sig: int = signal.SIGTERM) -> None:
+    """Signal every server at once, then wait for each (killed after 30 s)."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -145,13 +145,7 @@ def main(argv=None) -> int:
               f"median {statistics.median(agree):.6f}")
         print(f"peak RSS: ours {rss_mib(procs['ours'].pid):.0f} MiB, llama-server {rss_mib(procs['cpp'].pid):.0f} MiB")
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGINT)
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _builds.stop_all(procs.values(), signal.SIGINT)
     return 0
 
 

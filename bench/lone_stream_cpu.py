@@ -106,13 +106,7 @@ def main() -> int:
                   f"{rest:.2f} ({', '.join(f'{x:.2f}' for x in per[2:6])})")
         print(f"load {load()}")
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _builds.stop_all(procs.values())
     return 0
 
 

@@ -138,13 +138,7 @@ def measure(args, build, logdir: Path) -> dict:
                                   f"x{c}: {tps:7.2f} t/s ({n} tokens, {dt:5.1f} s) drafted {drafted}, acceptance {acc:.0%} "
                                   f"load {load()}", file=sys.stderr, flush=True)
         finally:
-            for p in procs.values():
-                p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _builds.stop_all(procs.values())
     return res
 
 
