@@ -11,7 +11,8 @@ prefixes, holders.py). `step()` runs one iteration of the loop, in timed phases:
 3. admit: waiting requests into free slots (all free slots with continuous batching, only when
    nothing is generating without it); the prompt cache (prompt_cache.py) picks the slot and
    the longest cached prefix, or a live prefill to wait for (prefix_share.py); slots whose
-   leader has decoded that prefix start; then prompt pieces go in the batch;
+   leader has decoded that prefix start; then prompt pieces go in the batch, the step's
+   prompt budget to the prompts nearest their first token (prefill_order.py);
 4. decode and sample (decode.py): chunks of n_batch, halving on a full KV cache; every slot
    whose logits a chunk holds samples, stop rules apply, text streams; a finished slot keeps
    its tokens as a cache (a cancelled or failed one goes back to the system prompt);
@@ -43,6 +44,7 @@ from .embedding import Embedder, EmbeddingRequest
 from .outbox import Outbox
 from .parts import StepParts
 from .preempt import Scheduler
+from .prefill_order import PrefillOrder, step_overhead
 from .prefix_share import pause_leaders, ready_followers
 from .prompt_cache import PromptCache
 from .lifecycle import end_waiting, release, start_request, start_requests
@@ -93,6 +95,7 @@ class Engine(EngineViews):
             raise
         self.stats = EngineStats(_ctx=self.ctx, _embedder=self.embedder, _cache=self.cache)
         self.spec = make_speculator(model, cfg, self.ctx)  # speculative decoding (None: off)
+        self.prefill = PrefillOrder()  # which prompts a step's budget goes to (prefill_order.py)
         self.parts = StepParts(self.ctx, self.memory, self.batch, self.slots, self.cache, self.vocab,
                                self.stats, cfg, self.n_ctx_slot, self.n_batch, self.spec)
         self._cond = threading.Condition(self._lock)
@@ -337,7 +340,10 @@ class Engine(EngineViews):
                     start_request(self.parts, f, r, self.slot_id_base)
                 pause_leaders(self.slots)
             t_admitted = time.perf_counter()
-            st.n_prompt_tokens += batch_prompts(self.slots, self.batch, self.config.prefill_chunk)
+            n_rows = self.batch.n_tokens
+            overhead = step_overhead(n_rows, sum(s.generating for s in self.slots))
+            n_prompt = batch_prompts(self.prefill.pieces(self.slots, self.config.prefill_chunk, overhead), self.batch)
+            st.n_prompt_tokens += n_prompt
             t_batched = time.perf_counter()
             st.t_prepare += t_prepared - t_start
             st.t_admit += t_admitted - t_generated
@@ -347,6 +353,7 @@ class Engine(EngineViews):
                 self._forget(decode_and_sample(self.parts))
             t_done = time.perf_counter()
             st.t_decode_sample += t_done - t_batched
+            self.prefill.observe(n_prompt, n_rows + n_prompt, t_done - t_batched)
             if self.embedder is not None and self.embedder.has_work():  # the embed phase
                 did = self.embedder.step() or did
         if did:

@@ -167,18 +167,13 @@ def batch_generated(slots: list[Slot], batch: Batch) -> None:
         s.n_past += 1
 
 
-def batch_prompts(slots: list[Slot], batch: Batch, prefill_chunk: int) -> int:
-    """Add prompt tokens of prefilling slots: whole prompts, or with prefill_chunk > 0 at most
-    that many in all, so a long prompt goes in pieces between the streams' steps. Returns how
-    many were added; a slot whose last prompt token is in gets its logits row (i_batch)."""
-    budget = prefill_chunk or (1 << 30)
+def batch_prompts(pieces: list[tuple[Slot, int]], batch: Batch) -> int:
+    """Add the step's prompt pieces (slot, tokens; prefill_order.py chose them). Returns how
+    many tokens were added; a slot whose last prompt token is in gets its logits row (i_batch)."""
     added = 0
-    for s in slots:
-        if s.phase is not PREFILL or budget <= 0:
-            continue
+    for s, n in pieces:
         r = s.req
-        end = s.hold_at or len(r.prompt_tokens)
-        n = min(end - s.prompt_pos, budget, batch.capacity - batch.n_tokens)
+        n = min(n, batch.capacity - batch.n_tokens)
         if n <= 0:
             continue
         last = s.prompt_pos + n == len(r.prompt_tokens)
@@ -186,7 +181,6 @@ def batch_prompts(slots: list[Slot], batch: Batch, prefill_chunk: int) -> int:
                                s.seq_id, logits_last=last)
         s.prompt_pos += n
         s.n_past += n
-        budget -= n
         added += n
         s.i_batch = i if last else -1
     return added
