@@ -47,10 +47,11 @@ PRIOR = 0.75
 PRIOR_N = 2.0
 # Exploration: a slot that had a draft and was given no row grows more optimistic with every such
 # step, its estimate moving to 1 over EXPLORE_STEPS of them, until the cost model lets it verify
-# a draft (then back to its figures): a slot that never verifies never learns, and at 8 busy
-# slots the 0.75 prior alone may never pay for a row. A slot whose drafts fail pays a short
-# draft now and then (at the first optimism the step accepts), not a draft each step.
-EXPLORE_STEPS = 32
+# a draft that then fails (a draft kept whole keeps the optimism: the slot goes on drafting
+# while its own figure rises). A slot that never verifies never learns, and at 8 busy slots
+# the 0.75 prior alone may never pay for a row. A slot whose drafts fail pays a short draft
+# now and then (at the first optimism the step accepts), not a draft each step.
+EXPLORE_STEPS = 16
 
 
 PRICE_ALL = 24      # choose_lengths prices this many prefixes, then (a step's time)
@@ -103,7 +104,7 @@ class SlotSpec:
     misses: float = 0.0
     n_drafted: int = 0                   # the request's totals (for /slots)
     n_accepted: int = 0
-    skipped: int = 0                     # steps with a draft but no row since it last verified
+    skipped: int = 0                     # steps with a draft but no row since a draft last failed
 
     @property
     def acceptance(self) -> float:
