@@ -45,12 +45,12 @@ IDLE_DECAY = 0.97               # a step without a draft forgets a little (so a 
 # must verify a little to learn its own figure.
 PRIOR = 0.75
 PRIOR_N = 2.0
-# Exploration: a slot that had a draft and was given no row grows more optimistic with every such
-# step, its estimate moving to 1 over EXPLORE_STEPS of them, until the cost model lets it verify
-# a draft that then fails (a draft kept whole keeps the optimism: the slot goes on drafting
-# while its own figure rises). A slot that never verifies never learns, and at 8 busy slots
-# the 0.75 prior alone may never pay for a row. A slot whose drafts fail pays a short draft
-# now and then (at the first optimism the step accepts), not a draft each step.
+# Exploration: a slot that never verifies never learns, and at 8 busy slots the 0.75 prior
+# alone may never pay for a row. So a slot that had a draft and was given no row grows more
+# optimistic with every such step (its estimate moves to 1 over EXPLORE_STEPS of them) until
+# the step's cost lets it verify a draft. A draft kept whole keeps the optimism (the slot goes
+# on drafting while its own figure rises); a miss drops it. A slot whose drafts fail pays a
+# short draft now and then (at the first optimism the step accepts), not a draft each step.
 EXPLORE_STEPS = 16
 
 
@@ -114,7 +114,7 @@ class SlotSpec:
     @property
     def optimistic(self) -> float:
         """The acceptance the draft length is chosen with: the estimate, raised toward 1 with
-        the steps the slot skipped its draft (EXPLORE_STEPS)"""
+        the steps the slot skipped its draft (EXPLORE_STEPS)."""
         a = self.acceptance
         return a + (1.0 - a) * min(1.0, self.skipped / EXPLORE_STEPS)
 
@@ -214,7 +214,7 @@ class Speculator:
         lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
         if self.params.adaptive:
             pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
-            self.skipped({sid for sid, n in lim.items() if n >= max(1, self.n_min(p.slots[sid]))}, pre)
+            self.note_skipped({sid for sid, n in lim.items() if n >= max(1, self.n_min(p.slots[sid]))}, pre)
             # a slot that drafts at all drafts at least its n_min (shorter would not be verified)
             lim = {sid: max(pre[sid], min(n, self.n_min(p.slots[sid]))) if pre.get(sid) else 0
                    for sid, n in lim.items()}
@@ -270,7 +270,7 @@ class Speculator:
             k[sid] = k.get(sid, 0) + 1
         return k
 
-    def skipped(self, offered, k: dict[int, int]) -> None:
+    def note_skipped(self, offered, k: dict[int, int]) -> None:
         """The slots offered a draft that choose_lengths gave no row grow more optimistic."""
         for sid in offered:
             if not k.get(sid):
@@ -300,7 +300,7 @@ class Speculator:
         k = self.choose_lengths(p, gen, drafts)
         if budget <= 0:
             return
-        self.skipped(drafts, k)
+        self.note_skipped(drafts, k)
         if not k:
             return
         batch.clear()
