@@ -60,6 +60,8 @@ def verify(spec: Speculator, p: StepParts, s: Slot, lo: int, hi: int, ended: lis
     if reason is None:  # a stop cut the draft short: that says nothing of its quality
         st.hits = st.hits * DECAY + accepted
         st.misses = st.misses * DECAY + (1.0 if missed else 0.0)
+    if missed:  # the optimism that made it draft was wrong: its own figures decide again
+        st.skipped = 0
     # rows ib .. ib + m - 1 hold tokens the request keeps; the last sampled is decoded next step
     s.n_past = base + m
     if m <= k:

@@ -45,6 +45,13 @@ IDLE_DECAY = 0.97               # a step without a draft forgets a little (so a 
 # must verify a little to learn its own figure.
 PRIOR = 0.75
 PRIOR_N = 2.0
+# Exploration: a slot that never verifies never learns, and at 8 busy slots the 0.75 prior
+# alone may never pay for a row. So a slot that had a draft and was given no row grows more
+# optimistic with every such step (its estimate moves to 1 over EXPLORE_STEPS of them) until
+# the step's cost lets it verify a draft. A draft kept whole keeps the optimism (the slot goes
+# on drafting while its own figure rises); a miss drops it. A slot whose drafts fail pays a
+# short draft now and then (at the first optimism the step accepts), not a draft each step.
+EXPLORE_STEPS = 16
 
 
 PRICE_ALL = 24      # choose_lengths prices this many prefixes, then (a step's time)
@@ -97,11 +104,19 @@ class SlotSpec:
     misses: float = 0.0
     n_drafted: int = 0                   # the request's totals (for /slots)
     n_accepted: int = 0
+    skipped: int = 0                     # steps with a draft but no row since a draft last failed
 
     @property
     def acceptance(self) -> float:
         """Estimated chance that a draft token is right, given the ones before it were."""
         return (self.hits + PRIOR * PRIOR_N) / (self.hits + self.misses + PRIOR_N)
+
+    @property
+    def optimistic(self) -> float:
+        """The acceptance the draft length is chosen with: the estimate, raised toward 1 with
+        the steps the slot skipped its draft (EXPLORE_STEPS)."""
+        a = self.acceptance
+        return a + (1.0 - a) * min(1.0, self.skipped / EXPLORE_STEPS)
 
 
 class Speculator:
@@ -127,7 +142,7 @@ class Speculator:
             st.req, st.n, st.seen, st.mod_at = r, len(prompt), 0, 0
             st.buf = np.empty(len(prompt) + 256, np.int32)
             st.buf[:len(prompt)] = prompt
-            st.n_drafted = st.n_accepted = 0
+            st.n_drafted = st.n_accepted = st.skipped = 0
             st.hits = st.misses = 0.0
         new = r.tokens[st.seen:]
         if new:
@@ -199,6 +214,7 @@ class Speculator:
         lim = {s.id: min(limit, self.params.n_max) for s, _, limit in left}
         if self.params.adaptive:
             pre = self.choose_lengths(p, gen, {sid: np.zeros(n, np.int32) for sid, n in lim.items()})
+            self.note_skipped({sid for sid, n in lim.items() if n >= max(1, self.n_min(p.slots[sid]))}, pre)
             # a slot that drafts at all drafts at least its n_min (shorter would not be verified)
             lim = {sid: max(pre[sid], min(n, self.n_min(p.slots[sid]))) if pre.get(sid) else 0
                    for sid, n in lim.items()}
@@ -229,7 +245,7 @@ class Speculator:
         floor = scale * LOGITS_COST  # the least a row adds to any layout: its logits
         items = []  # (chance the row's token is kept, slot id)
         for sid, d in drafts.items():
-            a = self.slots[sid].acceptance
+            a = self.slots[sid].optimistic
             v = 1.0
             for _ in range(len(d)):
                 v *= a
@@ -254,6 +270,12 @@ class Speculator:
             k[sid] = k.get(sid, 0) + 1
         return k
 
+    def note_skipped(self, offered, k: dict[int, int]) -> None:
+        """The slots offered a draft that choose_lengths gave no row grow more optimistic."""
+        for sid in offered:
+            if not k.get(sid):
+                self.slots[sid].skipped += 1
+
     def add_drafts(self, p: StepParts) -> None:
         """Draft for the generating slots and rebuild the batch (their last tokens only, as
         slot.batch_generated left it) with each slot's token followed by its draft."""
@@ -276,7 +298,10 @@ class Speculator:
         # the drafts stay in one decode with every prompt piece of the step (n_batch rows)
         budget = p.n_batch - len(gen) - (p.config.prefill_chunk or p.n_batch // 2)
         k = self.choose_lengths(p, gen, drafts)
-        if not k or budget <= 0:
+        if budget <= 0:
+            return
+        self.note_skipped(drafts, k)
+        if not k:
             return
         batch.clear()
         for s in gen:
