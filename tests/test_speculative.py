@@ -185,8 +185,8 @@ def test_some_slots_draft_beside_others(model, reference):
 def test_slots_that_skip_their_drafts_explore(model, reference):
     """A draft row measured at ~28 % of a three-slot step: at the 0.75 prior no draft pays (the
     old code drafted nothing, and a slot that never verifies never learns its acceptance), so
-    slots that skip their drafts grow optimistic until they verify one; over repetitive text
-    they then keep drafting. Every output is the one without drafts."""
+    slots that skip their drafts grow optimistic until they verify one, and from then on the
+    acceptance they measured decides. Every output is the one without drafts."""
     with engine(model, spec=SPEC["ngram-simple"]) as e:
         sp = e.spec
         for i in range(40):
@@ -198,7 +198,8 @@ def test_slots_that_skip_their_drafts_explore(model, reference):
     for ref, got in zip(reference["three"], hs):
         assert_same(ref, got)
     copy = hs[0].timings
-    assert copy.draft_n_accepted >= 8 and copy.draft_n_accepted >= 0.8 * copy.draft_n
+    # at least one whole exploratory draft verified (how many more depends on the steps' order)
+    assert copy.draft_n >= 8 and copy.draft_n_accepted >= 0.5 * copy.draft_n, copy
 
 
 def test_step_costs_fit():
